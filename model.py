@@ -1,0 +1,522 @@
+"""
+GPT-2, written out by hand, with optional cross-attention so the same decoder can caption images.
+
+Read it top to bottom: self-attention, MLP, cross-attention, the block that holds them, the config, the
+model, then loading weights (OpenAI's GPT-2 and our own checkpoints) and generation (KV cache, sampling,
+beam search).
+
+With `cross_attn_every=0` this is exactly GPT-2: parameter names follow OpenAI/Hugging Face
+(`transformer.h.0.attn.c_attn.weight`, ...), so their weights load directly and give the same logits.
+With `cross_attn_every=2`, every second block (blocks 1, 3, 5, ... counting from 0) also carries a
+cross-attention layer whose queries come from the text and whose keys/values come from image tokens
+(e.g. the 50 CLIP ViT-B/32 tokens of a picture). Its output projection starts at exactly zero, so adding
+it to a trained language model changes nothing until training teaches it to look at the image.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_VOCAB_SIZE = 50257  # tokens in GPT-2's BPE vocabulary
+EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends every caption
+
+# -----------------------------------------------------------------------------
+# The three kinds of layer
+
+
+class CausalSelfAttention(nn.Module):
+    """Each token attends to itself and the tokens before it, in n_head heads at once."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        # queries, keys and values of all heads come out of one matmul, then are split
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True  # see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): the heads become a batch dimension
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            # flash attention on GPU: the (T, T) attention matrix is never materialised
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            # generation: the keys/values of earlier tokens are remembered, only new tokens are computed
+            k, v = cache.append(layer, k, v)  # (B, nh, cache.pos + T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attention_mask(T, q.device))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form gives other logits
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class CrossAttention(nn.Module):
+    """Text queries attend to image tokens. No causal mask: every caption position may look at every patch."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_q = nn.Linear(config.n_embd, config.n_embd)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained,
+        # so a pretrained LM keeps its logits bit for bit when cross-attention is bolted on. Unlike a tanh
+        # gate starting at 0 (which moves by ~lr per Adam step and opens slowly), these weights all learn.
+        self.c_proj.ZERO_INIT = True
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def image_keys_values(self, image_embs):
+        B, N, C = image_embs.size()  # N image tokens, already projected to n_embd
+        k, v = self.c_kv(image_embs).split(C, dim=2)
+        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, N, hs)
+        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, image_kv):
+        B, T, C = x.size()
+        k, v = image_kv
+        q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), [x + xattn(ln(x), image)], x + mlp(ln(x))."""
+
+    def __init__(self, config, cross_attn=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        if cross_attn:
+            self.ln_x = nn.LayerNorm(config.n_embd)
+            self.xattn = CrossAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, image_kv=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        if image_kv is not None:  # no image: the block is a plain GPT-2 block
+            x = x + self.xattn(self.ln_x(x), image_kv)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence; the number of learned position embeddings
+    # GPT-2 has 50257 tokens; 50304 = 393 * 128 lets the big lm_head matmul use the fast tensor-core tiles.
+    # The 47 extra rows are never real tokens: their logits are masked to -inf (see GPT.forward).
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    cross_attn_every: int = 0  # 0: plain GPT-2; k: blocks k-1, 2k-1, ... also cross-attend to the image
+    n_embd_img: int = 768  # width of the image tokens (768 for CLIP ViT-B/32, 1024 for ViT-L/14)
+    dropout: float = 0.0  # 0 for pretraining (one epoch: no overfitting to fight), maybe 0.1 to fine-tune
+
+    def has_cross_attn(self, layer):
+        return self.cross_attn_every > 0 and (layer + 1) % self.cross_attn_every == 0
+
+
+# presets: overrides of the defaults above; the four sizes OpenAI released, and one for CPU smoke runs
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~7M, trains on a laptop CPU
+}
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, config.has_cross_attn(i)) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        if config.cross_attn_every > 0:
+            # image tokens come in at the encoder's width; one shared projection brings them to n_embd,
+            # then each cross-attention layer makes its own keys and values from them
+            self.transformer.img_proj = nn.Linear(config.n_embd_img, config.n_embd)
+            self.transformer.ln_img = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output classifier are one matrix (as in GPT-2);
+        # it saves 38M parameters at 124M and the two roles help each other learn
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJECTION", False):
+                # every block adds two outputs to the residual stream; scaling their init by 1/sqrt(2 * n_layer)
+                # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3)
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "ZERO_INIT", False):
+                torch.nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token embeddings stay:
+        they are also the lm_head, which does real work)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, image_feats=None, cache=None):
+        """idx: (B, T) token ids; targets: (B, T), -1 where no loss is wanted (padding, prompt tokens);
+        image_feats: (B, N_img, n_embd_img) image tokens, any N_img; cache: a KVCache while generating.
+        Returns (logits (B, T, vocab_size), loss or None)."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        image_kv = self.image_keys_values(image_feats, cache)  # one (k, v) per cross-attention block
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, image_kv[layer] if image_kv else None, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.vocab_size > GPT2_VOCAB_SIZE:
+            # The padding rows are not tokens. With weights loaded from GPT-2 they are zero, so their logit
+            # would be 0 while real logits sit far below it: that would swallow the softmax. -inf keeps them
+            # out of every loss and every sample, whatever their weights.
+            logits[..., GPT2_VOCAB_SIZE:] = float("-inf")
+        loss = None
+        if targets is not None:
+            # ignore_index=-1: positions whose target is -1 add nothing to the loss or to its average.
+            # (under bf16 autocast, cross_entropy runs in fp32 by itself)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def image_keys_values(self, image_feats, cache=None):
+        """Project the image tokens once, then give every cross-attention block its keys and values.
+        While generating, they are computed on the first step and kept in the cache: the image is fixed."""
+        if cache is not None and cache.image_kv is not None:
+            return cache.image_kv
+        if image_feats is None:
+            return None
+        if self.config.cross_attn_every == 0:
+            raise ValueError("image_feats given, but this model has no cross-attention layers (cross_attn_every=0)")
+        if image_feats.size(-1) != self.config.n_embd_img:
+            raise ValueError(f"image_feats are {image_feats.size(-1)} wide, the model expects n_embd_img={self.config.n_embd_img}")
+        image_feats = image_feats.to(self.transformer.img_proj.weight.dtype)  # features are stored in fp16
+        image_embs = self.transformer.ln_img(self.transformer.img_proj(image_feats))  # (B, N, C)
+        image_kv = [block.xattn.image_keys_values(image_embs) if hasattr(block, "xattn") else None
+                    for block in self.transformer.h]
+        if cache is not None:
+            cache.image_kv = image_kv
+        return image_kv
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95)):
+        """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
+        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel updates all parameters in one launch instead of a loop of small ones
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)
+
+    def flops_per_token(self, seq_len):
+        """Model FLOPs of one training token (forward + backward), the PaLM paper's estimate: 6 per
+        parameter, plus the attention matmuls, which grow with the sequence length."""
+        cfg = self.config
+        attention = 12 * cfg.n_layer * cfg.n_embd * seq_len
+        return 6 * self.num_params() + attention
+
+    # -------------------------------------------------------------------------
+    # Loading weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', from the Hugging Face hub) or a
+        local folder with a GPT-2 config.json + model.safetensors (what transformers' save_pretrained
+        writes). Overrides such as cross_attn_every=2 add freshly initialised cross-attention on top."""
+        config_path, weights_path = _gpt2_files(name_or_path)
+        with open(config_path) as f:
+            hf = json.load(f)
+        if hf.get("vocab_size") != GPT2_VOCAB_SIZE:
+            raise ValueError(f"{config_path}: vocab_size {hf.get('vocab_size')}, expected GPT-2's {GPT2_VOCAB_SIZE}")
+        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
+            raise ValueError(f"{config_path}: not a GPT-2 architecture (n_inner or activation_function differ)")
+        config = GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                           n_embd=hf["n_embd"], **overrides)
+        from safetensors.torch import load_file
+        model = cls(config)
+        model.load_weights(_convert_gpt2_weights(load_file(weights_path), config), weights_path)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path, kind=None, **overrides):
+        """A checkpoint written by train_gpt2.py ('lm') or train_caption.py ('caption') -> (model, checkpoint).
+        Overrides (e.g. cross_attn_every=2 on an 'lm' checkpoint) add fresh layers as in from_pretrained."""
+        checkpoint = load_checkpoint(path, kind)
+        try:
+            config = GPTConfig(**{**checkpoint["config"], **overrides})
+        except TypeError as e:
+            raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
+        model = cls(config)
+        model.load_weights(checkpoint["model"], path)
+        return model, checkpoint
+
+    def load_weights(self, state_dict, source):
+        """Load a state dict strictly, except that cross-attention layers absent from it (a language model
+        being turned into a captioner) keep their fresh initialisation. Mismatches name the file."""
+        missing, unexpected = [], []
+        own = self.state_dict()
+        for name in own:
+            if name not in state_dict and not _is_cross_attn(name):
+                missing.append(name)
+        unexpected = [name for name in state_dict if name not in own]
+        wrong_shape = [f"{name} {tuple(state_dict[name].shape)} vs {tuple(own[name].shape)}"
+                       for name in state_dict if name in own and state_dict[name].shape != own[name].shape]
+        for problem, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if names:
+                more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+                raise ValueError(f"{source}: weights do not fit the model: {problem} {', '.join(names[:3])}{more}")
+        self.load_state_dict(state_dict, strict=False)
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
+                 generator=None, use_cache=True):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens. temperature=0 is greedy decoding.
+        A row that emits <|endoftext|> is finished and padded with it; generation stops when all rows are.
+        Returns (B, T + n) with n <= max_new_tokens. use_cache=False recomputes the whole prefix at every
+        step (the slow reference the KV cache is tested against)."""
+        B, T = idx.size()
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}")
+        cache = KVCache() if use_cache else None
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        tokens, new_input = idx, idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(new_input if use_cache else tokens, image_feats=image_feats, cache=cache)
+            logits = logits[:, -1, :GPT2_VOCAB_SIZE].float()  # (B, V): only the last position predicts
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            next_token = next_token.masked_fill(finished[:, None], EOT_TOKEN)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            finished |= next_token[:, 0] == EOT_TOKEN
+            if finished.all():
+                break
+            new_input = next_token
+        return tokens
+
+    @torch.no_grad()
+    def beam_search(self, idx, image_feats=None, beam_size=3, max_new_tokens=30, length_penalty=1.0):
+        """Batched beam search: for each row of idx (B, T), keep the beam_size most likely continuations,
+        and return the best finished one per row (a list of B token lists, without <|endoftext|>), ranked
+        by log-probability / length**length_penalty so that short captions are not favoured unfairly."""
+        B, T = idx.size()
+        K, V = beam_size, GPT2_VOCAB_SIZE
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}")
+        device = idx.device
+        # every row becomes K beams: (B*K, T); the first step expands only beam 0 (the others start at -inf)
+        idx = idx.repeat_interleave(K, dim=0)
+        if image_feats is not None:
+            image_feats = image_feats.repeat_interleave(K, dim=0)
+        scores = torch.full((B, K), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # summed log-probabilities of each live beam
+        beams = torch.empty(B, K, 0, dtype=torch.long, device=device)  # generated tokens of each beam
+        best_score = torch.full((B,), float("-inf"), device=device)  # best finished hypothesis per row
+        best_tokens = [[] for _ in range(B)]
+        cache = KVCache()
+        new_input = idx
+        for step in range(1, max_new_tokens + 1):
+            logits, _ = self(new_input, image_feats=image_feats, cache=cache)
+            logprobs = F.log_softmax(logits[:, -1, :V].float(), dim=-1).view(B, K, V)
+            # 1) ending each live beam here is a finished hypothesis of length `step`
+            ended = (scores + logprobs[:, :, EOT_TOKEN]) / step ** length_penalty  # (B, K)
+            self._keep_best(ended, beams, best_score, best_tokens)
+            # 2) the K best ways to go on (without ending) become the new live beams
+            logprobs[:, :, EOT_TOKEN] = float("-inf")
+            candidates = (scores[:, :, None] + logprobs).view(B, K * V)
+            scores, flat = candidates.topk(K, dim=-1)  # (B, K)
+            parent, token = flat // V, flat % V
+            beams = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.size(2))), token[:, :, None]], dim=2)
+            cache.reorder((torch.arange(B, device=device)[:, None] * K + parent).view(-1))
+            new_input = token.view(B * K, 1)
+            # stop when no live beam can still beat the best finished one: raw scores only fall, and the
+            # length normalisation can lift them at most to score / (longest length)**length_penalty
+            if (best_score >= scores.max(dim=1).values / max_new_tokens ** length_penalty).all():
+                break
+        # beams still alive at the length limit compete too
+        self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens, ended=False)
+        return best_tokens
+
+    @staticmethod
+    def _keep_best(normalized_scores, beams, best_score, best_tokens, ended=True):
+        top_score, top_beam = normalized_scores.max(dim=1)  # (B,)
+        improved = (top_score > best_score).nonzero().flatten().tolist()
+        for b in improved:
+            best_score[b] = top_score[b]
+            best_tokens[b] = beams[b, top_beam[b]].tolist()
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1). temperature 0: argmax. top_k keeps the k likeliest tokens,
+    top_p the smallest set whose probability reaches p (nucleus sampling); both cut the unreliable tail."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each token
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class KVCache:
+    """Keys and values of every self-attention layer for the tokens seen so far, so each generation step
+    computes only the newest token: O(T) work per step instead of O(T^2) for recomputing the prefix.
+    Also holds the image keys/values, computed on the first step and reused."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}  # layer -> (B, nh, pos, hs)
+        self.pos = 0  # number of tokens cached
+        self.image_kv = None
+
+    def append(self, layer, k, v):
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def attention_mask(self, T, device):
+        """New token i (at position pos + i) may attend to cached positions 0 .. pos + i."""
+        if T == 1:
+            return None  # the single newest token may see everything before it
+        query_pos = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+        key_pos = torch.arange(self.pos + T, device=device)[None, :]
+        return key_pos <= query_pos  # (T, pos + T), True = attend
+
+    def reorder(self, index):
+        """Beam search: row i of the batch now continues the beam that was row index[i]."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer][index]
+            self.values[layer] = self.values[layer][index]
+        if self.image_kv is not None:
+            self.image_kv = [kv if kv is None else (kv[0][index], kv[1][index]) for kv in self.image_kv]
+
+
+# -----------------------------------------------------------------------------
+# Weight files and checkpoints
+
+CHECKPOINT_KINDS = ("lm", "caption")  # written by train_gpt2.py and train_caption.py
+# GPT-2 was written in TensorFlow with "Conv1D" layers that store their weights as (in, out); nn.Linear
+# stores (out, in), so these four are transposed on the way in
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _is_cross_attn(name):
+    return ".xattn." in name or ".ln_x." in name or ".img_proj." in name or ".ln_img." in name
+
+
+def _gpt2_files(name_or_path):
+    """A local folder, or a model name on the Hugging Face hub -> (config.json, model.safetensors) paths."""
+    if os.path.isdir(name_or_path):
+        paths = [os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors")]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such file (a GPT-2 folder needs config.json and model.safetensors)")
+        return paths
+    from huggingface_hub import hf_hub_download
+    try:
+        return [hf_hub_download(name_or_path, f) for f in ("config.json", "model.safetensors")]
+    except Exception as e:
+        raise FileNotFoundError(f"{name_or_path}: not a local folder and not downloadable from the Hugging Face hub "
+                                f"({type(e).__name__}); offline, pass a folder with config.json + model.safetensors") from None
+
+
+def _convert_gpt2_weights(hf_state_dict, config):
+    """Hugging Face GPT-2 names/layouts -> ours: add the 'transformer.' prefix where missing, transpose the
+    Conv1D weights, drop the causal-mask buffers, tie lm_head to wte, pad the vocabulary rows."""
+    state_dict = {}
+    for name, tensor in hf_state_dict.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # mask buffers we do not need; lm_head is wte (tied)
+        name = name if name.startswith("transformer.") else "transformer." + name
+        state_dict[name] = tensor.t().contiguous() if name.endswith(_CONV1D_WEIGHTS) else tensor
+    wte = state_dict["transformer.wte.weight"]
+    padding = wte.new_zeros(config.vocab_size - wte.size(0), wte.size(1))
+    state_dict["transformer.wte.weight"] = torch.cat([wte, padding])
+    state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+    return state_dict
+
+
+def load_checkpoint(path, kind=None):
+    """Read a checkpoint of this codebase onto the CPU, checking it is one, and of the expected kind.
+    Every error names the file: a wrong path, a truncated file, some other .pt, an LM where a captioner
+    was expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(checkpoint, dict) or not {"kind", "model", "config"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a checkpoint of this codebase (needs the keys kind, model, config)")
+    if kind is not None and checkpoint["kind"] != kind:
+        raise ValueError(f"{path}: is a '{checkpoint['kind']}' checkpoint, expected '{kind}'")
+    return checkpoint
+

@@ -1,0 +1,19 @@
+"""Shared test set-up: offline tokenizer files, the repo root on sys.path, and small helpers."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# GPT-2's BPE files come from ../shared/tiktoken on machines without internet (CI, this sandbox)
+_shared_tiktoken = os.path.join(ROOT, "..", "shared", "tiktoken")
+if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_tiktoken):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_tiktoken)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture
+def repo_root():
+    return ROOT

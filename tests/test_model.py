@@ -1,0 +1,260 @@
+"""model.py against an independent GPT-2 (Hugging Face transformers), and the promises of cross-attention,
+the KV cache, ignored targets and frozen parameters."""
+import pytest
+import torch
+
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint
+
+transformers = pytest.importorskip("transformers")  # test-only dependency, installed by requirements-dev.txt
+
+SHAPES = [  # (n_layer, n_head, n_embd, n_positions): not only 124M's proportions
+    (2, 2, 64, 64),
+    (3, 4, 96, 128),
+    (4, 3, 48, 32),
+]
+
+
+def save_random_hf_gpt2(tmp_path, n_layer, n_head, n_embd, n_positions, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                                     vocab_size=GPT2_VOCAB_SIZE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    # random init leaves biases and LayerNorms at 0/1: perturb them so a missed transpose or bias shows
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path / f"hf_{n_layer}_{n_head}_{n_embd}"
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_match_transformers(tmp_path, shape):
+    hf, path = save_random_hf_gpt2(tmp_path, *shape)
+    ours = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, shape[3]))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert logits.shape == (2, shape[3], ours.config.vocab_size)
+    assert (logits[..., :GPT2_VOCAB_SIZE] - expected).abs().max().item() <= 1e-4
+    assert torch.isneginf(logits[..., GPT2_VOCAB_SIZE:]).all()  # padded rows can never be predicted
+
+
+def test_loss_matches_transformers(tmp_path):
+    hf, path = save_random_hf_gpt2(tmp_path, 2, 2, 64, 64)
+    ours = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 33))
+    with torch.no_grad():
+        expected = hf(idx, labels=idx).loss  # transformers shifts the labels inside
+        _, loss = ours(idx[:, :-1], targets=idx[:, 1:])
+    assert abs(loss.item() - expected.item()) <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    hf, path = save_random_hf_gpt2(tmp_path, 3, 4, 96, 128, seed=1)
+    ours = GPT.from_pretrained(path).eval()
+    prompt = torch.randint(0, EOT_TOKEN, (1, 7))
+    expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                           pad_token_id=EOT_TOKEN, attention_mask=torch.ones_like(prompt))
+    # min_new_tokens keeps transformers going past <|endoftext|>; ours stops there, so compare up to it
+    got = ours.generate(prompt, max_new_tokens=20, temperature=0)
+    assert got.size(1) > prompt.size(1)
+    assert torch.equal(got, expected[:, :got.size(1)])
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    _, path = save_random_hf_gpt2(tmp_path, 2, 2, 64, 64)
+    (tmp_path / "hf_2_2_64" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(path)
+
+
+def test_cross_attention_starts_as_identity_then_learns(tmp_path):
+    _, path = save_random_hf_gpt2(tmp_path, 4, 2, 64, 64)
+    lm = GPT.from_pretrained(path).eval()
+    captioner = GPT.from_pretrained(path, cross_attn_every=2, n_embd_img=32).eval()
+    assert [hasattr(b, "xattn") for b in captioner.transformer.h] == [False, True, False, True]
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 10))
+    images = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        plain, _ = lm(idx)
+        with_image, _ = captioner(idx, image_feats=images)
+        without_image, _ = captioner(idx)
+    assert torch.equal(plain, with_image)  # bit-identical, not merely close
+    assert torch.equal(plain, without_image)
+
+    # one optimisation step on the cross-attention parameters only wires the image in
+    for name, p in captioner.named_parameters():
+        p.requires_grad = ".xattn." in name or ".ln_x." in name or "img_proj" in name or "ln_img" in name
+    optimizer = captioner.configure_optimizers(0.0, 1e-2, "cpu")
+    captioner.train()
+    _, loss = captioner(idx, targets=idx, image_feats=images)
+    loss.backward()
+    optimizer.step()
+    captioner.eval()
+    with torch.no_grad():
+        a, _ = captioner(idx[:1], image_feats=images[:1])
+        b, _ = captioner(idx[:1], image_feats=images[1:])
+    assert (a - b)[..., :GPT2_VOCAB_SIZE].abs().max() > 1e-4
+
+
+def tiny_captioner(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**PRESETS["tiny"], "block_size": 64}, cross_attn_every=2, n_embd_img=48)).eval()
+    with torch.no_grad():  # open the zero-initialised cross-attention so the image matters
+        for block in model.transformer.h:
+            if hasattr(block, "xattn"):
+                block.xattn.c_proj.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_kv_cache_equals_recomputation(with_image):
+    model = tiny_captioner()
+    prompt = torch.randint(0, EOT_TOKEN, (3, 5))
+    images = torch.randn(3, 7, 48) if with_image else None
+    fast = model.generate(prompt, 40, temperature=0, image_feats=images, use_cache=True)
+    slow = model.generate(prompt, 40, temperature=0, image_feats=images, use_cache=False)
+    assert torch.equal(fast, slow)
+    if with_image:  # the image changes what is generated
+        other = model.generate(prompt, 40, temperature=0, image_feats=images.flip(0), use_cache=True)
+        assert not torch.equal(fast, other)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = tiny_captioner()
+    prompt = torch.full((4, 1), EOT_TOKEN)
+    run = lambda seed, **kw: model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    # top_k=1 and a tiny top_p are both greedy decoding
+    greedy = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(run(3, top_k=1), greedy)
+    assert torch.equal(run(4, top_p=1e-6), greedy)
+
+
+def test_generation_stops_each_row_at_end_of_text(monkeypatch):
+    import model as model_module
+    script = iter([[11, 21], [EOT_TOKEN, 22], [13, 23], [14, EOT_TOKEN], [15, 25]])  # row 0 ends at step 2, row 1 at 4
+    monkeypatch.setattr(model_module, "sample_next_token", lambda *a, **k: torch.tensor(next(script))[:, None])
+    out = tiny_captioner().generate(torch.tensor([[5], [7]]), 10, temperature=1.0)
+    assert out.tolist() == [[5, 11, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN], [7, 21, 22, 23, EOT_TOKEN]]
+
+
+def test_beam_search_with_one_beam_ranks_the_greedy_prefixes():
+    """With one beam, the live beam is the greedy path that never ends, and every prefix of it followed by
+    <|endoftext|> is a finished hypothesis: the result is the best of those by normalised log-probability."""
+    model = tiny_captioner(seed=2)
+    images = torch.randn(2, 7, 48)
+    for length_penalty in (0.0, 1.0):
+        got = model.beam_search(torch.full((2, 1), EOT_TOKEN), images, beam_size=1, max_new_tokens=12,
+                                length_penalty=length_penalty)
+        for b in range(2):
+            path = []  # greedy without <|endoftext|>, recomputing the whole prefix each step (no cache)
+            for _ in range(12):
+                logits, _ = model(torch.tensor([[EOT_TOKEN] + path]), image_feats=images[b:b + 1])
+                logits = logits[0, -1, :GPT2_VOCAB_SIZE].clone()
+                logits[EOT_TOKEN] = float("-inf")
+                path.append(logits.argmax().item())
+            hypotheses = [path[:n] for n in range(12)] + [path]  # ended after n tokens, or alive at the limit
+            def normalised(tokens):
+                length = len(tokens) + (len(tokens) < 12)
+                return sequence_logprob(model, tokens, images[b:b + 1], 12) / length ** length_penalty
+            best = max(hypotheses, key=normalised)
+            assert got[b] == best
+
+
+def test_wider_beam_finds_a_likelier_caption():
+    model = tiny_captioner(seed=2)
+    prompt = torch.full((3, 1), EOT_TOKEN)
+    images = torch.randn(3, 7, 48)
+    beam1 = model.beam_search(prompt, images, beam_size=1, max_new_tokens=12, length_penalty=0.0)
+    beam4 = model.beam_search(prompt, images, beam_size=4, max_new_tokens=12, length_penalty=0.0)
+    for b in range(3):
+        one = sequence_logprob(model, beam1[b], images[b:b + 1], 12)
+        four = sequence_logprob(model, beam4[b], images[b:b + 1], 12)
+        assert four >= one - 1e-4
+
+
+def sequence_logprob(model, tokens, image, max_new_tokens):
+    """log p(tokens [+ EOT if it ended before the limit] | <|endoftext|>, image), computed without the cache."""
+    ended = len(tokens) < max_new_tokens
+    seq = [EOT_TOKEN] + tokens + ([EOT_TOKEN] if ended else [])
+    idx = torch.tensor([seq])
+    with torch.no_grad():
+        logits, _ = model(idx[:, :-1], image_feats=image)
+    logprobs = torch.log_softmax(logits[0, :, :GPT2_VOCAB_SIZE], dim=-1)
+    return logprobs[torch.arange(len(seq) - 1), idx[0, 1:]].sum().item()
+
+
+def test_ignored_targets_add_nothing_to_the_loss():
+    model = tiny_captioner()
+    idx = torch.randint(0, EOT_TOKEN, (2, 12))
+    targets = torch.randint(0, EOT_TOKEN, (2, 12))
+    masked = targets.clone()
+    masked[:, :5] = -1
+    _, loss = model(idx, targets=masked)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, logits.size(-1)), targets[:, 5:].reshape(-1))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # changing an ignored target does not move the loss
+    masked2 = masked.clone()
+    masked2[:, :5] = 0
+    masked2[:, :5] = -1
+    assert model(idx, targets=masked2)[1].item() == loss.item()
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_slot():
+    model = tiny_captioner()
+    for name, p in model.named_parameters():
+        p.requires_grad = ".xattn." in name
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable and len(trainable) > 0
+    _, loss = model(torch.randint(0, EOT_TOKEN, (2, 8)), targets=torch.randint(0, EOT_TOKEN, (2, 8)),
+                    image_feats=torch.randn(2, 3, 48))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    from dataclasses import asdict
+    model = tiny_captioner()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": 3}, path)
+    loaded, checkpoint = GPT.from_checkpoint(str(path), kind="caption")
+    assert checkpoint["step"] == 3
+    idx = torch.randint(0, EOT_TOKEN, (1, 6))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+
+    with pytest.raises(ValueError, match=r"ckpt.pt: is a 'caption' checkpoint, expected 'lm'"):
+        load_checkpoint(str(path), kind="lm")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(str(tmp_path / "nope.pt"))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated.pt: not a readable checkpoint"):
+        load_checkpoint(str(truncated))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(ValueError, match="other.pt: not a checkpoint of this codebase"):
+        load_checkpoint(str(other))
+    wrong_shape = tmp_path / "wide.pt"
+    config = asdict(model.config) | {"n_embd": 64}
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": config}, wrong_shape)
+    with pytest.raises(ValueError, match="wide.pt: weights do not fit the model: wrong shape"):
+        GPT.from_checkpoint(str(wrong_shape))
+
+
+def test_lm_checkpoint_becomes_captioner_with_identical_logits(tmp_path):
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(**PRESETS["tiny"])).eval()
+    path = tmp_path / "lm.pt"
+    torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config)}, path)
+    captioner, _ = GPT.from_checkpoint(str(path), kind="lm", cross_attn_every=2)
+    idx = torch.randint(0, EOT_TOKEN, (2, 9))
+    assert torch.equal(lm(idx)[0], captioner.eval()(idx, image_feats=torch.randn(2, 50, 768))[0])
