@@ -1,0 +1,353 @@
+"""
+Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
+
+    python train_gpt2.py                                          # one GPU (or mps / cpu)
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py        # 8 GPUs, DDP
+    python train_gpt2.py --model tiny --total-batch-size 16384 --batch-size 16 --seq-len 256 --max-steps 500
+    python train_gpt2.py --resume auto                            # continue the newest checkpoint in --out-dir
+
+The defaults are the GPT-2 124M recipe (GPT-3 paper's hyperparameters for that size): 2**19 = 524,288 tokens
+per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, lr 6e-4 with 715 warmup
+steps and a cosine to 6e-5 at step 19,073 (one epoch of the 10B tokens).
+
+Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}' lines for plot_log.py.
+"""
+
+import argparse
+import glob
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import tiktoken
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
+from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
+from training import (all_reduce_sum, append_log, autocast, checkpoint_path, cleanup_distributed, cosine_lr,
+                      default_dtype, latest_checkpoint, peak_flops, rng_state, save_checkpoint, set_rng_state,
+                      setup_distributed)
+
+# -----------------------------------------------------------------------------
+# Data: token shards, memory-mapped
+
+
+def open_shard(path):
+    """A shard is a 1-D uint16 .npy array of tokens. mmap_mode='r' maps it instead of reading it: the OS pages
+    in what is used, so 8 ranks x 100 shards cost no RAM until touched. numpy checks the header against the
+    file size, so a truncated file fails here instead of yielding garbage."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable token shard ({e})") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype}")
+    return tokens
+
+
+def find_shards(data_dir, split):
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{data_dir}: no such data folder (write shards with: python fineweb.py --out-dir {data_dir})")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}: no '{split}' shards (*_{split}_*.npy) in this folder")
+    return paths
+
+
+class ShardLoader:
+    """Training batches (x, y) of shape (B, T), y being x shifted by one token.
+
+    A shard is cut into windows of T tokens. Every epoch visits the shards in a new random order and each
+    shard's windows in a new random order (both drawn from (seed, epoch), so every rank agrees without talking).
+    Rank r of W takes windows [pos + r*B, pos + (r+1)*B) of the current shard, then pos advances by B*W:
+    ranks read disjoint data, and one process with W times the gradient accumulation reads the same windows.
+    Shuffling matters: build-nanogpt reads shards in a fixed order, and its val loss repeats with that period.
+    """
+
+    def __init__(self, data_dir, B, T, rank=0, world_size=1, seed=1337):
+        self.paths = find_shards(data_dir, "train")
+        self.shards = [open_shard(p) for p in self.paths]
+        self.B, self.T, self.rank, self.world_size, self.seed = B, T, rank, world_size, seed
+        per_step = B * T * world_size
+        if all(len(s) - 1 < per_step for s in self.shards):
+            raise ValueError(f"{data_dir}: every train shard is shorter than one step's {per_step:,} tokens "
+                             f"(B={B} x T={T} x {world_size} ranks)")
+        self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        self.shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        self._shuffle_windows()
+
+    def _shuffle_windows(self):
+        n_windows = (len(self.shards[self.shard_order[self.shard]]) - 1) // self.T
+        rng = np.random.default_rng([self.seed, self.epoch, self.shard])
+        self.window_order = rng.permutation(n_windows)
+
+    def _next_shard(self):
+        self.shard, self.pos = self.shard + 1, 0
+        if self.shard == len(self.shards):
+            self.load_state_dict({"epoch": self.epoch + 1, "shard": 0, "pos": 0})
+        else:
+            self._shuffle_windows()
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        while self.pos + B * self.world_size > len(self.window_order):
+            self._next_shard()  # the last < B*W windows of a shard are dropped: a tiny fraction, new each epoch
+        tokens = self.shards[self.shard_order[self.shard]]
+        mine = self.window_order[self.pos + self.rank * B: self.pos + (self.rank + 1) * B]
+        rows = np.stack([tokens[w * T: w * T + T + 1] for w in mine]).astype(np.int64)  # (B, T+1)
+        self.pos += B * self.world_size
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def val_batches(data_dir, B, T, val_tokens):
+    """Where the (B, T) val batches start: the first val_tokens tokens of the val shards, in order, as
+    (shard, offset) pairs read when needed. The budget is fixed in tokens, not in steps per rank, so the val
+    loss means the same thing on 1 GPU and on 64."""
+    batches = []
+    for path in find_shards(data_dir, "val"):
+        tokens = open_shard(path)
+        for start in range(0, len(tokens) - B * T, B * T):
+            if len(batches) * B * T >= val_tokens:
+                return batches
+            batches.append((tokens, start))
+    if not batches:
+        raise ValueError(f"{data_dir}: the val shards hold fewer than one batch of {B * T + 1:,} tokens")
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, batches, B, T, d, dtype):
+    """Mean loss over the fixed val batches; rank r takes batches r, r+W, ..., and the sums are reduced."""
+    model.eval()
+    total = torch.zeros(2, device=d.device)  # [sum of batch losses, number of batches]
+    for i in range(d.rank, len(batches), d.world_size):
+        tokens, start = batches[i]
+        rows = torch.from_numpy(tokens[start: start + B * T + 1].astype(np.int64)).to(d.device)
+        x, y = rows[:-1].view(B, T), rows[1:].view(B, T)
+        with autocast(d.device_type, dtype):
+            _, loss = model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=d.device)])
+    all_reduce_sum(total, d)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32):
+    """A few continuations, to see the model learn to write. A private generator keeps the training RNG
+    untouched, so sampling never changes what training does (or its exact resume)."""
+    model.eval()
+    idx = torch.tensor([enc.encode(prompt)] * num_samples, device=d.device)
+    generator = torch.Generator(device=d.device).manual_seed(42)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
+    for row in out.tolist():
+        text = enc.decode([t for t in row if t != EOT_TOKEN])
+        print(f"sample: {text!r}")
+    model.train()
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
+    p.add_argument("--out-dir", default="log", help="checkpoints and log.txt go here")
+    p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="size preset (gpt2 = 124M)")
+    p.add_argument("--n-layer", type=int, help="override the preset's number of blocks")
+    p.add_argument("--n-head", type=int, help="override the preset's number of heads")
+    p.add_argument("--n-embd", type=int, help="override the preset's width")
+    p.add_argument("--init", help="start from weights instead of random: gpt2, gpt2-medium, ... (HF hub), a "
+                                  "folder with config.json + model.safetensors, or an lm checkpoint .pt")
+    p.add_argument("--batch-size", type=int, default=64, help="micro-batch size B per process")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length T")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (2**19)")
+    p.add_argument("--max-steps", type=int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
+    p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint, leaving the "
+                                               "schedule as it is (for job time limits; then --resume auto)")
+    p.add_argument("--warmup-steps", type=int, default=715)
+    p.add_argument("--max-lr", type=float, default=6e-4)
+    p.add_argument("--min-lr", type=float, default=6e-5)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--eval-every", type=int, default=250, help="val loss every N steps (0: only at the end)")
+    p.add_argument("--val-tokens", type=int, default=10485760, help="val loss over this many tokens (20 x 2**19)")
+    p.add_argument("--hellaswag-every", type=int, default=250, help="HellaSwag every N steps (0: never)")
+    p.add_argument("--hellaswag-data", help="a local hellaswag_val.jsonl (default: downloaded once)")
+    p.add_argument("--hellaswag-limit", type=int, help="score only the first N HellaSwag examples")
+    p.add_argument("--sample-every", type=int, default=250, help="print text samples every N steps (0: never)")
+    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def build_model(args, resume_from):
+    """The model to train -> (model, checkpoint being resumed or None): from that checkpoint, from
+    pretrained weights (--init), or random."""
+    if resume_from is not None:
+        return GPT.from_checkpoint(resume_from, kind="lm")
+    if args.init is not None:
+        if args.init.endswith(".pt"):
+            return GPT.from_checkpoint(args.init, kind="lm")[0], None
+        return GPT.from_pretrained(args.init), None
+    sizes = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head), ("n_embd", args.n_embd)) if v}
+    return GPT(GPTConfig(**{**PRESETS[args.model], **sizes})), None
+
+
+def resume_path(args):
+    """Which checkpoint to continue from, if any. Refuses to start afresh over an earlier run's checkpoints."""
+    if args.resume == "auto":
+        return latest_checkpoint(args.out_dir)
+    if args.resume is not None:
+        return args.resume
+    existing = latest_checkpoint(args.out_dir)
+    if existing is not None:
+        raise ValueError(f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
+                         f"or choose another --out-dir")
+    return None
+
+
+def main(args):
+    d = setup_distributed(args.device)
+    dtype = args.dtype or default_dtype(d.device_type)
+    use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
+    enc = tiktoken.get_encoding("gpt2")
+
+    B, T = args.batch_size, args.seq_len
+    tokens_per_micro_step = B * T * d.world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by batch-size x seq-len x "
+                         f"world size = {B} x {T} x {d.world_size} = {tokens_per_micro_step}")
+    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+
+    # --- data, model, optimizer (errors here are the user's: a message naming the file, then exit)
+    train_loader = ShardLoader(args.data_dir, B, T, d.rank, d.world_size, args.seed)
+    val_data = val_batches(args.data_dir, B, T, args.val_tokens)
+    hellaswag_examples = None
+    if args.hellaswag_every > 0:
+        path = args.hellaswag_data or hellaswag.download_if_missing(master=d.master)
+        hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
+    resume_from = resume_path(args)
+    raw_model, checkpoint = build_model(args, resume_from)
+    raw_model.to(d.device)
+    if T > raw_model.config.block_size:
+        raise ValueError(f"--seq-len {T} exceeds the model's block_size {raw_model.config.block_size}")
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
+    start_step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+        start_step = checkpoint["step"]
+    os.makedirs(args.out_dir, exist_ok=True)
+    if d.master:
+        if resume_from is None:
+            open(os.path.join(args.out_dir, "log.txt"), "w").close()  # a fresh run starts a fresh log
+        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
+              f"{raw_model.num_params() / 1e6:.1f}M parameters | {args.total_batch_size:,} tokens/step = "
+              f"{B} x {T} x {d.world_size} ranks x {grad_accum_steps} accumulation steps"
+              + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+
+    # The compiled (and DDP-wrapped) model trains and computes the val loss, whose shapes never change.
+    # HellaSwag and sampling use raw_model: their shapes vary, and feeding those to the compiled model is
+    # what made build-nanogpt switch compile off. Both share the same parameters.
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    peak = peak_flops(d.device)
+    flops_per_step = raw_model.flops_per_token(T) * args.total_batch_size
+
+    for step in range(start_step, args.max_steps + 1):
+        last = step == args.max_steps  # the schedule is done: evaluate and save the final model
+        stopping = step == args.stop_at  # this run ends here (the run continues with --resume)
+        # --- evaluation: at step 0, every N steps, and after the last update
+        if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
+            val_loss = validation_loss(model, val_data, B, T, d, dtype)
+            if d.master:
+                print(f"step {step:5d} | val loss {val_loss:.4f}")
+                append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+        if not stopping and hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
+            correct, correct_norm, total = hellaswag.evaluate(raw_model, hellaswag_examples, d.device, d.rank,
+                                                              d.world_size, autocast_dtype=dtype)
+            if d.master:
+                print(f"step {step:5d} | HellaSwag acc_norm {correct_norm / total:.4f} ({correct_norm}/{total})")
+                append_log(args.out_dir, f"{step} hella {correct_norm / total:.4f}")
+        if not stopping and d.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
+            print_samples(raw_model, enc, d)
+        if d.master and step > start_step and (step % args.save_every == 0 or last or stopping):
+            # `step` updates are done; resuming starts the loop at this step
+            save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                             "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
+                             "rng": rng_state(), "args": vars(args)}, checkpoint_path(args.out_dir, step))
+        if last or stopping:
+            break
+
+        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro_step in range(grad_accum_steps):
+            x, y = (t.to(d.device) for t in train_loader.next_batch())
+            if d.ddp:
+                # all-reduce the gradients only on the last micro-step. DDP reads this flag during the
+                # forward pass (to prepare its hooks), so it must be set before the forward, not the backward
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast(d.device_type, dtype):
+                _, loss = model(x, y)
+            # each micro-batch's loss is a mean over B*T tokens; dividing by the number of micro-steps makes
+            # the summed gradient the gradient of the mean over the whole batch
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+        all_reduce_sum(loss_accum, d)
+        loss_accum /= d.world_size
+        if not torch.isfinite(loss_accum):
+            last = latest_checkpoint(args.out_dir) or "none written yet"
+            raise FloatingPointError(f"loss is {loss_accum.item()} at step {step}; stopping without saving "
+                                     f"(last checkpoint: {last}). Try a lower --max-lr or --grad-clip.")
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()  # wait for the GPU, so dt measures the step, not its launch
+        dt = time.time() - t0
+        if d.master:
+            tokens_per_sec = args.total_batch_size / dt
+            mfu = f"{flops_per_step / dt / peak * 100:.1f}%" if peak else "n/a"
+            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                  f"dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f} | MFU {mfu}")
+            append_log(args.out_dir, f"{step} train {loss_accum.item():.6f}")
+
+    cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"train_gpt2.py: error: {e}")
