@@ -26,6 +26,18 @@ def write_shards(folder, n_train=3, tokens=2000, seed=0):
     return str(folder)
 
 
+def write_hellaswag_rows(path, n=5):
+    """A few rows in HellaSwag's schema (the scorer needs ctx, endings and label)."""
+    import json
+    with open(path, "w") as f:
+        for i in range(n):
+            endings = [f"ending number {j} of example {i}" for j in range(4)]
+            f.write(json.dumps({"ind": i, "activity_label": "Testing", "ctx_a": f"Context {i}.", "ctx_b": "",
+                                "ctx": f"Context {i}.", "split": "val", "split_type": "indomain", "label": i % 4,
+                                "endings": endings, "source_id": f"test~{i}"}) + "\n")
+    return str(path)
+
+
 def run(args, nproc=1, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
@@ -122,7 +134,9 @@ def test_lr_schedule():
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     data = write_shards(tmp_path / "data")
-    common = TINY + ["--data-dir", data, "--max-steps", "4", "--eval-every", "2"]
+    rows = write_hellaswag_rows(tmp_path / "hellaswag.jsonl")
+    common = TINY + ["--data-dir", data, "--max-steps", "4", "--eval-every", "2",
+                     "--hellaswag-every", "2", "--hellaswag-data", rows]
     run(common + ["--out-dir", str(tmp_path / "one")])
     run(common + ["--out-dir", str(tmp_path / "two")], nproc=2)
     one, two = read_log(tmp_path / "one", "train"), read_log(tmp_path / "two", "train")
@@ -130,6 +144,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
     assert read_log(tmp_path / "one", "val") == pytest.approx(read_log(tmp_path / "two", "val"), abs=1e-4)
+    # HellaSwag: 5 examples split 3 + 2 over the ranks, counts summed: the same accuracy as one process
+    assert read_log(tmp_path / "one", "hella") == read_log(tmp_path / "two", "hella")
+    assert sorted(read_log(tmp_path / "one", "hella")) == [0, 2, 4]
     assert one[3] < one[0]  # and it learns
 
 

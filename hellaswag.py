@@ -1,0 +1,241 @@
+"""
+HellaSwag: can the model tell which ending of an everyday scene makes sense?
+
+    python hellaswag.py --pretrained gpt2                        # OpenAI's 124M, for reference
+    python hellaswag.py --checkpoint log/model_019073.pt         # a model trained by train_gpt2.py
+    python hellaswag.py --checkpoint model.pt --limit 500 --device cpu
+    python hellaswag.py --checkpoint model.pt --data ~/hellaswag_val.jsonl   # a local copy, no download
+
+Each example is a context and four endings, one of them right:
+
+    ctx:     "A man is sitting on a roof. he"
+    endings: 0 "is using wrap to wrap a pair of skis."
+             1 "is ripping level tiles off."
+             2 "is holding a rubik's cube."
+             3 "starts pulling up roofing on a roof."     label: 3
+
+A small base model cannot answer "A, B, C or D?", but it can say how likely each ending is after the
+context. So we feed the four rows (context + ending) as one batch of 4 and pick the ending whose tokens
+get the lowest cross-entropy loss. Two ways to add up that loss give two accuracies:
+
+- acc:      the lowest *total* loss over the ending's tokens. Every extra token adds loss, so this
+            favours short endings.
+- acc_norm: the lowest *mean* loss per ending token, which takes the length out. This is the number
+            train_gpt2.py logs, and the one to compare with GPT-2 and GPT-3.
+
+Guessing scores 0.25. For GPT-2 124M, build-nanogpt's hellaswag.py (the same method, in float32) reports
+acc 0.2859 and acc_norm 0.2955; EleutherAI's lm-evaluation-harness reports 0.2892 and 0.3114, because it
+rewrites the text a little and divides by the ending's characters instead of its tokens.
+
+The validation set (10,042 examples) is downloaded once into $HELLASWAG_DIR, by default the folder
+hellaswag/ beside this file. train_gpt2.py imports load_examples and evaluate from here.
+"""
+
+import argparse
+import json
+import os
+import sys
+import urllib.request
+
+import tiktoken
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from model import GPT
+from training import autocast, default_device, default_dtype
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+DATA_DIR = os.environ.get("HELLASWAG_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
+NUM_ENDINGS = 4
+
+# -----------------------------------------------------------------------------
+# The data
+
+
+def download(url, path):
+    """Fetch url into path with a progress bar. The bytes go to path.tmp, which is renamed to path only once
+    complete: an interrupted download leaves no half file that a later run would mistake for the data."""
+    tmp = path + ".tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # urllib.error.URLError is an OSError too
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # FileNotFoundError: to the user, the data file is missing; callers already report that in one line
+        reason = getattr(e, "reason", e)
+        raise FileNotFoundError(f"{path}: missing, and downloading {url} failed ({reason}); "
+                                f"pass --data with a local copy") from None
+    os.replace(tmp, path)
+
+
+def download_if_missing(master=True):
+    """The path of the validation set, downloaded on first use. Under DDP only the master process downloads;
+    the others wait at a barrier until it is done, then all of them read the same file."""
+    path = os.path.join(DATA_DIR, "hellaswag_val.jsonl")
+    if master and not os.path.exists(path):
+        os.makedirs(DATA_DIR, exist_ok=True)
+        download(VAL_URL, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_examples(path, limit=None):
+    """The examples of a HellaSwag .jsonl file, as the dicts it holds (keys ind, activity_label, ctx_a, ctx_b,
+    ctx, split, split_type, label, endings, source_id), first `limit` only if given. A list, not a generator:
+    training scores the same examples again and again. We rely on three keys, checked line by line:
+    ctx (a string), endings (4 strings) and label (the right ending's index)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    examples = []
+    with open(path, "rb") as f:  # bytes: json.loads decodes them, so bad UTF-8 is reported with its line too
+        for line_number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+                check_example(example)
+            except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+                raise ValueError(f"{path}:{line_number}: not a HellaSwag example ({type(e).__name__}: {e})") from None
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def check_example(example):
+    if not isinstance(example["ctx"], str):
+        raise TypeError("ctx is not a string")
+    endings = example["endings"]
+    if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
+        raise ValueError(f"endings must be a list of {NUM_ENDINGS} strings")
+    if not (isinstance(example["label"], int) and 0 <= example["label"] < NUM_ENDINGS):
+        raise ValueError(f"label must be an integer from 0 to {NUM_ENDINGS - 1}, got {example['label']!r}")
+
+
+# -----------------------------------------------------------------------------
+# Rendering and scoring
+
+
+def render_example(example, enc):
+    """One example -> (tokens (4, L), mask (4, L), label). Row i is the context followed by ending i, right-
+    padded with zeros to the longest row; mask is 1 on the ending's tokens, the only ones we score.
+    The ending is encoded with a leading space: GPT-2's BPE glues the space to the word that follows it
+    (" roof" is one token), so "ctx" + " ending" is tokenized the way the sentence would be in running text."""
+    ctx_tokens = enc.encode(example["ctx"])
+    rows, masks = [], []
+    for ending in example["endings"]:
+        ending_tokens = enc.encode(" " + ending)
+        rows.append(ctx_tokens + ending_tokens)
+        masks.append([0] * len(ctx_tokens) + [1] * len(ending_tokens))
+    length = max(len(row) for row in rows)
+    tokens = torch.zeros((NUM_ENDINGS, length), dtype=torch.long)
+    mask = torch.zeros((NUM_ENDINGS, length), dtype=torch.long)
+    for i, (row, row_mask) in enumerate(zip(rows, masks)):
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row_mask)] = torch.tensor(row_mask)
+    return tokens, mask, example["label"]
+
+
+def score_example(logits, tokens, mask):
+    """logits (4, L, V) of the 4 rows -> (pred, pred_norm): the ending with the lowest total loss (acc) and
+    the one with the lowest mean loss per token (acc_norm)."""
+    # the logits at position t predict the token at t+1: drop the last prediction and the first token
+    shift_logits = logits[:, :-1, :].float()  # (4, L-1, V), losses in float32 even under bf16 autocast
+    shift_tokens = tokens[:, 1:]  # (4, L-1)
+    shift_mask = mask[:, 1:]  # (4, L-1): 1 where the token being predicted belongs to the ending
+    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_tokens.reshape(-1),
+                             reduction="none").view(NUM_ENDINGS, -1)  # (4, L-1)
+    ending_losses = losses * shift_mask  # context and padding count for nothing
+    sum_loss = ending_losses.sum(dim=1)  # (4,)
+    mean_loss = sum_loss / shift_mask.sum(dim=1)  # (4,)
+    return sum_loss.argmin().item(), mean_loss.argmin().item()
+
+
+def crop_to_block_size(tokens, mask, block_size):
+    """Keep the last block_size columns. The model has no position embeddings past block_size, so a longer
+    row cannot be scored whole; dropping the start of the context costs the least, the endings being at the
+    end. All four rows share the context, so cutting the same columns from each keeps them comparable.
+    Not needed at GPT-2's 1024 (a HellaSwag context is a sentence or two), but possible with a small block_size."""
+    return tokens[:, -block_size:], mask[:, -block_size:]
+
+
+@torch.no_grad()
+def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None, progress=False):
+    """Score examples -> (num_correct, num_correct_norm, num_total), summed over all processes.
+    Process `rank` of `world_size` scores examples rank, rank + world_size, ...; under torch.distributed the
+    three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32'
+    for full precision, 'bfloat16' for bf16 autocast, as in training."""
+    enc = tiktoken.get_encoding("gpt2")
+    device_type = torch.device(device).type
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    num_correct = num_correct_norm = num_total = 0
+    my_examples = examples[rank::world_size]
+    for example in tqdm(my_examples, desc="hellaswag", disable=not progress):
+        tokens, mask, label = render_example(example, enc)
+        tokens, mask = crop_to_block_size(tokens, mask, model.config.block_size)
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast(device_type, autocast_dtype or "float32"):
+            logits, _ = model(tokens)
+        pred, pred_norm = score_example(logits, tokens, mask)
+        num_correct += int(pred == label)
+        num_correct_norm += int(pred_norm == label)
+        num_total += 1
+    model.train(was_training)
+    if dist.is_initialized():
+        counts = torch.tensor([num_correct, num_correct_norm, num_total], dtype=torch.long, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        num_correct, num_correct_norm, num_total = counts.tolist()
+    return num_correct, num_correct_norm, num_total
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 checkpoint (validation set)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a .pt file written by train_gpt2.py (or train_caption.py)")
+    source.add_argument("--pretrained", help="OpenAI weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder")
+    p.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: downloaded once into {DATA_DIR})")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
+    return p.parse_args()
+
+
+def load_model(args):
+    if args.checkpoint is not None:
+        model, checkpoint = GPT.from_checkpoint(args.checkpoint)
+        return model, f"{args.checkpoint} (step {checkpoint.get('step', '?')})"
+    return GPT.from_pretrained(args.pretrained), args.pretrained
+
+
+def main(args):
+    device = default_device() if args.device == "auto" else args.device
+    dtype = args.dtype or default_dtype(torch.device(device).type)
+    examples = load_examples(args.data or download_if_missing(), limit=args.limit)
+    model, name = load_model(args)
+    model.to(device)
+    print(f"{name} | {len(examples)} examples | {device}, {dtype}")
+    correct, correct_norm, total = evaluate(model, examples, device, autocast_dtype=dtype, progress=True)
+    print(f"acc {correct / total:.4f} acc_norm {correct_norm / total:.4f} (n={total})")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"hellaswag.py: error: {e}")
