@@ -315,7 +315,7 @@ class GPT(nn.Module):
         missing, unexpected = [], []
         own = self.state_dict()
         for name in own:
-            if name not in state_dict and not _is_cross_attn(name):
+            if name not in state_dict and not is_cross_attn_param(name):
                 missing.append(name)
         unexpected = [name for name in state_dict if name not in own]
         wrong_shape = [f"{name} {tuple(state_dict[name].shape)} vs {tuple(own[name].shape)}"
@@ -468,7 +468,8 @@ CHECKPOINT_KINDS = ("lm", "caption")  # written by train_gpt2.py and train_capti
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _is_cross_attn(name):
+def is_cross_attn_param(name):
+    """The parameters a captioner adds to GPT-2: cross-attention layers, their LayerNorms, the image projection."""
     return ".xattn." in name or ".ln_x." in name or ".img_proj." in name or ".ln_img." in name
 
 

@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
-from training import (all_reduce_sum, append_log, autocast, checkpoint_path, cleanup_distributed, cosine_lr,
-                      default_dtype, latest_checkpoint, peak_flops, rng_state, save_checkpoint, set_rng_state,
+from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
+                      cosine_lr, default_dtype, peak_flops, resume_path, rng_state, save_checkpoint, set_rng_state,
                       setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -214,19 +214,6 @@ def build_model(args, resume_from):
     return GPT(GPTConfig(**{**PRESETS[args.model], **sizes})), None
 
 
-def resume_path(args):
-    """Which checkpoint to continue from, if any. Refuses to start afresh over an earlier run's checkpoints."""
-    if args.resume == "auto":
-        return latest_checkpoint(args.out_dir)
-    if args.resume is not None:
-        return args.resume
-    existing = latest_checkpoint(args.out_dir)
-    if existing is not None:
-        raise ValueError(f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
-                         f"or choose another --out-dir")
-    return None
-
-
 def main(args):
     d = setup_distributed(args.device)
     dtype = args.dtype or default_dtype(d.device_type)
@@ -249,7 +236,7 @@ def main(args):
     if args.hellaswag_every > 0:
         path = args.hellaswag_data or hellaswag.download_if_missing(master=d.master)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
-    resume_from = resume_path(args)
+    resume_from = resume_path(args.out_dir, args.resume)
     raw_model, checkpoint = build_model(args, resume_from)
     raw_model.to(d.device)
     if T > raw_model.config.block_size:
@@ -323,10 +310,7 @@ def main(args):
             loss.backward()
         all_reduce_sum(loss_accum, d)
         loss_accum /= d.world_size
-        if not torch.isfinite(loss_accum):
-            last = latest_checkpoint(args.out_dir) or "none written yet"
-            raise FloatingPointError(f"loss is {loss_accum.item()} at step {step}; stopping without saving "
-                                     f"(last checkpoint: {last}). Try a lower --max-lr or --grad-clip.")
+        check_finite(loss_accum, step, args.out_dir)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:

@@ -136,6 +136,20 @@ def latest_checkpoint(out_dir):
     return checkpoint_path(out_dir, max(steps)) if steps else None
 
 
+def resume_path(out_dir, resume):
+    """Which checkpoint to continue from: --resume auto (the newest in out_dir, if any), a path, or none.
+    Refuses to start afresh over an earlier run's checkpoints: that would overwrite them."""
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    if resume is not None:
+        return resume
+    existing = latest_checkpoint(out_dir)
+    if existing is not None:
+        raise ValueError(f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
+                         f"or choose another --out-dir")
+    return None
+
+
 def save_checkpoint(checkpoint, path):
     """Write to path.tmp, flush it to disk, then rename over path. A rename within a folder is atomic, so a
     run killed at any moment leaves either the previous file or the new one, never half of one."""
@@ -160,6 +174,14 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(loss, step, out_dir):
+    """A NaN or inf loss poisons the weights at the next update: stop before it, saving nothing."""
+    if not torch.isfinite(loss):
+        last = latest_checkpoint(out_dir) or "none written yet"
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping without saving (last checkpoint: "
+                                 f"{last}). Try a lower learning rate or --grad-clip.")
 
 
 # -----------------------------------------------------------------------------
