@@ -1,0 +1,249 @@
+"""
+fineweb.py's promises: the shards decode back to <|endoftext|>doc1<|endoftext|>doc2..., every shard but the last
+holds exactly --shard-size tokens, --max-tokens is exact, a finished folder is a no-op to re-run, a killed run
+resumes without a half-written shard ever wearing a final name, and a user's mistake is one line on stderr.
+Local files only: no network.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_shared_tiktoken = os.path.join(ROOT, "..", "shared", "tiktoken")  # GPT-2's BPE files, for machines offline
+if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_tiktoken):
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_tiktoken)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, ROOT)
+
+import tiktoken  # noqa: E402
+
+import fineweb  # noqa: E402
+
+enc = tiktoken.get_encoding("gpt2")
+EOT = "<|endoftext|>"
+
+# one line each (so they also make a .txt file), long and short, unicode, one longer than a 50-token shard
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ünïcödé survives: naïve café, 日本語のテキスト, emoji 🚀🔥, and a tab\there.",
+    "",
+    " ".join(f"word{i}" for i in range(40)) + ".",
+    "  leading spaces, trailing ones too   ",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+]
+# a web page quoting the separator must not be able to forge a document boundary
+DOC_WITH_SEPARATOR_TEXT = "Models end a document with <|endoftext|>, which this page merely mentions."
+
+
+def expected_tokens(docs):
+    """Computed a different way from fineweb.py: encode the whole joined string, letting tiktoken split it at
+    the separators (only valid when no document contains the separator text itself)."""
+    return enc.encode("".join(EOT + d for d in docs), allowed_special={EOT})
+
+
+def write_jsonl(path, docs, field="text"):
+    with open(path, "w") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({field: doc, "id": i}) + "\n")
+    return str(path)
+
+
+def read_shards(out_dir):
+    """The shard paths in stream order (val first), and their tokens."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "*.npy")), key=lambda p: p.rsplit("_", 1)[1])
+    arrays = [np.load(p) for p in paths]
+    for a in arrays:
+        assert a.dtype == np.uint16 and a.ndim == 1
+    return paths, arrays
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_main(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["fineweb.py", *args])
+    fineweb.main()
+
+
+# -----------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One real command-line run over a .jsonl, with 50-token shards, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("cli")
+    docs = DOCS + [DOC_WITH_SEPARATOR_TEXT]
+    out_dir = str(tmp / "shards")
+    jsonl = write_jsonl(tmp / "docs.jsonl", docs)
+    result = run_cli("--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50", "--num-proc", "2")
+    assert result.returncode == 0, result.stderr
+    return docs, jsonl, out_dir
+
+
+def test_cli_shards_decode_back_to_the_documents(cli_run):
+    docs, _, out_dir = cli_run
+    paths, shards = read_shards(out_dir)
+    names = [os.path.basename(p) for p in paths]
+    assert names[0] == "edufineweb_val_000000.npy"
+    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(names))]
+    tokens = np.concatenate(shards).tolist()
+    assert enc.decode(tokens) == "".join(EOT + d for d in docs)
+    assert tokens.count(enc.eot_token) == len(docs)  # the separator text inside a document stayed text
+    assert tokens[:-len(enc.encode_ordinary(DOC_WITH_SEPARATOR_TEXT)) - 1] == expected_tokens(docs[:-1])
+
+
+def test_cli_shards_are_full_but_the_last(cli_run):
+    _, _, out_dir = cli_run
+    _, shards = read_shards(out_dir)
+    total = len(expected_tokens(DOCS)) + 1 + len(enc.encode_ordinary(DOC_WITH_SEPARATOR_TEXT))
+    assert [len(s) for s in shards] == [50] * (total // 50) + ([total % 50] if total % 50 else [])
+
+
+def test_second_run_is_a_no_op(cli_run):
+    _, jsonl, out_dir = cli_run
+    files = sorted(os.listdir(out_dir))
+    mtimes = {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in files}
+    result = run_cli("--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50")
+    assert result.returncode == 0, result.stderr
+    assert "already complete" in result.stdout
+    assert sorted(os.listdir(out_dir)) == files
+    assert {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in files} == mtimes
+
+
+@pytest.mark.parametrize("kind", ["parquet", "txt"])
+def test_parquet_and_txt_files(tmp_path, kind):
+    path = str(tmp_path / f"docs.{kind}")
+    if kind == "parquet":
+        pq.write_table(pa.table({"text": DOCS, "score": [1.0] * len(DOCS)}), path)
+    else:
+        with open(path, "w") as f:
+            f.write("".join(d + "\n" for d in DOCS))  # one document per line
+    texts = fineweb.local_texts([path], "text")
+    fineweb.tokenize_to_shards(texts, str(tmp_path / "out"), shard_size=1000, num_proc=2)
+    _, shards = read_shards(str(tmp_path / "out"))
+    assert np.concatenate(shards).tolist() == expected_tokens(DOCS)
+
+
+def test_several_files_are_read_in_order(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", DOCS[:3])
+    second = write_jsonl(tmp_path / "b.jsonl", DOCS[3:])
+    fineweb.tokenize_to_shards(fineweb.local_texts([first, second], "text"), str(tmp_path), num_proc=2)
+    _, shards = read_shards(str(tmp_path))
+    assert np.concatenate(shards).tolist() == expected_tokens(DOCS)
+
+
+# -----------------------------------------------------------------------------
+# Shard boundaries and --max-tokens
+
+
+@pytest.mark.parametrize("max_tokens", [1, 49, 50, 123, 150, 10**6])
+def test_max_tokens_is_exact(tmp_path, max_tokens):
+    docs = DOCS * 3  # ~270 tokens
+    stream = expected_tokens(docs)
+    fineweb.tokenize_to_shards(iter(docs), str(tmp_path), shard_size=50, max_tokens=max_tokens, num_proc=2)
+    _, shards = read_shards(str(tmp_path))
+    n = min(max_tokens, len(stream))
+    assert np.concatenate(shards).tolist() == stream[:n]
+    assert [len(s) for s in shards] == [50] * (n // 50) + ([n % 50] if n % 50 else [])  # never an empty shard
+
+
+def test_document_longer_than_several_shards(tmp_path):
+    docs = ["one " * 300, "two"]  # 1 + 301 tokens, then 1 + 1: the first straddles 43 shards of 7 tokens
+    shards = fineweb.tokenize_to_shards(docs, str(tmp_path), shard_size=7, num_proc=1)
+    _, arrays = read_shards(str(tmp_path))
+    assert np.concatenate(arrays).tolist() == expected_tokens(docs)
+    assert [n for _, n in shards] == [len(a) for a in arrays] == [7] * 43 + [3]
+
+
+# -----------------------------------------------------------------------------
+# Killed runs and resuming
+
+
+def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
+    path = str(tmp_path / "edufineweb_train_000001.npy")
+
+    def dies_halfway(f, tokens):
+        f.write(b"\x93NUMPY half a header")
+        raise KeyboardInterrupt  # the user's ^C, mid-write
+
+    monkeypatch.setattr(np, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        fineweb.write_shard(path, np.arange(10, dtype=np.uint16))
+    assert not os.path.exists(path)
+    assert glob.glob(str(tmp_path / "*_train_*.npy")) == []  # what the training loader looks for
+
+
+def test_killed_run_resumes_and_rewrites_only_missing_shards(tmp_path, monkeypatch, capsys):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS * 2)
+    out_dir = str(tmp_path / "out")
+    args = ["--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50", "--num-proc", "2"]
+    run_main(monkeypatch, *args)
+    paths, original = read_shards(out_dir)
+    assert len(paths) >= 3
+
+    # make it look killed while writing shard 2: its final file missing, a half-written .tmp, meta not complete
+    os.remove(paths[2])
+    with open(paths[2] + ".tmp", "wb") as f:
+        f.write(b"half a shard")
+    meta_file = os.path.join(out_dir, "edufineweb_meta.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    with open(meta_file, "w") as f:
+        json.dump({"settings": meta["settings"], "complete": False}, f)
+    kept = {p: os.stat(p).st_mtime_ns for p in paths if p != paths[2]}
+
+    run_main(monkeypatch, *args)
+    assert "resuming" in capsys.readouterr().out
+    new_paths, resumed = read_shards(out_dir)
+    assert new_paths == paths
+    assert all(np.array_equal(a, b) for a, b in zip(original, resumed))
+    assert {p: os.stat(p).st_mtime_ns for p in kept} == kept  # complete shards were not written again
+    assert not glob.glob(os.path.join(out_dir, "*.tmp"))
+    with open(meta_file) as f:
+        assert json.load(f)["complete"]
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, monkeypatch):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out_dir = str(tmp_path / "out")
+    run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50", "--num-proc", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "60")
+    assert "shard_size" in str(exit_info.value.code)
+
+
+# -----------------------------------------------------------------------------
+# A user's mistakes: one line naming the file, no traceback
+
+
+def test_missing_file_is_one_line(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    result = run_cli("--local-files", missing, "--out-dir", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"fineweb.py: {missing}: no such file"
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_unknown_extension_and_missing_field(tmp_path, monkeypatch):
+    csv = tmp_path / "docs.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", str(csv))
+    assert exit_info.value.code == (f"fineweb.py: {csv}: unknown extension "
+                                    "(expected one of .jsonl, .json, .parquet, .txt)")
+
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS, field="content")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(tmp_path / "out"), "--num-proc", "1")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"fineweb.py: {jsonl}: row 0 has no text field 'text'") and "\n" not in message
