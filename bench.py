@@ -6,7 +6,6 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py sample --model gpt2 --new-tokens 64 256                # KV cache vs recomputing the prefix
     python bench.py tokenize                                               # fineweb.py's tokenizer vs a plain pool
     python bench.py loader --shards 2 8                                    # loader memory vs number of shards
-    python bench.py clip --batch-size 64                                   # CLIP feature extraction, images/s
     python bench.py gpu                                                    # everything an H100 run should record
 
 MFU (model FLOPs utilisation) = the FLOPs the model needs per second / what the device could do: against the
@@ -14,7 +13,6 @@ datasheet's dense bf16 peak, and against a large bf16 matmul measured on the sam
 """
 
 import argparse
-import io
 import os
 import resource
 import subprocess
@@ -25,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
+from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
 from training import autocast, default_device, peak_flops
 
 
@@ -115,7 +113,7 @@ def bench_caption(args):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**PRESETS[args.model], cross_attn_every=2)).to(device)
     for name, p in model.named_parameters():  # the default fine-tuning: only the cross-attention path trains
-        p.requires_grad = ".xattn." in name or ".ln_x." in name or "img_proj" in name or "ln_img" in name
+        p.requires_grad = is_cross_attn_param(name)
     optimizer = model.configure_optimizers(0.01, 1e-4, device.split(":")[0])
     image_feats = torch.randn(args.batch_size, 50, 768, device=device).half()
     x = torch.randint(0, 50257, (args.batch_size, 16), device=device)  # COCO captions are ~12 tokens long
@@ -234,36 +232,11 @@ def bench_loader(args):
 
 
 # -----------------------------------------------------------------------------
-# CLIP features
-
-
-def bench_clip(args):
-    import coco
-    from PIL import Image
-    device = args.device
-    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "none", device)
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(args.batch_size):  # 640x480 JPEGs, COCO's usual size
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-        jpegs.append(buffer.getvalue())
-    decode = lambda: torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
-    decode_seconds = timed(decode, "cpu", 1, 2)
-    pixels = decode().to(device)
-    with autocast(device.split(":")[0], args.dtypes[-1]):
-        model_seconds = timed(lambda: coco.image_features(clip_model, pixels), device, 2, 3)
-    print_table(f"CLIP ViT-B/32 features on {device_name(device)}", ["stage", "images/s"],
-                [["JPEG decode + preprocess (1 process)", f"{args.batch_size / decode_seconds:,.1f}"],
-                 ["ViT-B/32 forward", f"{args.batch_size / model_seconds:,.1f}"]])
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "caption", "sample", "tokenize", "loader", "clip", "gpu"])
+    p.add_argument("what", choices=["train", "caption", "sample", "tokenize", "loader", "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -284,11 +257,11 @@ def main():
     torch.set_float32_matmul_precision("high")
     print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}")
     if args.what == "gpu":  # the whole GPU record in one call
-        for what in (bench_train, bench_caption, bench_sample, bench_clip):
+        for what in (bench_train, bench_caption, bench_sample):
             what(args)
     else:
         {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "tokenize": bench_tokenize,
-         "loader": bench_loader, "clip": bench_clip}[args.what](args)
+         "loader": bench_loader}[args.what](args)
 
 
 if __name__ == "__main__":
