@@ -39,22 +39,19 @@ def plot(series, out_path):
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
-    if "train" in series:
-        ax_loss.plot(*series["train"], label="train loss", alpha=0.6)
-    if "val" in series:
-        ax_loss.plot(*series["val"], label="val loss", marker=".")
-    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=f"OpenAI GPT-2 124M val ({GPT2_124M_VAL_LOSS})")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_loss.set_title("loss")
-    if "hella" in series:
-        ax_hella.plot(*series["hella"], label="HellaSwag acc_norm", marker=".")
-    ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"OpenAI GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    ax_hella.set_xlabel("step")
-    ax_hella.set_ylabel("accuracy")
-    ax_hella.legend()
-    ax_hella.set_title("HellaSwag")
+    panels = [  # (axes, title, [(series, label, line style)], reference value, reference label)
+        (ax_loss, "loss", [("train", "train loss", "-"), ("val", "val loss", ".-")],
+         GPT2_124M_VAL_LOSS, "OpenAI GPT-2 124M val"),
+        (ax_hella, "HellaSwag", [("hella", "HellaSwag acc_norm", ".-")], GPT2_124M_HELLASWAG, "OpenAI GPT-2 124M"),
+    ]
+    for ax, title, curves, reference, reference_label in panels:
+        for kind, label, style in curves:
+            if kind in series:
+                ax.plot(*series[kind], style, label=label)
+        ax.axhline(reference, color="r", linestyle="--", label=f"{reference_label} ({reference})")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
 
