@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
 from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
-                      cosine_lr, default_dtype, peak_flops, resume_path, rng_state, save_checkpoint, set_rng_state,
-                      setup_distributed)
+                      cosine_lr, default_dtype, optimizer_step, peak_flops, resume_path, rng_state, save_checkpoint,
+                      set_rng_state, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -311,11 +311,8 @@ def main(args):
         all_reduce_sum(loss_accum, d)
         loss_accum /= d.world_size
         check_finite(loss_accum, step, args.out_dir)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        norm = optimizer_step(optimizer, raw_model.parameters(), args.grad_clip, lr)
         if d.device_type == "cuda":
             torch.cuda.synchronize()  # wait for the GPU, so dt measures the step, not its launch
         dt = time.time() - t0

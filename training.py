@@ -104,6 +104,16 @@ def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def optimizer_step(optimizer, params, grad_clip, lr):
+    """Clip the global gradient norm (one bad batch cannot throw the weights far), set this step's learning
+    rate, update. Returns the norm before clipping, worth watching: spikes come before loss spikes."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return norm
+
+
 # dense bf16 tensor-core peak of common GPUs, FLOP/s (the datasheets' "with sparsity" numbers are 2x these)
 PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
                    "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
