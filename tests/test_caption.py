@@ -1,0 +1,198 @@
+"""coco.py -> train_caption.py -> sample.py on a synthetic COCO (official annotation schema, PIL images) with a
+randomly initialised CLIP ViT-B/32: features are right, bad images are skipped by name, and the whole path
+learns to tell images apart."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import coco
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 20)}
+
+
+def write_coco(root, split, colours, first_id):
+    os.makedirs(root / split, exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    images, annotations = [], []
+    for k, (name, rgb) in enumerate(colours.items()):
+        image_id = first_id + k
+        file_name = f"{image_id:012d}.jpg"
+        pixels = np.zeros((96, 128, 3), dtype=np.uint8) + np.array(rgb, dtype=np.uint8)
+        pixels[20:60, 30:90] = 255 - np.array(rgb)  # a shape in the middle, so images differ in more than colour
+        Image.fromarray(pixels).save(root / split / file_name)
+        images.append({"id": image_id, "file_name": file_name, "height": 96, "width": 128, "license": 1,
+                       "coco_url": "", "date_captured": "", "flickr_url": ""})
+        for c in range(5):  # five captions per image, as in COCO
+            annotations.append({"id": 1000 * image_id + c, "image_id": image_id, "caption": f"a {name} square"})
+    with open(root / "annotations" / f"captions_{split}.json", "w") as f:
+        json.dump({"info": {}, "licenses": [], "images": images, "annotations": annotations}, f)
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    write_coco(root, "train2017", COLOURS, first_id=1)
+    write_coco(root, "val2017", dict(list(COLOURS.items())[:2]), first_id=100)
+    with open(root / "val2017" / "000000000101.jpg", "r+b") as f:  # a truncated JPEG
+        f.truncate(200)
+    features = root / "features"
+    result = run("coco.py", "--coco-dir", root, "--out-dir", features, "--clip-pretrained", "none",
+                 "--batch-size", 2, "--num-workers", 0, "--device", "cpu")
+    return root, features, result
+
+
+def test_features_captions_and_ids_are_aligned(dataset):
+    root, features, _ = dataset
+    train = coco.load_split(features, "train")
+    assert train.all_features.shape == (4, 50, 768) and train.all_features.dtype == np.float16
+    assert train.image_ids.tolist() == [1, 2, 3, 4]
+    assert train.captions[2] == ["a blue square"] * 5
+    # row i holds the features of image i, as computed directly
+    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "none", "cpu")
+    pixels = preprocess(Image.open(root / "train2017" / "000000000003.jpg").convert("RGB"))[None]
+    expected = coco.image_features(clip_model, pixels)[0]
+    assert torch.allclose(train.image_feats(np.array([2]))[0].float(), expected, atol=1e-2)
+    assert coco.read_meta(features)["clip_pretrained"] == "none"
+
+
+def test_corrupt_image_is_named_and_skipped(dataset):
+    root, features, result = dataset
+    assert "000000000101.jpg: not a readable image, skipped" in result.stderr
+    val = coco.load_split(features, "val")
+    assert val.image_ids.tolist() == [100]
+    assert val.captions == [["a red square"] * 5]
+    assert float(val.image_feats(np.array([0])).float().abs().sum()) > 0
+
+
+def test_extraction_resumes_and_a_finished_split_is_a_no_op(dataset, tmp_path):
+    root, features, _ = dataset
+    index_path = features / "train_index.json"
+    index = json.loads(index_path.read_text())
+    index["done"][2:] = [False, False]  # as if killed after the first batch
+    index_path.write_text(json.dumps(index))
+    before = np.load(features / "train_features.npy").copy()
+    args = ["--coco-dir", root, "--out-dir", features, "--clip-pretrained", "none", "--batch-size", 2,
+            "--num-workers", 0, "--device", "cpu"]
+    result = run("coco.py", *args)
+    assert "train features" in result.stderr  # it worked on the two unfinished images
+    assert np.array_equal(np.load(features / "train_features.npy"), before)
+    again = run("coco.py", *args)
+    assert "train: 4 images already done" in again.stdout
+
+
+def test_missing_coco_dir_is_named(tmp_path):
+    result = run("coco.py", "--coco-dir", tmp_path / "nope", "--clip-pretrained", "none", check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "nope" in result.stderr
+
+
+def test_karpathy_split_removes_val_and_test_images_from_training(dataset, tmp_path):
+    root, _, _ = dataset
+    karpathy = {"images": [{"cocoid": 1, "split": "train"}, {"cocoid": 2, "split": "restval"},
+                           {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"},
+                           {"cocoid": 100, "split": "test"}]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(karpathy))
+    splits = coco.coco_splits(str(root), str(path))
+    ids = {name: [image_id for image_id, _, _ in images] for name, images in splits.items()}
+    assert ids == {"train": [1, 2], "val": [3], "test": [4, 100]}
+
+
+def test_the_whole_path_learns_to_caption(dataset, tmp_path):
+    root, features, _ = dataset
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    lm_path = tmp_path / "lm.pt"
+    torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config), "step": 0}, lm_path)
+    out = tmp_path / "caption"
+    run("train_caption.py", "--features-dir", features, "--init", lm_path, "--out-dir", out, "--unfreeze",
+        "--batch-size", 4, "--max-steps", 120, "--lr", 3e-3, "--min-lr", 3e-4, "--warmup-steps", 10,
+        "--eval-every", 60, "--val-images", 1, "--device", "cpu")
+    checkpoint = out / "model_000120.pt"
+    images = [root / "train2017" / f"{i:012d}.jpg" for i in (1, 2, 3, 4)]
+    for decoding in (["--beam", "1"], ["--beam", "3"]):
+        result = run("sample.py", "--image", *images, "--checkpoint", checkpoint, "--device", "cpu", *decoding)
+        captions = [line.split(": ", 1)[1] for line in result.stdout.strip().splitlines()]
+        assert captions == [f"a {name} square" for name in COLOURS], (decoding, result.stdout)
+
+
+def tiny_lm_checkpoint(path):
+    torch.manual_seed(0)
+    lm = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config), "step": 0}, path)
+    return lm
+
+
+def read_train_losses(out_dir):
+    return {int(s): float(v) for s, k, v in (line.split() for line in open(out_dir / "log.txt")) if k == "train"}
+
+
+def test_default_training_changes_only_cross_attention_and_resumes_exactly(dataset, tmp_path):
+    _, features, _ = dataset
+    lm = tiny_lm_checkpoint(tmp_path / "lm.pt")
+    common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 2, "--max-steps", 6,
+              "--lr", 1e-3, "--warmup-steps", 2, "--eval-every", 3, "--val-images", 1, "--device", "cpu"]
+    run("train_caption.py", *common, "--out-dir", tmp_path / "straight")
+    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
+    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
+    straight = read_train_losses(tmp_path / "straight")
+    assert list(straight) == list(range(6)) and straight == read_train_losses(tmp_path / "split")
+
+    trained = torch.load(tmp_path / "straight" / "model_000006.pt", weights_only=True)
+    assert trained["kind"] == "caption" and trained["clip"] == {"model": "ViT-B-32-quickgelu", "pretrained": "none"}
+    before = lm.state_dict()
+    changed = {name for name, tensor in trained["model"].items()
+               if name not in before or not torch.equal(tensor, before[name])}
+    assert changed and all(coco_name_is_cross_attention(name) for name in changed), changed
+    resumed = torch.load(tmp_path / "split" / "model_000006.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][k], v) for k, v in trained["model"].items())
+
+
+def coco_name_is_cross_attention(name):
+    return any(part in name for part in (".xattn.", ".ln_x.", ".img_proj.", ".ln_img."))
+
+
+def test_sample_reports_bad_images_by_name_and_captions_the_rest(dataset, tmp_path):
+    root, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    out = tmp_path / "caption"
+    run("train_caption.py", "--features-dir", features, "--init", tmp_path / "lm.pt", "--out-dir", out,
+        "--batch-size", 2, "--max-steps", 1, "--val-images", 1, "--device", "cpu")
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    good = root / "train2017" / "000000000001.jpg"
+    corrupt = root / "val2017" / "000000000101.jpg"
+    missing = tmp_path / "missing.jpg"
+    result = run("sample.py", "--image", missing, good, not_an_image, corrupt, "--checkpoint-dir", out,
+                 "--device", "cpu", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING")]  # open_clip: random weights
+    assert len(errors) == 3, result.stderr
+    for path, error in zip((missing, not_an_image, corrupt), errors):
+        assert str(path) in error
+    assert result.stdout.startswith(f"{good}: ") and len(result.stdout.strip().splitlines()) == 1
+
+    # a language-model checkpoint is the wrong kind for captions
+    wrong = run("sample.py", "--image", good, "--checkpoint", tmp_path / "lm.pt", "--device", "cpu", check=False)
+    assert wrong.returncode != 0 and "is a 'lm' checkpoint, expected 'caption'" in wrong.stderr
+    # and the right kind for text
+    text = run("sample.py", "--prompt", "Hello", "--checkpoint", tmp_path / "lm.pt", "--max-new-tokens", 5,
+               "--device", "cpu")
+    assert text.stdout.startswith("Hello")

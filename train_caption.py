@@ -1,0 +1,306 @@
+"""
+Teach a pretrained GPT-2 to caption images: cross-attention layers in every second block read frozen CLIP
+features of the image (written once by coco.py), and the decoder learns to write the COCO captions.
+
+    python coco.py --download                                   # once: COCO 2017 -> CLIP features
+    python train_caption.py --init gpt2                         # OpenAI's GPT-2 124M
+    python train_caption.py --init log/model_019073.pt          # or our own pretrained checkpoint
+    torchrun --standalone --nproc_per_node=8 train_caption.py --init gpt2
+    python sample.py --image dog.jpg                            # caption with the newest checkpoint
+
+By default only what captioning adds is trained: the cross-attention layers, their LayerNorms and the image
+projection (ClipCap-style: the language model keeps what it knows, and training is cheap). --unfreeze trains
+the whole decoder, --unfreeze-after N only from step N on.
+
+A training sequence is  <|endoftext|> caption <|endoftext|> : the first token is the prompt sample.py also
+starts from, the loss covers the caption tokens and the final <|endoftext|> (so the model learns to stop).
+"""
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import tiktoken
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import coco
+from model import EOT_TOKEN, GPT, is_cross_attn_param
+from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
+                      cosine_lr, default_dtype, optimizer_step, resume_path, rng_state, save_checkpoint,
+                      set_rng_state, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# Data: (image features, caption) batches
+
+
+def caption_batch(token_lists, max_tokens):
+    """Captions (lists of token ids) -> inputs x and targets y, both (B, L), padded to the longest caption of
+    this batch (not to a fixed length: COCO captions are ~12 tokens, the longest ~50).
+    x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y, which the loss ignores."""
+    sequences = [[EOT_TOKEN] + tokens[:max_tokens] + [EOT_TOKEN] for tokens in token_lists]
+    L = max(len(s) for s in sequences) - 1
+    x = torch.full((len(sequences), L), EOT_TOKEN, dtype=torch.long)
+    y = torch.full((len(sequences), L), -1, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, :len(s) - 1] = torch.tensor(s[1:])
+    return x, y
+
+
+class CaptionLoader:
+    """Each epoch visits the images in a new random order; each time an image is seen, one of its (about 5)
+    captions is drawn at random, so over the epochs the decoder meets them all. Both draws come from
+    (seed, epoch, position): every rank agrees without talking, and resuming replays them exactly.
+    Rank r of W takes images [pos + r*B, pos + (r+1)*B) of the epoch's order, then pos advances by B*W."""
+
+    def __init__(self, data, B, max_tokens, rank=0, world_size=1, seed=1337):
+        self.data, self.B, self.max_tokens = data, B, max_tokens
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if len(data.image_ids) < B * world_size:
+            raise ValueError(f"{len(data.image_ids)} training images are fewer than one step's batch "
+                             f"({B} x {world_size} ranks)")
+        self.load_state_dict({"epoch": 0, "pos": 0})
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data.image_ids))
+
+    def next_batch(self):
+        B, W = self.B, self.world_size
+        if self.pos + B * W > len(self.order):
+            self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
+        images = np.sort(self.order[self.pos + self.rank * B: self.pos + (self.rank + 1) * B])  # sorted: faster reads
+        rng = np.random.default_rng([self.seed, self.epoch, self.pos, self.rank])
+        captions = [self.data.tokens[i][rng.integers(len(self.data.tokens[i]))] for i in images]
+        self.pos += B * W
+        image_feats = self.data.image_feats(images)  # (B, N_img, width), fp16
+        x, y = caption_batch(captions, self.max_tokens)
+        return image_feats, x, y
+
+
+def val_batches(data, B, max_images, max_tokens):
+    """Every caption of the first max_images val images, as fixed (image indices, x, y) batches."""
+    pairs = [(i, tokens) for i in range(min(max_images, len(data.image_ids))) for tokens in data.tokens[i]]
+    batches = []
+    for start in range(0, len(pairs), B):
+        chunk = pairs[start:start + B]
+        x, y = caption_batch([tokens for _, tokens in chunk], max_tokens)
+        batches.append((np.array([i for i, _ in chunk]), x, y))
+    return batches
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, data, batches, d, dtype):
+    """Loss per caption token over the fixed val batches. Captions differ in length, so the mean is taken over
+    tokens (sum of losses / number of tokens), reduced over ranks, and does not depend on the world size."""
+    model.eval()
+    total = torch.zeros(2, device=d.device)  # [sum of token losses, number of tokens]
+    for i in range(d.rank, len(batches), d.world_size):
+        images, x, y = batches[i]
+        image_feats = data.image_feats(images).to(d.device)
+        x, y = x.to(d.device), y.to(d.device)
+        with autocast(d.device_type, dtype):
+            _, loss = model(x, y, image_feats=image_feats)
+        n_tokens = (y != -1).sum()
+        total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
+    all_reduce_sum(total, d)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
+    """Captions of a fixed few val images with their first reference, to watch the captioner learn."""
+    model.eval()
+    image_feats = data.image_feats(np.arange(min(n_images, len(data.image_ids)))).to(d.device)
+    prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=d.device)
+    with autocast(d.device_type, dtype):
+        captions = model.beam_search(prompt, image_feats, beam_size=beam_size, max_new_tokens=30)
+    model.train()
+    return [(int(data.image_ids[i]), enc.decode(tokens).strip(), data.captions[i][0]) for i, tokens in enumerate(captions)]
+
+
+# -----------------------------------------------------------------------------
+# What trains
+
+
+def set_trainable(model, unfreeze):
+    """Freeze GPT-2 and train only the cross-attention path, or (unfreeze) train everything. Frozen
+    parameters get no gradient and are not handed to the optimizer: no memory for their Adam moments."""
+    for name, p in model.named_parameters():
+        p.requires_grad = unfreeze or is_cross_attn_param(name)
+
+
+def unfreeze_language_model(model, optimizer, weight_decay):
+    """--unfreeze-after: the frozen GPT-2 weights join the optimizer as two new parameter groups (decayed
+    matrices, undecayed vectors), after the cross-attention groups: resuming rebuilds the same order."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad = True
+    optimizer.add_param_group({"params": [p for p in frozen if p.dim() >= 2], "weight_decay": weight_decay})
+    optimizer.add_param_group({"params": [p for p in frozen if p.dim() < 2], "weight_decay": 0.0})
+
+
+def wrap_model(raw_model, use_compile, d):
+    """The model the training step calls: compiled, and under torchrun wrapped in DDP. DDP only syncs the
+    parameters that required gradients when it was built, so unfreezing re-wraps."""
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features-dir", default="coco_features", help="what coco.py wrote")
+    p.add_argument("--init", default="gpt2", help="the language model to start from: gpt2, gpt2-medium, ... (HF hub), "
+                                                  "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
+    p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
+    p.add_argument("--cross-attn-every", type=int, default=2, help="a cross-attention layer in every k-th block")
+    p.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
+    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-steps", type=int, default=20000, help="optimizer steps (COCO train2017: ~3,700 per epoch at 32)")
+    p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint (then --resume auto)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut")
+    p.add_argument("--unfreeze", action="store_true", help="train the whole decoder, not only cross-attention")
+    p.add_argument("--unfreeze-after", type=int, help="train only cross-attention until this step, then everything")
+    p.add_argument("--eval-every", type=int, default=500, help="val loss and example captions every N steps")
+    p.add_argument("--val-images", type=int, default=1000, help="val loss over all captions of this many val images")
+    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def build_model(args, resume_from, image_width):
+    """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
+    sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
+    if resume_from is not None:
+        return GPT.from_checkpoint(resume_from, kind="caption")
+    new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
+    if args.init.endswith(".pt"):
+        return GPT.from_checkpoint(args.init, kind="lm", **new_layers)[0], None
+    return GPT.from_pretrained(args.init, **new_layers), None
+
+
+def main(args):
+    d = setup_distributed(args.device)
+    dtype = args.dtype or default_dtype(d.device_type)
+    use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
+    torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision("high")
+    enc = tiktoken.get_encoding("gpt2")
+
+    # --- data, model, optimizer
+    meta = coco.read_meta(args.features_dir)
+    train_data, val_data = coco.load_split(args.features_dir, "train"), coco.load_split(args.features_dir, "val")
+    train_loader = CaptionLoader(train_data, args.batch_size, args.max_caption_tokens, d.rank, d.world_size, args.seed)
+    val_data_batches = val_batches(val_data, args.batch_size, args.val_images, args.max_caption_tokens)
+    resume_from = resume_path(args.out_dir, args.resume)
+    raw_model, checkpoint = build_model(args, resume_from, image_width=train_data.width)
+    raw_model.to(d.device)
+    set_trainable(raw_model, args.unfreeze)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = checkpoint["step"]
+        if args.unfreeze_after is not None and start_step >= args.unfreeze_after and not args.unfreeze:
+            unfreeze_language_model(raw_model, optimizer, args.weight_decay)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+    os.makedirs(args.out_dir, exist_ok=True)
+    if d.master:
+        if resume_from is None:
+            open(os.path.join(args.out_dir, "log.txt"), "w").close()
+        n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | {len(train_data.image_ids):,} "
+              f"train images | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M parameters train | "
+              f"CLIP {meta['clip_model']} ({meta['clip_pretrained']})"
+              + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+    model = wrap_model(raw_model, use_compile, d)
+
+    for step in range(start_step, args.max_steps + 1):
+        last = step == args.max_steps
+        stopping = step == args.stop_at
+        if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and not args.unfreeze:
+            unfreeze_language_model(raw_model, optimizer, args.weight_decay)
+            model = wrap_model(raw_model, use_compile, d)
+        if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
+            val_loss = validation_loss(model, val_data, val_data_batches, d, dtype)
+            if d.master:
+                print(f"step {step:5d} | val loss {val_loss:.4f}")
+                append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+                with open(os.path.join(args.out_dir, "samples.txt"), "a") as f:
+                    for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
+                        print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
+                        f.write(f"{step}\t{image_id}\t{caption}\n")
+        if d.master and step > start_step and (step % args.save_every == 0 or last or stopping):
+            save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                             "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
+                             "rng": rng_state(), "args": vars(args),
+                             "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
+                            checkpoint_path(args.out_dir, step))
+        if last or stopping:
+            break
+
+        # --- one optimizer step
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        n_images = 0
+        for micro_step in range(args.grad_accum_steps):
+            image_feats, x, y = (t.to(d.device) for t in train_loader.next_batch())
+            if d.ddp:
+                model.require_backward_grad_sync = micro_step == args.grad_accum_steps - 1  # before the forward
+            with autocast(d.device_type, dtype):
+                _, loss = model(x, y, image_feats=image_feats)
+            loss = loss / args.grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+            n_images += len(x)
+        all_reduce_sum(loss_accum, d)
+        loss_accum /= d.world_size
+        check_finite(loss_accum, step, args.out_dir)
+        lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, args.max_steps)
+        norm = optimizer_step(optimizer, [p for p in raw_model.parameters() if p.requires_grad], args.grad_clip, lr)
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        if d.master:
+            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                  f"dt {dt * 1000:.1f}ms | img/s {n_images * d.world_size / dt:,.0f}")
+            append_log(args.out_dir, f"{step} train {loss_accum.item():.6f}")
+
+    cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"train_caption.py: error: {e}")
