@@ -76,8 +76,11 @@ class CaptionLoader:
         B, W = self.B, self.world_size
         if self.pos + B * W > len(self.order):
             self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
-        images = np.sort(self.order[self.pos + self.rank * B: self.pos + (self.rank + 1) * B])  # sorted: faster reads
-        rng = np.random.default_rng([self.seed, self.epoch, self.pos, self.rank])
+        start = self.pos + self.rank * B  # where this rank's images begin in the epoch's order
+        images = np.sort(self.order[start: start + B])  # sorted: faster reads
+        # the caption draw is keyed by that position, not by the rank: 2 ranks and 1 process with 2 micro-steps
+        # draw the same captions for the same images
+        rng = np.random.default_rng([self.seed, self.epoch, start])
         captions = [self.data.tokens[i][rng.integers(len(self.data.tokens[i]))] for i in images]
         self.pos += B * W
         image_feats = self.data.image_feats(images)  # (B, N_img, width), fp16

@@ -196,3 +196,19 @@ def test_sample_reports_bad_images_by_name_and_captions_the_rest(dataset, tmp_pa
     text = run("sample.py", "--prompt", "Hello", "--checkpoint", tmp_path / "lm.pt", "--max-new-tokens", 5,
                "--device", "cpu")
     assert text.stdout.startswith("Hello")
+
+
+def test_ddp_two_processes_equal_one_process_with_two_micro_steps(dataset, tmp_path):
+    _, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 1, "--max-steps", 4,
+              "--lr", 1e-3, "--warmup-steps", 2, "--eval-every", 2, "--val-images", 1, "--device", "cpu"]
+    run("train_caption.py", *common, "--grad-accum-steps", 2, "--out-dir", tmp_path / "one")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_caption.py", *map(str, common), "--out-dir", str(tmp_path / "two")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_train_losses(tmp_path / "one"), read_train_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
