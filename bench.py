@@ -6,6 +6,7 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py sample --model gpt2 --new-tokens 64 256                # KV cache vs recomputing the prefix
     python bench.py tokenize                                               # fineweb.py's tokenizer vs a plain pool
     python bench.py loader --shards 2 8                                    # loader memory vs number of shards
+    python bench.py clip --batch-size 64                                   # CLIP feature extraction, images/s
     python bench.py gpu                                                    # everything an H100 run should record
 
 MFU (model FLOPs utilisation) = the FLOPs the model needs per second / what the device could do: against the
@@ -232,11 +233,39 @@ def bench_loader(args):
 
 
 # -----------------------------------------------------------------------------
+# CLIP features
+
+
+def bench_clip(args):
+    """Decoding JPEGs (CPU work, spread over DataLoader workers in coco.py) against the ViT forward pass."""
+    import io
+
+    import coco
+    from PIL import Image
+    device = args.device
+    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "none", device)
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(args.batch_size):  # 640x480 JPEGs, COCO's usual size
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        jpegs.append(buffer.getvalue())
+    decode = lambda: torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
+    decode_seconds = timed(decode, "cpu", 1, 2)
+    pixels = decode().to(device)
+    with autocast(device.split(":")[0], args.dtypes[-1]):
+        model_seconds = timed(lambda: coco.image_features(clip_model, pixels), device, 1, 3)
+    print_table(f"CLIP ViT-B/32 features on {device_name(device)}", ["stage", "images/s"],
+                [["JPEG decode + preprocess (1 process)", f"{args.batch_size / decode_seconds:,.1f}"],
+                 ["ViT-B/32 forward", f"{args.batch_size / model_seconds:,.1f}"]])
+
+
+# -----------------------------------------------------------------------------
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "caption", "sample", "tokenize", "loader", "gpu"])
+    p.add_argument("what", choices=["train", "caption", "sample", "tokenize", "loader", "clip", "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -257,11 +286,11 @@ def main():
     torch.set_float32_matmul_precision("high")
     print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}")
     if args.what == "gpu":  # the whole GPU record in one call
-        for what in (bench_train, bench_caption, bench_sample):
+        for what in (bench_train, bench_caption, bench_sample, bench_clip):
             what(args)
     else:
         {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "tokenize": bench_tokenize,
-         "loader": bench_loader}[args.what](args)
+         "loader": bench_loader, "clip": bench_clip}[args.what](args)
 
 
 if __name__ == "__main__":
