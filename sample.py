@@ -50,8 +50,8 @@ class Captioner:
                 generator=None):
         """images: paths or PIL images -> one caption each. beam_size > 1 searches for the likeliest caption;
         a temperature (with top_k / top_p) samples one instead; temperature=0 or beam_size=1 is greedy."""
-        pixels = torch.stack([self.preprocess(open_image(im) if isinstance(im, str) else im.convert("RGB"))
-                              for im in images]).to(self.device)  # (B, 3, 224, 224)
+        images = [open_image(str(im)) if isinstance(im, (str, os.PathLike)) else im.convert("RGB") for im in images]
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, 224, 224)
         image_feats = coco.image_features(self.clip_model, pixels)  # (B, N_img, width)
         prompt = torch.full((len(images), 1), EOT_TOKEN, device=self.device)
         with autocast(self.device.split(":")[0], self.dtype):

@@ -212,3 +212,23 @@ def test_ddp_two_processes_equal_one_process_with_two_micro_steps(dataset, tmp_p
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+
+
+def test_download_coco_fetches_verifies_and_extracts(dataset, tmp_path, monkeypatch):
+    """The real download path, served from file:// URLs: archives of the synthetic COCO come back extracted."""
+    import zipfile
+    root, _, _ = dataset
+    urls = {}
+    for name, folder in (("annotations", "annotations"), ("train2017", "train2017"), ("val2017", "val2017")):
+        archive = tmp_path / "server" / f"{name}.zip"
+        archive.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(archive, "w") as z:
+            for path in sorted((root / folder).iterdir()):
+                z.write(path, f"{folder}/{path.name}")
+        urls[name] = archive.as_uri()
+    monkeypatch.setattr(coco, "COCO_URLS", urls)
+    target = tmp_path / "coco"
+    coco.download_coco(str(target))
+    assert sorted(os.listdir(target)) == ["annotations", "train2017", "val2017"]  # archives removed once extracted
+    assert (target / "train2017" / "000000000004.jpg").read_bytes() == (root / "train2017" / "000000000004.jpg").read_bytes()
+    assert coco.read_captions(str(target), "val2017")[0][2] == ["a red square"] * 5
