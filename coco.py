@@ -123,8 +123,8 @@ def load_clip(model_name, pretrained, device):
         pretrained = None
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-    except RuntimeError as e:
-        raise FileNotFoundError(f"CLIP {model_name} ({pretrained}): cannot load the weights ({str(e).splitlines()[0]}); "
+    except Exception as e:  # offline hub, missing or damaged file: all mean the same to the user
+        raise FileNotFoundError(f"CLIP {model_name} ({pretrained}): cannot load the weights ({type(e).__name__}); "
                                 f"offline, pass a local weights file as --clip-pretrained PATH") from None
     return clip_model.eval(), preprocess
 

@@ -232,3 +232,19 @@ def test_download_coco_fetches_verifies_and_extracts(dataset, tmp_path, monkeypa
     assert sorted(os.listdir(target)) == ["annotations", "train2017", "val2017"]  # archives removed once extracted
     assert (target / "train2017" / "000000000004.jpg").read_bytes() == (root / "train2017" / "000000000004.jpg").read_bytes()
     assert coco.read_captions(str(target), "val2017")[0][2] == ["a red square"] * 5
+
+
+def test_unfreeze_after_trains_the_language_model_from_that_step_and_resumes(dataset, tmp_path):
+    _, features, _ = dataset
+    lm = tiny_lm_checkpoint(tmp_path / "lm.pt")
+    common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 2, "--max-steps", 4,
+              "--unfreeze-after", 2, "--lr", 1e-3, "--warmup-steps", 1, "--eval-every", 0, "--val-images", 1,
+              "--save-every", 2, "--device", "cpu"]
+    run("train_caption.py", *common, "--out-dir", tmp_path / "straight")
+    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
+    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
+    assert read_train_losses(tmp_path / "straight") == read_train_losses(tmp_path / "split")
+    at_2 = torch.load(tmp_path / "straight" / "model_000002.pt", weights_only=True)["model"]
+    at_4 = torch.load(tmp_path / "straight" / "model_000004.pt", weights_only=True)["model"]
+    name = "transformer.h.0.mlp.c_fc.weight"  # a GPT-2 weight: frozen until step 2, trained after
+    assert torch.equal(at_2[name], lm.state_dict()[name]) and not torch.equal(at_4[name], at_2[name])
