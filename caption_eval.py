@@ -107,8 +107,7 @@ def main():
                          f"{args.features_dir} holds {meta['clip_model']} ({meta['clip_pretrained']})")
     split = coco.load_split(args.features_dir, args.split)
     if args.limit:
-        split.rows, split.image_ids = split.rows[:args.limit], split.image_ids[:args.limit]
-        split.captions = split.captions[:args.limit]
+        split = split.first(args.limit)
     model.to(device)
     captions = caption_images(model, split, args.batch_size, args.beam, args.max_new_tokens, device,
                               default_dtype(device.split(":")[0]))

@@ -25,7 +25,7 @@ import os
 import sys
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tiktoken
@@ -227,6 +227,11 @@ class Split:
     def image_feats(self, indices):
         """Features of images `indices` (0..N-1) -> (len(indices), n_tokens, width) float16 tensor."""
         return torch.from_numpy(np.asarray(self.all_features[self.rows[indices]]))
+
+    def first(self, n):
+        """The first n images only (quick evaluations)."""
+        return replace(self, rows=self.rows[:n], image_ids=self.image_ids[:n], files=self.files[:n],
+                       captions=self.captions[:n], tokens=self.tokens[:n])
 
     @property
     def width(self):

@@ -132,6 +132,16 @@ def test_the_whole_path_learns_to_caption(dataset, tmp_path):
         captions = [line.split(": ", 1)[1] for line in result.stdout.strip().splitlines()]
         assert captions == [f"a {name} square" for name in COLOURS], (decoding, result.stdout)
 
+    # caption_eval.py over the training images: perfect captions score BLEU-1 = 1 against their references
+    pytest.importorskip("pycocoevalcap")
+    results = tmp_path / "results.json"
+    run("caption_eval.py", "--checkpoint", checkpoint, "--features-dir", features, "--split", "train",
+        "--limit", 3, "--no-meteor", "--device", "cpu", "--out", results)
+    scores = json.loads(results.read_text())
+    assert scores["images"] == 3 and [c["caption"] for c in scores["captions"]] == ["a red square", "a green square",
+                                                                                    "a blue square"]
+    assert scores["metrics"]["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+
 
 def tiny_lm_checkpoint(path):
     torch.manual_seed(0)
