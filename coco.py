@@ -1,30 +1,47 @@
 """
 COCO 2017 captions and images -> frozen CLIP image features, computed once, for train_caption.py.
 
-    python coco.py --download                                   # fetch COCO 2017 (~19 GB) into coco/, then extract
-    python coco.py --coco-dir /data/coco                        # an existing copy
+    python coco.py --download                 # fetch COCO 2017 (~19 GB) into coco/, extract it, encode every image
+    python coco.py --coco-dir /data/coco      # an existing copy: annotations/, train2017/, val2017/
     python coco.py --coco-dir /data/coco --clip-model ViT-L-14-quickgelu --out-dir coco_features_l14
-    python coco.py --coco-dir /data/coco --karpathy-json dataset_coco.json   # Karpathy's train/val/test split
-    python coco.py --limit 500                                  # the first 500 images of each split, for a quick run
+    python coco.py --coco-dir /data/coco --karpathy-json dataset_coco.json --out-dir coco_features_karpathy
+    python coco.py --limit 500                # the first 500 images of each split (a later full run continues it)
 
-The caption decoder never changes the image encoder, so every image is encoded once, here: all of CLIP's
-output tokens (for ViT-B/32: the CLS token + 7x7 patches = 50 tokens, 768 wide, taken after `ln_post` and
-before the projection to the joint embedding) are stored in fp16 in a memory-mapped .npy per split:
+The caption decoder never changes the image encoder, so every image is encoded once, here, and training reads
+the stored result. We keep all of CLIP's output tokens, not just the one pooled vector: for ViT-B/32 the CLS
+token and the 7x7 patches, 50 tokens of width 768, taken after the final LayerNorm `ln_post` and before the
+projection to CLIP's joint text-image space. The decoder cross-attends to them, so it can look at where
+things are in the picture.
 
-    coco_features/meta.json                        the CLIP model and weights, token count and width, splits
-    coco_features/{split}_features.npy             (N, 50, 768) float16
-    coco_features/{split}_index.json               image ids, file names, captions, GPT-2 tokens, done/skipped
+On disk, per split (train, val; or train, val, test with Karpathy's split):
 
-Extraction is resumable (progress is saved after every batch) and a corrupt image is reported by name and
-left out, never filled with zeros.
+    coco_features/meta.json                CLIP model and weights, n_tokens, width, splits, skipped images
+    coco_features/{split}_features.npy     (N, 50, 768) float16, memory-mapped; row i is image i of the index
+    coco_features/{split}_index.json       per row: image_ids, files, captions, tokens (GPT-2, no <|endoftext|>)
+    coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 unreadable image (skipped)
+
+Extraction is resumable: the status file is rewritten after every batch, so a killed run continues where it
+stopped, and a finished split is left alone. A corrupt image is reported by name and left out (load_split
+never serves its row); it is never filled with zeros.
+
+From Python:
+
+    split = coco.load_split("coco_features", "train")     # .image_feats(rows), .captions, .tokens, .image_ids
+    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "openai", "cuda")
+    coco.image_features(clip_model, pixels)               # (B, 3, 224, 224) preprocessed -> (B, 50, 768)
 """
 
 import argparse
+import http.client
 import json
 import os
+import re
+import shutil
 import sys
+import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,10 +50,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-COCO_URLS = {
-    "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
-    "train2017": "http://images.cocodataset.org/zips/train2017.zip",
-    "val2017": "http://images.cocodataset.org/zips/val2017.zip",
+COCO_URLS = {  # the official archives; each unpacks into the folder of its name
+    "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",  # 241 MB
+    "train2017": "http://images.cocodataset.org/zips/train2017.zip",  # 18 GB, 118,287 images
+    "val2017": "http://images.cocodataset.org/zips/val2017.zip",  # 778 MB, 5,000 images
 }
 
 # -----------------------------------------------------------------------------
@@ -44,68 +61,137 @@ COCO_URLS = {
 
 
 def download(url, path):
-    """Resumable download: bytes go to path.part and continue from where they stopped (HTTP Range), the
-    size is checked against the server's, and only a complete file is renamed to path."""
+    """Resumable download. Bytes go to path.part; a rerun asks the server only for the bytes it does not have
+    yet (an HTTP Range request). The size is checked against the one the server announced, and only a complete
+    file is renamed to path."""
     part = path + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        if have and response.status != 206:  # the server ignored the range: start again
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # "range not satisfiable": the .part already holds every byte
+            os.replace(part, path)
+            return
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise OSError(f"{url}: {e.reason} (offline? put the archive there by hand, or extract it into --coco-dir)") \
+            from None
+    with response:
+        if have and response.status != 206:  # the server ignored the range and sends everything: start again
             have = 0
-        total = have + int(response.headers.get("Content-Length", 0))
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                            desc=os.path.basename(path)) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    if os.path.getsize(part) != total:
-        raise OSError(f"{part}: got {os.path.getsize(part):,} of {total:,} bytes; run again to continue")
+        total = announced_size(response, have)
+        try:
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                                desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:  # a dropped connection: what arrived stays in .part
+            raise OSError(f"{url}: download interrupted ({type(e).__name__}); run again to continue") from None
+    got = os.path.getsize(part)
+    if total is not None and got != total:
+        raise OSError(f"{part}: got {got:,} of {total:,} bytes; run again to continue")
     os.replace(part, path)
 
 
+def announced_size(response, have):
+    """The whole file's size in bytes: from 'Content-Range: bytes 100-999/1000' when resuming, otherwise
+    from Content-Length (plus what we already have). None if the server does not say."""
+    content_range = re.fullmatch(r"bytes \d+-\d+/(\d+)", response.headers.get("Content-Range", ""))
+    if content_range:
+        return int(content_range.group(1))
+    length = response.headers.get("Content-Length")
+    return have + int(length) if length is not None else None
+
+
+def extract(archive, coco_dir):
+    """Unzip into a scratch folder, then move the finished folders into coco_dir: an interrupted extraction
+    leaves nothing that looks complete. zipfile checks every member's CRC-32 as it reads it, so extracting is
+    also the integrity check (what zipfile.testzip would do, without reading 18 GB twice)."""
+    scratch = archive + ".extracting"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for member in tqdm(z.infolist(), desc=f"extracting {os.path.basename(archive)}", unit="file"):
+                z.extract(member, scratch)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.remove(archive)  # the size matched but the content is bad: only a fresh download can help
+        raise OSError(f"{archive}: damaged archive ({e}); deleted it, run again to download it anew") from None
+    for name in os.listdir(scratch):
+        os.replace(os.path.join(scratch, name), os.path.join(coco_dir, name))
+    os.rmdir(scratch)
+
+
 def download_coco(coco_dir):
+    """Download and extract the three archives that are not extracted yet. Needs ~40 GB of disk while an
+    archive and its extracted copy both exist; each archive is deleted once extracted."""
     os.makedirs(coco_dir, exist_ok=True)
-    for name, url in COCO_URLS.items():
-        done = os.path.join(coco_dir, "annotations" if name == "annotations" else name)
-        if os.path.isdir(done):
+    for folder, url in COCO_URLS.items():
+        if os.path.isdir(os.path.join(coco_dir, folder)):
             continue
         archive = os.path.join(coco_dir, os.path.basename(url))
         if not os.path.exists(archive):
             download(url, archive)
-        with zipfile.ZipFile(archive) as z:  # a damaged archive fails here, before anything is extracted
-            members = z.namelist()
-            for member in tqdm(members, desc=f"extracting {os.path.basename(archive)}", unit="file"):
-                z.extract(member, coco_dir)
+        extract(archive, coco_dir)
         os.remove(archive)
 
 
+# -----------------------------------------------------------------------------
+# Captions and splits
+
+
 def read_captions(coco_dir, split):
-    """captions_{split}.json (the official schema) -> [(image_id, image path, [captions])], by image id."""
+    """annotations/captions_{split}.json (the official schema) -> [(image_id, image path, [captions])] sorted by
+    image id. split: 'train2017' or 'val2017'."""
     path = os.path.join(coco_dir, "annotations", f"captions_{split}.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (pass --download, or --coco-dir with COCO 2017 in it)")
-    with open(path) as f:
-        annotations = json.load(f)
-    captions = {image["id"]: [] for image in annotations["images"]}
-    files = {image["id"]: os.path.join(coco_dir, split, image["file_name"]) for image in annotations["images"]}
-    for annotation in annotations["annotations"]:
-        captions[annotation["image_id"]].append(annotation["caption"].strip())
-    return [(image_id, files[image_id], captions[image_id]) for image_id in sorted(captions)]
+    image_dir = os.path.join(coco_dir, split)
+    for needed, exists in ((path, os.path.isfile), (image_dir, os.path.isdir)):
+        if not exists(needed):
+            raise FileNotFoundError(f"{needed}: not found (pass --download to fetch COCO 2017 into --coco-dir)")
+    try:
+        with open(path) as f:
+            annotations = json.load(f)
+        files = {image["id"]: os.path.join(image_dir, image["file_name"]) for image in annotations["images"]}
+        captions = {image_id: [] for image_id in files}
+        for annotation in sorted(annotations["annotations"], key=lambda annotation: annotation["id"]):
+            # a few COCO captions end in a space or a newline: stripped, every caption tokenizes the same way
+            captions[annotation["image_id"]].append(annotation["caption"].strip())
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    return [(image_id, files[image_id], captions[image_id]) for image_id in sorted(files)]
+
+
+def read_karpathy_splits(karpathy_json):
+    """Karpathy's dataset_coco.json -> {cocoid: 'train' | 'val' | 'test'}. His 'restval' (the 2014 val images he
+    did not hold out) is training data, as in every paper that uses his split."""
+    if not os.path.isfile(karpathy_json):
+        raise FileNotFoundError(f"{karpathy_json}: no such file")
+    try:
+        with open(karpathy_json) as f:
+            images = json.load(f)["images"]
+        return {image["cocoid"]: "train" if image["split"] == "restval" else image["split"] for image in images}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{karpathy_json}: not Karpathy's dataset_coco.json ({type(e).__name__}: {e})") from None
 
 
 def coco_splits(coco_dir, karpathy_json=None):
-    """{'train': [...], 'val': [...]} from train2017/val2017, or Karpathy's train/val/test. train2017 holds most
-    of Karpathy's val and test images, so with that split they are taken out of training: a silent leak otherwise."""
+    """{'train': [...], 'val': [...]} as COCO 2017 cuts it, or Karpathy's {'train', 'val', 'test'}, each a list of
+    (image_id, image path, [captions]) sorted by image id."""
     train2017, val2017 = read_captions(coco_dir, "train2017"), read_captions(coco_dir, "val2017")
     if karpathy_json is None:
         return {"train": train2017, "val": val2017}
-    if not os.path.isfile(karpathy_json):
-        raise FileNotFoundError(f"{karpathy_json}: no such file")
-    with open(karpathy_json) as f:
-        karpathy = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
-    split_of = {cocoid: "train" if split == "restval" else split for cocoid, split in karpathy.items()}
-    return {split: [image for image in train2017 + val2017 if split_of.get(image[0]) == split]
-            for split in ("train", "val", "test")}
+    # Karpathy cut COCO 2014: his val and test images come from val2014, and COCO 2017 moved all but 5,000 of
+    # val2014 into train2017. Training on train2017 would train on most of his test set, silently. Instead every
+    # image goes to the one split its id has in Karpathy's file, whichever folder its file lies in.
+    split_of = read_karpathy_splits(karpathy_json)
+    images = sorted(train2017 + val2017)
+    unknown = len(split_of) - sum(image_id in split_of for image_id, _, _ in images)
+    if unknown:
+        print(f"coco.py: {karpathy_json}: {unknown} images are not in COCO 2017's annotations, left out",
+              file=sys.stderr)
+    return {split: [image for image in images if split_of.get(image[0]) == split] for split in ("train", "val", "test")}
 
 
 # -----------------------------------------------------------------------------
@@ -113,38 +199,56 @@ def coco_splits(coco_dir, karpathy_json=None):
 
 
 def load_clip(model_name, pretrained, device):
-    """-> (clip_model, preprocess). pretrained: an open_clip tag ('openai'), a local weights file, or 'none'
-    for random weights drawn from a fixed seed (tests: the same 'none' gives the same encoder everywhere).
-    OpenAI's CLIP weights were trained with QuickGELU: use the '-quickgelu' model names with them, the plain
-    names silently swap in exact GELU and give worse features."""
-    import open_clip
+    """-> (clip_model, preprocess), in eval mode, float32, on device. pretrained: an open_clip tag ('openai'),
+    a local weights file, or 'none' for random weights from a fixed seed (the same encoder in every process:
+    tests use it). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its weights with the
+    '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights all the same
+    (open_clip only logs a warning), and give subtly worse features."""
+    import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
+    if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
+        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models())")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"{pretrained}: no such weights file, nor a tag of {model_name} (its tags: "
+                                f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
     if pretrained == "none":
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # open_clip builds on the CPU first, so the weights are the same on every device
         pretrained = None
     try:
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-    except Exception as e:  # offline hub, missing or damaged file: all mean the same to the user
-        raise FileNotFoundError(f"CLIP {model_name} ({pretrained}): cannot load the weights ({type(e).__name__}); "
-                                f"offline, pass a local weights file as --clip-pretrained PATH") from None
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                          device=device)
+    except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise FileNotFoundError(f"{pretrained}: cannot load CLIP {model_name}'s weights ({reason}). Offline? Pass a "
+                                f"local weights file as --clip-pretrained PATH, or fill the Hugging Face cache "
+                                f"(HF_HOME) on a machine with internet and set HF_HUB_OFFLINE=1") from None
     return clip_model.eval(), preprocess
 
 
 @torch.no_grad()
-def image_features(clip_model, pixels):
-    """(B, 3, 224, 224) preprocessed images -> (B, N, width): every token of the vision transformer after its
-    final LayerNorm (ln_post), before pooling and projection: the decoder attends to all of them."""
+def image_features(clip_model, images):
+    """(B, 3, 224, 224) preprocessed images -> (B, N, width): every token of CLIP's vision transformer (CLS and
+    patches) after its final LayerNorm `ln_post`, before pooling and the projection. ViT-B/32: (B, 50, 768);
+    ViT-L/14: (B, 257, 1024)."""
+    # open_clip's visual forward applies ln_post to the whole token sequence, then keeps only the CLS token
+    # (its `output_tokens=True` returns the patches alone, without CLS). A forward hook on ln_post catches
+    # all of them on the way through.
+    ln_post = getattr(clip_model.visual, "ln_post", None)  # a ResNet CLIP has none
     captured = []
-    hook = clip_model.visual.ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    hook = ln_post and ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        clip_model.encode_image(pixels)
+        clip_model.encode_image(images)
     finally:
-        hook.remove()
-    return captured[0]
+        hook and hook.remove()
+    if len(captured) != 1 or captured[0].dim() != 3:  # also: a ViT whose ln_post comes after pooling
+        raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; image_features "
+                         f"needs a plain CLIP ViT")
+    return captured[0]  # (B, N, width)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers. An unreadable file gives a zero tensor and ok=False: the caller
-    reports and skips it."""
+    """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
+    part on a GPU machine. An unreadable file (missing, truncated, not an image) gives None."""
 
     def __init__(self, paths, preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -155,77 +259,156 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as image:
-                return i, self.preprocess(image.convert("RGB")), True
-        except (OSError, SyntaxError, ValueError):
-            return i, torch.zeros(3, 224, 224), False
+                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return i, None
+
+
+def collate_images(items):
+    """[(position, pixels or None)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
+    positions of the unreadable ones). Bad images leave the batch here, so they are never encoded."""
+    good = [(i, pixels) for i, pixels in items if pixels is not None]
+    bad = [i for i, pixels in items if pixels is None]
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [i for i, _ in good], pixels, bad
 
 
 # -----------------------------------------------------------------------------
 # Extraction, resumable
 
+TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
+
+
+def split_file(out_dir, split, kind):
+    """kind: 'features' (.npy), 'index' (.json) or 'status' (.npy)."""
+    return os.path.join(out_dir, f"{split}_{kind}.{'json' if kind == 'index' else 'npy'}")
+
 
 def write_json(path, obj):
+    """Write to path.tmp, then rename over path: a rename is atomic, so a killed run never leaves half a file."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f)
     os.replace(path + ".tmp", path)
 
 
-def extract_split(name, images, clip_model, preprocess, out_dir, args):
-    """Encode one split's images into {name}_features.npy. {name}_index.json records which rows are done and
-    which images were skipped; it is rewritten after every batch, so a killed run continues where it stopped."""
-    index_path = os.path.join(out_dir, f"{name}_index.json")
-    features_path = os.path.join(out_dir, f"{name}_features.npy")
+def write_status(path, status):
+    with open(path + ".tmp", "wb") as f:  # a file object: np.save(path) would append its own '.npy'
+        np.save(f, status)
+    os.replace(path + ".tmp", path)
+
+
+def write_index(out_dir, split, images):
     enc = tiktoken.get_encoding("gpt2")
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-        if index["image_ids"] != [i for i, _, _ in images]:
-            raise ValueError(f"{index_path}: made for another set of {len(index['image_ids'])} images (another --limit "
-                             f"or split?); choose another --out-dir")
-        features = np.load(features_path, mmap_mode="r+")
+    write_json(split_file(out_dir, split, "index"), {
+        "image_ids": [image_id for image_id, _, _ in images],
+        "files": [os.path.basename(path) for _, path, _ in images],
+        "captions": [captions for _, _, captions in images],
+        # GPT-2 tokens of every caption, without <|endoftext|>: the training script adds those around them
+        "tokens": [[enc.encode_ordinary(caption) for caption in captions] for _, _, captions in images],
+    })
+
+
+def create_split(split, images, out_dir, feature_shape):
+    """A split's three files, every row to do. The index is written last: its presence means the rest exists."""
+    features = np.lib.format.open_memmap(split_file(out_dir, split, "features"), mode="w+", dtype=np.float16,
+                                         shape=(len(images), *feature_shape))
+    del features  # the file now has its full size (sparse on most file systems); rows are filled as encoded
+    write_status(split_file(out_dir, split, "status"), np.full(len(images), TODO, dtype=np.int8))
+    write_index(out_dir, split, images)
+
+
+def grow_split(split, images, out_dir, n_old):
+    """More images than last time (a --limit run continued by a longer one): the first n_old rows keep their
+    features and status, the new ones are to do. Interrupted, it simply runs again: the index, rewritten last,
+    names the old images until everything else is in place."""
+    features_path, status_path = split_file(out_dir, split, "features"), split_file(out_dir, split, "status")
+    old = np.load(features_path, mmap_mode="r")
+    new = np.lib.format.open_memmap(features_path + ".tmp", mode="w+", dtype=np.float16,
+                                    shape=(len(images), *old.shape[1:]))
+    for start in range(0, n_old, 4096):  # a slice at a time: a split's features can be larger than memory
+        end = min(start + 4096, n_old)
+        new[start:end] = old[start:end]
+    new.flush()
+    del new, old
+    os.replace(features_path + ".tmp", features_path)
+    status = np.full(len(images), TODO, dtype=np.int8)
+    status[:n_old] = np.load(status_path)[:n_old]
+    write_status(status_path, status)
+    write_index(out_dir, split, images)
+
+
+def open_split(split, images, out_dir, feature_shape):
+    """Start a split, or pick it up where an earlier run stopped. -> (features memmap, status array)."""
+    index_path, features_path = split_file(out_dir, split, "index"), split_file(out_dir, split, "features")
+    image_ids = [image_id for image_id, _, _ in images]
+    if not os.path.exists(index_path):
+        create_split(split, images, out_dir, feature_shape)
     else:
-        index = {"image_ids": [i for i, _, _ in images], "files": [os.path.basename(p) for _, p, _ in images],
-                 "captions": [c for _, _, c in images],
-                 "tokens": [[enc.encode_ordinary(c) for c in caps] for _, _, caps in images],
-                 "done": [False] * len(images), "skipped": []}
-        with torch.no_grad():
-            probe = image_features(clip_model, torch.zeros(1, 3, 224, 224, device=args.device))  # (1, N, width)
-        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16,
-                                             shape=(len(images), *probe.shape[1:]))
-        write_json(index_path, index)
-    todo = [i for i, done in enumerate(index["done"]) if not done and index["files"][i] not in index["skipped"]]
-    if not todo:
-        print(f"{name}: {len(images)} images already done")
-        return
-    dataset = ImageFiles([images[i][1] for i in todo], preprocess)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
-    for positions, pixels, ok in tqdm(loader, desc=f"{name} features", unit="batch"):
-        rows = np.array([todo[p] for p in positions.tolist()])
-        for row in rows[~ok.numpy()]:
-            print(f"coco.py: {images[row][1]}: not a readable image, skipped", file=sys.stderr)
-            index["skipped"].append(index["files"][row])
-        good = ok.numpy()
-        if good.any():
-            feats = image_features(clip_model, pixels[good].to(args.device))
-            features[rows[good]] = feats.float().cpu().numpy().astype(np.float16)
-            features.flush()
-        for row in rows[good]:
-            index["done"][row] = True
-        write_json(index_path, index)
+        with open(index_path) as f:
+            old_ids = json.load(f)["image_ids"]
+        if image_ids[:len(old_ids)] != old_ids:
+            raise ValueError(f"{index_path}: made for {len(old_ids)} other images (another --coco-dir or "
+                             f"--karpathy-json, or a smaller --limit than before?); choose another --out-dir")
+        if len(image_ids) > len(old_ids):
+            print(f"{split}: {len(old_ids)} images here already, growing to {len(image_ids)}")
+            grow_split(split, images, out_dir, len(old_ids))
+    features = np.load(features_path, mmap_mode="r+")
+    if features.shape[1:] != tuple(feature_shape):
+        raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this CLIP gives "
+                         f"{tuple(feature_shape)}; choose another --out-dir")
+    return features, np.load(split_file(out_dir, split, "status"))
+
+
+def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape, batch_size=256, num_workers=0,
+                  device="cpu"):
+    """Encode a split's images into {split}_features.npy, continuing from {split}_status.npy, which is rewritten
+    after every batch. Returns the file names of the images that could not be read."""
+    features, status = open_split(split, images, out_dir, feature_shape)
+    todo = np.flatnonzero(status == TODO)  # rows still to encode, in order
+    if len(todo) == 0:
+        print(f"{split}: {len(images)} images already done")
+    else:
+        dataset = ImageFiles([images[row][1] for row in todo], preprocess)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=collate_images, pin_memory=device.startswith("cuda"))
+        for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
+            for row in todo[bad]:
+                tqdm.write(f"coco.py: {images[row][1]}: not a readable image, skipped", file=sys.stderr)
+            status[todo[bad]] = SKIPPED
+            if positions:
+                rows = todo[positions]
+                feats = image_features(clip_model, pixels.to(device))  # (B, n_tokens, width)
+                features[rows] = feats.to(torch.float16).cpu().numpy()
+                features.flush()  # the features reach the disk before the status says they are there
+                status[rows] = DONE
+            write_status(split_file(out_dir, split, "status"), status)
+    skipped = [os.path.basename(images[row][1]) for row in np.flatnonzero(status == SKIPPED)]
+    if skipped:
+        print(f"{split}: {len(skipped)} unreadable images left out (listed in meta.json): {', '.join(skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''}")
+    return skipped
+
+
+# -----------------------------------------------------------------------------
+# Reading the features back (train_caption.py, caption_eval.py)
 
 
 @dataclass
 class Split:
-    """The images of a split that were encoded, aligned row by row (skipped images are left out)."""
-    all_features: np.ndarray  # (N_all, n_tokens, width) float16, memory-mapped, skipped rows included
-    rows: np.ndarray  # (N,) the rows of all_features that hold an image
-    image_ids: np.ndarray  # (N,)
-    files: list
-    captions: list  # N lists of reference captions
-    tokens: list  # N lists of GPT-2 token lists, one per caption (no <|endoftext|>)
+    """A split's encoded images, row-aligned: image_ids[i], captions[i], tokens[i] and image_feats([i]) are all
+    the same picture. Images that could not be read are not in it."""
+    all_features: np.ndarray  # (N_file, n_tokens, width) float16, memory-mapped: every row of the file
+    rows: np.ndarray  # (N,) int64: the rows of all_features that hold an encoded image
+    image_ids: np.ndarray  # (N,) int64: COCO image ids
+    files: list  # N file names, e.g. '000000000042.jpg'
+    captions: list  # N lists of reference captions (5 or more per image in COCO)
+    tokens: list  # N lists of GPT-2 token lists, one per caption, without <|endoftext|>
+
+    def __len__(self):
+        return len(self.rows)
 
     def image_feats(self, indices):
-        """Features of images `indices` (0..N-1) -> (len(indices), n_tokens, width) float16 tensor."""
+        """Images `indices` (0..N-1) -> (len(indices), n_tokens, width) float16 tensor, read from disk now."""
         return torch.from_numpy(np.asarray(self.all_features[self.rows[indices]]))
 
     def first(self, n):
@@ -234,29 +417,42 @@ class Split:
                        captions=self.captions[:n], tokens=self.tokens[:n])
 
     @property
+    def n_tokens(self):
+        return self.all_features.shape[1]
+
+    @property
     def width(self):
-        return self.all_features.shape[-1]
+        return self.all_features.shape[2]
 
 
 def load_split(features_dir, split):
-    index_path = os.path.join(features_dir, f"{split}_index.json")
-    if not os.path.isfile(index_path):
-        raise FileNotFoundError(f"{index_path}: no such file (write features with: python coco.py --out-dir {features_dir})")
+    """What coco.py wrote for one split -> Split. Refuses an unfinished extraction."""
+    index_path, status_path, features_path = (split_file(features_dir, split, kind)
+                                              for kind in ("index", "status", "features"))
+    for path in (index_path, status_path, features_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (write it with: python coco.py --out-dir {features_dir})")
+    status = np.load(status_path)
+    if (status == TODO).any():
+        raise ValueError(f"{status_path}: {int((status == TODO).sum())} of {len(status)} images not encoded yet; "
+                         f"run coco.py again to finish")
     with open(index_path) as f:
         index = json.load(f)
-    rows = [i for i, done in enumerate(index["done"]) if done]
-    if len(rows) + len(index["skipped"]) < len(index["done"]):
-        raise ValueError(f"{index_path}: extraction is unfinished; run coco.py again to complete it")
-    features = np.load(os.path.join(features_dir, f"{split}_features.npy"), mmap_mode="r")
-    pick = lambda values: [values[i] for i in rows]
-    return Split(features, np.array(rows, dtype=np.int64), np.array(pick(index["image_ids"])), pick(index["files"]),
+    features = np.load(features_path, mmap_mode="r")
+    if not len(features) == len(status) == len(index["image_ids"]):
+        raise ValueError(f"{features_path}: {len(features)} rows, but {len(status)} statuses and "
+                         f"{len(index['image_ids'])} images in the index (an interrupted run?); run coco.py again")
+    rows = np.flatnonzero(status == DONE)
+    pick = lambda values: [values[row] for row in rows]
+    return Split(features, rows, np.array(pick(index["image_ids"]), dtype=np.int64), pick(index["files"]),
                  pick(index["captions"]), pick(index["tokens"]))
 
 
 def read_meta(features_dir):
+    """-> {'clip_model', 'clip_pretrained', 'n_tokens', 'width', 'splits', 'karpathy_json', 'skipped'}"""
     path = os.path.join(features_dir, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (write features with: python coco.py --out-dir {features_dir})")
+        raise FileNotFoundError(f"{path}: no such file (write it with: python coco.py --out-dir {features_dir})")
     with open(path) as f:
         return json.load(f)
 
@@ -264,47 +460,63 @@ def read_meta(features_dir):
 # -----------------------------------------------------------------------------
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-dir", default="coco", help="holds annotations/, train2017/, val2017/")
-    p.add_argument("--out-dir", default="coco_features")
-    p.add_argument("--download", action="store_true", help="download and extract COCO 2017 into --coco-dir first")
+    p.add_argument("--out-dir", default="coco_features", help="where the features go")
+    p.add_argument("--download", action="store_true", help="first download and extract COCO 2017 into --coco-dir")
+    # OpenAI's weights need the -quickgelu architecture (see load_clip)
     p.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="an open_clip model name")
-    p.add_argument("--clip-pretrained", default="openai", help="an open_clip tag, a weights file, or none (random)")
-    p.add_argument("--karpathy-json", help="Karpathy's dataset_coco.json: train/val/test splits instead of 2017's")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="an open_clip tag, a local weights file, or none (random weights, seed 0: for tests)")
+    p.add_argument("--karpathy-json", help="Karpathy's dataset_coco.json: his train/val/test split instead of 2017's")
     p.add_argument("--limit", type=int, help="only the first N images of each split")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=8, help="processes decoding images")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
+    args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.clip_pretrained != "none" and os.path.isfile(args.clip_pretrained):
+        args.clip_pretrained = os.path.abspath(args.clip_pretrained)  # recorded: sample.py loads it from anywhere
     return args
 
 
-def main():
-    args = parse_args()
+def output_shape(clip_model, preprocess, device):
+    """(n_tokens, width) of this CLIP's image features, from one blank picture."""
+    pixels = preprocess(Image.new("RGB", (64, 64)))[None].to(device)  # (1, 3, 224, 224)
+    return tuple(image_features(clip_model, pixels).shape[1:])
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.download:
         download_coco(args.coco_dir)
     if not os.path.isdir(args.coco_dir):
-        raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 there)")
+        raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 into it)")
     splits = coco_splits(args.coco_dir, args.karpathy_json)
     os.makedirs(args.out_dir, exist_ok=True)
-    meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "splits": sorted(splits)}
     meta_path = os.path.join(args.out_dir, "meta.json")
-    if os.path.exists(meta_path):
+    skipped = {}
+    if os.path.exists(meta_path):  # continuing: only with the same encoder, or rows would mix two of them
         old = read_meta(args.out_dir)
         if (old["clip_model"], old["clip_pretrained"]) != (args.clip_model, args.clip_pretrained):
-            raise ValueError(f"{meta_path}: features of {old['clip_model']} ({old['clip_pretrained']}) are here; "
-                             f"choose another --out-dir")
-    write_json(meta_path, meta)
+            raise ValueError(f"{meta_path}: features of CLIP {old['clip_model']} ({old['clip_pretrained']}) are "
+                             f"here; choose another --out-dir")
+        skipped = old.get("skipped", {})
     clip_model, preprocess = load_clip(args.clip_model, args.clip_pretrained, args.device)
-    for name, images in splits.items():
-        extract_split(name, images[:args.limit], clip_model, preprocess, args.out_dir, args)
+    n_tokens, width = output_shape(clip_model, preprocess, args.device)
+    meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "n_tokens": n_tokens,
+            "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json, "skipped": skipped}
+    write_json(meta_path, meta)
+    for split, images in splits.items():
+        meta["skipped"][split] = extract_split(split, images[:args.limit], clip_model, preprocess, args.out_dir,
+                                               (n_tokens, width), args.batch_size, args.num_workers, args.device)
+        write_json(meta_path, meta)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"coco.py: {e}")

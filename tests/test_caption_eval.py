@@ -1,62 +1,213 @@
-"""caption_eval.py: the COCO metrics agree with values worked out by hand, and captioning a split is batched
-beam search / greedy decoding."""
+"""caption_eval.py: the COCO metrics agree with values worked out by hand and by an independent BLEU; captioning
+is batched beam search / greedy decoding; a missing Java stops everything before any captioning."""
+import importlib.util
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import asdict
+
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import caption_eval
 import coco
 from model import EOT_TOKEN, GPT, GPTConfig
 
-pytest.importorskip("pycocoevalcap")
+needs_metrics = pytest.mark.skipif(caption_eval.shutil.which("java") is None or
+                                   importlib.util.find_spec("pycocoevalcap") is None,
+                                   reason="the COCO metrics need Java and pycocoevalcap")
+
+# -----------------------------------------------------------------------------
+# The metrics
 
 
+@needs_metrics
 def test_bleu_and_rouge_match_hand_computed_values():
     predictions = {1: "A cat sits on the mat."}
     references = {1: ["A cat is on the mat.", "There is a cat on the mat."]}
     scores = caption_eval.coco_metrics(predictions, references, meteor=False)
-    # unigrams a cat sits on the mat: 5 of 6 appear in a reference; the closest reference length is 6: no penalty
+    # after the tokenizer: "a cat sits on the mat" against "a cat is on the mat" and "there is a cat on the mat"
+    # unigrams: 5 of 6 appear in a reference; the closest reference length is 6: no brevity penalty
     assert scores["BLEU-1"] == pytest.approx(5 / 6, abs=1e-6)
-    # bigrams: "a cat", "on the", "the mat" of 5 appear; BLEU-2 is the geometric mean of the two precisions
+    # bigrams: "a cat", "on the", "the mat" of 5; BLEU-2 is the geometric mean of the two precisions
     assert scores["BLEU-2"] == pytest.approx((5 / 6 * 3 / 5) ** 0.5, abs=1e-6)
-    # ROUGE-L: longest common subsequence with "a cat is on the mat" is "a cat on the mat" (5 tokens), and with
-    # the other reference also 5; precision 5/6, recall 5/6 resp. 5/7; pycocoevalcap takes the best P and R
-    # over references and F with beta = 1.2
+    # ROUGE-L: the longest common subsequence is "a cat on the mat" (5 tokens) with both references: precision
+    # 5/6 for both, recall 5/6 and 5/7. pycocoevalcap takes the best precision and the best recall over the
+    # references, and F with beta = 1.2 (recall weighs beta^2 as much as precision)
     p, r, beta = 5 / 6, 5 / 6, 1.2
     assert scores["ROUGE-L"] == pytest.approx((1 + beta**2) * p * r / (r + beta**2 * p), abs=1e-6)
 
 
+def independent_bleu(predictions, references, n):
+    """Corpus BLEU-n on already tokenized word lists, written from the definition (Papineni et al. 2002): clipped
+    n-gram counts summed over the corpus, geometric mean of the 1..n precisions, brevity penalty exp(1 - r/c)
+    when the c predicted words are fewer than r, r summing each image's reference length closest to its
+    prediction's (the shorter one on a tie)."""
+    matched, total = [0] * n, [0] * n
+    prediction_length = reference_length = 0
+    for image_id, words in predictions.items():
+        refs = references[image_id]
+        for k in range(1, n + 1):
+            counts = Counter(tuple(words[i:i + k]) for i in range(len(words) - k + 1))
+            most_in_a_ref = Counter()
+            for ref in refs:
+                most_in_a_ref |= Counter(tuple(ref[i:i + k]) for i in range(len(ref) - k + 1))  # max per n-gram
+            matched[k - 1] += sum(min(c, most_in_a_ref[g]) for g, c in counts.items())
+            total[k - 1] += max(len(words) - k + 1, 0)
+        prediction_length += len(words)
+        reference_length += min((abs(len(ref) - len(words)), len(ref)) for ref in refs)[1]
+    precision = math.exp(sum(math.log(m / t) for m, t in zip(matched, total)) / n)
+    brevity = min(1.0, math.exp(1 - reference_length / prediction_length))
+    return precision * brevity
+
+
+@needs_metrics
+def test_corpus_bleu_matches_an_independent_implementation():
+    predictions = {
+        7: "A dog runs on the beach.",
+        8: "Two people riding bicycles.",
+        9: "A cat.",  # short: the brevity penalty is needed
+    }
+    references = {
+        7: ["A dog is running on the beach.", "A brown dog runs along the sandy beach.", "Dog on a beach."],
+        8: ["Two people are riding bikes down a street.", "Two cyclists on a road."],
+        9: ["A cat sleeping on a couch.", "A grey cat lies on the sofa.", "A cat on a couch.",
+            "The cat is asleep.", "A kitten resting on a couch."],
+    }
+    scores = caption_eval.coco_metrics(predictions, references, meteor=False)
+    # the PTB tokenizer lower-cases and drops the punctuation; for these sentences that is all it does
+    words = lambda caption: caption.lower().replace(".", "").split()
+    tokenized_predictions = {i: words(c) for i, c in predictions.items()}
+    tokenized_references = {i: [words(c) for c in refs] for i, refs in references.items()}
+    for n in (1, 2):
+        expected = independent_bleu(tokenized_predictions, tokenized_references, n)
+        assert scores[f"BLEU-{n}"] == pytest.approx(expected, abs=1e-6), n
+    # worked out once by hand: 11 of the 12 predicted words match ("bicycles" does not), and the brevity penalty
+    # applies: the closest references have 7 + 5 + 4 = 16 words
+    assert scores["BLEU-1"] == pytest.approx(11 / 12 * math.exp(1 - 16 / 12), abs=1e-6)
+
+
+@needs_metrics
 def test_perfect_and_wrong_captions():
-    refs = {i: [f"a photo of a {w} on a table", f"a {w} on a wooden table", f"the {w} sits on the table"]
-            for i, w in enumerate(["cup", "book", "phone"])}
-    perfect = caption_eval.coco_metrics({i: r[0] for i, r in refs.items()}, refs, meteor=False)
-    wrong = caption_eval.coco_metrics({i: "zebras running across grass" for i in refs}, refs, meteor=False)
+    references = {i: [f"a photo of a {w} on a table"] * 3 for i, w in enumerate(["cup", "book", "phone"])}
+    perfect = caption_eval.coco_metrics({i: refs[0] for i, refs in references.items()}, references)
+    wrong = caption_eval.coco_metrics({i: "zebras running across grass" for i in references}, references)
     assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
-    assert perfect["CIDEr"] > 1.0 and wrong["CIDEr"] < 0.01 and wrong["BLEU-1"] < 0.01
+    assert perfect["ROUGE-L"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["METEOR"] > 0.9
+    # CIDEr-D is 10 x the cosine similarity of TF-IDF n-gram vectors: a caption equal to all its references gets 10
+    assert perfect["CIDEr"] == pytest.approx(10.0, abs=1e-4)
+    assert wrong["BLEU-1"] < 1e-6 and wrong["CIDEr"] < 1e-6 and wrong["ROUGE-L"] == 0.0 and wrong["METEOR"] < 0.05
+    assert list(perfect) == caption_eval.METRICS
 
 
-def test_no_java_is_a_clear_error(monkeypatch):
+@needs_metrics
+def test_empty_caption_is_scored_not_misaligned():
+    # an empty caption is one empty line for the tokenizer: it must not shift the captions after it
+    references = {1: ["a red bus"], 2: ["a green tree"], 3: ["a blue sky"]}
+    scores = caption_eval.coco_metrics({1: "", 2: "a green tree", 3: "a blue sky"}, references, meteor=False)
+    assert scores["ROUGE-L"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_without_java_a_one_line_error_before_anything_else(monkeypatch, tmp_path):
     monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="java: not found.*apt-get install default-jre"):
+        caption_eval.coco_metrics({1: "a cat"}, {1: ["a cat"]})
+    # the command line stops at once: before loading anything (this checkpoint does not even exist)
     with pytest.raises(FileNotFoundError, match="java: not found"):
+        caption_eval.main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_without_pycocoevalcap_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # `import pycocoevalcap` now raises ImportError
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: "/usr/bin/java")
+    with pytest.raises(ImportError, match="pip install pycocoevalcap"):
         caption_eval.coco_metrics({1: "a cat"}, {1: ["a cat"]})
 
+# -----------------------------------------------------------------------------
+# Captioning
 
-def test_caption_images_beam_1_is_greedy():
+
+def tiny_captioner():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, cross_attn_every=2, n_embd_img=16)).eval()
-    with torch.no_grad():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, cross_attn_every=2, n_embd_img=16))
+    with torch.no_grad():  # cross-attention starts at zero (ignores the image): make the image matter
         for block in model.transformer.h:
             if hasattr(block, "xattn"):
                 block.xattn.c_proj.weight.normal_(0, 0.5)
-    features = np.random.default_rng(0).standard_normal((5, 7, 16)).astype(np.float16)
-    split = coco.Split(features, np.arange(5), np.arange(5), [""] * 5, [[]] * 5, [[]] * 5)
-    captions = caption_eval.caption_images(model, split, 2, 1, 8, "cpu", "float32")
-    beam = caption_eval.caption_images(model, split, 2, 3, 8, "cpu", "float32")
-    assert len(captions) == len(beam) == 5
-    image_feats = torch.from_numpy(features)
-    out = model.generate(torch.full((5, 1), EOT_TOKEN), 8, temperature=0, image_feats=image_feats).tolist()
-    import tiktoken
+    return model.eval()
+
+
+def random_features(n=5):
+    return np.random.default_rng(0).standard_normal((n, 7, 16)).astype(np.float16)  # (N, N_img, width)
+
+
+def test_greedy_captions_are_generate_decoded():
+    model, features = tiny_captioner(), random_features()
+    captions = caption_eval.caption_images(model, features, 2, 1, 8, "cpu", "float32")
+    # the reference: one generate() call over all images, cut at the first <|endoftext|> after the prompt
+    rows = model.generate(torch.full((5, 1), EOT_TOKEN), 8, temperature=0,
+                          image_feats=torch.from_numpy(features)).tolist()
     enc = tiktoken.get_encoding("gpt2")
-    expected = [enc.decode([t for t in row[1:]][:row[1:].index(EOT_TOKEN)] if EOT_TOKEN in row[1:] else row[1:]).strip()
-                for row in out]
+    expected = [enc.decode(row[1:][:row[1:].index(EOT_TOKEN)] if EOT_TOKEN in row[1:] else row[1:]).strip()
+                for row in rows]
     assert captions == expected
+    assert len(set(captions)) > 1  # the images do steer the captions
+    # batching changes nothing, and a tensor, a memmap-like array and a coco.Split all give the same
+    assert caption_eval.caption_images(model, torch.from_numpy(features), 5, 1, 8, "cpu", "float32") == captions
+    split = coco.Split(features, np.arange(5), np.arange(5), [""] * 5, [[]] * 5, [[]] * 5)
+    assert caption_eval.caption_images(model, split, 3, 1, 8, "cpu", "float32") == captions
+
+
+def test_beam_search_captions_are_beam_search_decoded():
+    model, features = tiny_captioner(), random_features()
+    captions = caption_eval.caption_images(model, features, 2, 3, 8, "cpu", "float32")
+    token_lists = model.beam_search(torch.full((5, 1), EOT_TOKEN), torch.from_numpy(features), beam_size=3,
+                                    max_new_tokens=8)
+    enc = tiktoken.get_encoding("gpt2")
+    assert captions == [enc.decode(tokens).strip() for tokens in token_lists]
+    assert all(isinstance(c, str) and "<|endoftext|>" not in c for c in captions)
+
+# -----------------------------------------------------------------------------
+# The command line (coco.py's reading functions replaced by in-memory ones)
+
+
+def fake_features_dir(monkeypatch, clip_model="ViT-B-32-quickgelu", n=3):
+    features = random_features(n)
+    split = coco.Split(features, np.arange(n), np.arange(100, 100 + n), [f"{i}.jpg" for i in range(n)],
+                       [["a red square", "a square that is red"]] * n, [[]] * n)
+    meta = {"clip_model": clip_model, "clip_pretrained": "openai", "n_tokens": 7, "width": 16, "splits": ["val"]}
+    monkeypatch.setattr(caption_eval.coco, "read_meta", lambda features_dir: meta)
+    monkeypatch.setattr(caption_eval.coco, "load_split", lambda features_dir, split_name: split)
+
+
+def save_tiny_checkpoint(path):
+    model = tiny_captioner()
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": 0,
+                "clip": {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}}, path)
+    return model
+
+
+@needs_metrics
+def test_command_line_writes_metrics_settings_and_coco_results(monkeypatch, tmp_path):
+    fake_features_dir(monkeypatch)
+    model = save_tiny_checkpoint(tmp_path / "model.pt")
+    caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--beam", "1", "--max-new-tokens", "6",
+                       "--limit", "2", "--no-meteor", "--device", "cpu"])
+    results = json.loads((tmp_path / "model_val_beam1.json").read_text())
+    assert results["split"] == "val" and results["beam"] == 1 and results["images"] == 2
+    assert set(results["metrics"]) == set(caption_eval.METRICS) - {"METEOR"}
+    expected = caption_eval.caption_images(model, random_features(2), 2, 1, 6, "cpu", "float32")
+    assert results["captions"] == [{"image_id": 100, "caption": expected[0]}, {"image_id": 101, "caption": expected[1]}]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda: None)  # this check needs neither
+    fake_features_dir(monkeypatch, clip_model="ViT-L-14-quickgelu")
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="ViT-B-32-quickgelu.*ViT-L-14-quickgelu"):
+        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--device", "cpu"])

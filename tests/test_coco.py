@@ -1,0 +1,377 @@
+"""coco.py on a synthetic COCO: the official annotation schema, a few PIL-drawn JPEGs (two of them broken) and a
+randomly initialised CLIP ViT-B/32 (--clip-pretrained none: the same seed-0 weights in every process).
+
+What is promised: the stored features are CLIP's 50 tokens after ln_post, row-aligned with ids and captions;
+broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
+val/test images never reach training; downloads resume and are verified; user errors are one line naming a path."""
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from PIL import Image
+
+import coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP = ["--clip-model", "ViT-B-32-quickgelu", "--clip-pretrained", "none", "--device", "cpu"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 230, 20), (200, 30, 200), (20, 220, 220)]
+TRAIN_IDS, VAL_IDS = [1, 2, 3, 4, 5, 6], [100, 101]
+TRUNCATED, NOT_AN_IMAGE = 3, 5  # two broken train2017 files, in the middle so good rows come after them
+
+
+def file_name(image_id):
+    return f"{image_id:012d}.jpg"
+
+
+def captions_of(image_id):
+    # a trailing newline, as a few real COCO captions have: it must be stripped before tokenizing
+    return [f"picture {image_id}, caption {c}" + ("\n" if c == 0 else "") for c in range(5)]
+
+
+def write_coco(root, split, image_ids):
+    """images and captions_{split}.json in the official schema"""
+    os.makedirs(root / split, exist_ok=True)
+    os.makedirs(root / "annotations", exist_ok=True)
+    images, annotations = [], []
+    for k, image_id in enumerate(image_ids):
+        rgb = np.array(COLOURS[k % len(COLOURS)], dtype=np.uint8)
+        pixels = np.zeros((96, 128, 3), dtype=np.uint8) + rgb
+        pixels[10 + 5 * k:60, 30:90] = 255 - rgb  # a shape that differs from image to image
+        Image.fromarray(pixels).save(root / split / file_name(image_id), quality=95)
+        images.append({"id": image_id, "file_name": file_name(image_id), "height": 96, "width": 128, "license": 1,
+                       "coco_url": "", "flickr_url": "", "date_captured": "2013-11-14 11:18:45"})
+        for c, caption in enumerate(captions_of(image_id)):
+            annotations.append({"id": 10 * image_id + c, "image_id": image_id, "caption": caption})
+    annotations.reverse()  # the file's order is not the images' order
+    with open(root / "annotations" / f"captions_{split}.json", "w") as f:
+        json.dump({"info": {"year": 2017}, "licenses": [], "images": images, "annotations": annotations}, f)
+
+
+def run_coco(*args, check=True):
+    result = subprocess.run([sys.executable, "coco.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"coco.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A synthetic COCO and its features from one clean command-line run: (coco_dir, features_dir, result)."""
+    root = tmp_path_factory.mktemp("coco")
+    write_coco(root, "train2017", TRAIN_IDS)
+    write_coco(root, "val2017", VAL_IDS)
+    with open(root / "train2017" / file_name(TRUNCATED), "r+b") as f:
+        f.truncate(300)  # a JPEG cut short, as an interrupted copy leaves it
+    (root / "train2017" / file_name(NOT_AN_IMAGE)).write_text("<html>404 Not Found</html>")
+    features = root / "features"
+    result = run_coco("--coco-dir", root, "--out-dir", features, *CLIP, "--batch-size", 2, "--num-workers", 0)
+    return root, features, result
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return coco.load_clip("ViT-B-32-quickgelu", "none", "cpu")
+
+
+def encode_file(clip, path):
+    clip_model, preprocess = clip
+    return coco.image_features(clip_model, preprocess(Image.open(path).convert("RGB"))[None])[0]  # (50, 768)
+
+
+# -----------------------------------------------------------------------------
+# What is stored
+
+
+def test_features_are_fp16_clip_tokens_aligned_with_ids_and_captions(dataset, clip):
+    root, features, _ = dataset
+    train = coco.load_split(features, "train")
+    assert train.all_features.shape == (6, 50, 768) and train.all_features.dtype == np.float16
+    assert isinstance(train.all_features, np.memmap)
+    good = [i for i in TRAIN_IDS if i not in (TRUNCATED, NOT_AN_IMAGE)]
+    assert train.image_ids.dtype == np.int64 and train.image_ids.tolist() == good
+    assert train.files == [file_name(i) for i in good]
+    enc = tiktoken.get_encoding("gpt2")
+    for row, image_id in enumerate(train.image_ids):
+        # the captions of row i are those of image_ids[i], stripped, and tokens are their GPT-2 BPE, no EOT
+        assert train.captions[row] == [c.strip() for c in captions_of(image_id)]
+        assert train.tokens[row] == [enc.encode_ordinary(c.strip()) for c in captions_of(image_id)]
+        # and its features are those of that image's file, as encoded directly
+        expected = encode_file(clip, root / "train2017" / file_name(image_id))
+        assert torch.allclose(train.image_feats(np.array([row]))[0].float(), expected, atol=1e-2)
+    val = coco.load_split(features, "val")
+    assert val.image_ids.tolist() == VAL_IDS and len(val) == 2 and val.image_feats(np.arange(2)).shape == (2, 50, 768)
+    assert coco.read_meta(features) == {
+        "clip_model": "ViT-B-32-quickgelu", "clip_pretrained": "none", "n_tokens": 50, "width": 768,
+        "splits": ["train", "val"], "karpathy_json": None,
+        "skipped": {"train": [file_name(TRUNCATED), file_name(NOT_AN_IMAGE)], "val": []}}
+
+
+def test_image_features_are_every_token_after_ln_post(clip):
+    """The hook's result equals the vision transformer computed by hand up to ln_post: CLS + 49 patches."""
+    clip_model, _ = clip
+    visual = clip_model.visual
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        x = visual.conv1(pixels)  # (2, 768, 7, 7): each 32x32 patch -> one 768-vector
+        x = x.flatten(2).transpose(1, 2)  # (2, 49, 768)
+        cls = visual.class_embedding.expand(2, 1, -1)  # (2, 1, 768)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding  # (2, 50, 768)
+        x = visual.ln_post(visual.transformer(visual.ln_pre(x)))  # (2, 50, 768)
+        pooled = x[:, 0] @ visual.proj  # CLIP's own image embedding: the CLS token, projected
+        assert torch.allclose(pooled, clip_model.encode_image(pixels), atol=1e-4)
+    feats = coco.image_features(clip_model, pixels)
+    assert feats.shape == (2, 50, 768)
+    assert torch.allclose(feats, x, atol=1e-4)
+
+
+def test_broken_images_are_named_and_left_out(dataset):
+    root, features, result = dataset
+    for image_id in (TRUNCATED, NOT_AN_IMAGE):
+        assert f"coco.py: {root / 'train2017' / file_name(image_id)}: not a readable image, skipped" in result.stderr
+    status = np.load(features / "train_status.npy")
+    assert status.tolist() == [1, 1, -1, 1, -1, 1]
+    # the broken rows were never written: they are still the file's zeros, and no Split serves them
+    raw = np.load(features / "train_features.npy")
+    assert not raw[[2, 4]].any() and all(raw[row].any() for row in (0, 1, 3, 5))
+    assert TRUNCATED not in coco.load_split(features, "train").image_ids
+
+
+# -----------------------------------------------------------------------------
+# Resuming
+
+
+def coco_args(root, out_dir, *extra):
+    return ["--coco-dir", str(root), "--out-dir", str(out_dir), *CLIP, "--batch-size", "2", "--num-workers", "0",
+            *map(str, extra)]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_limited_then_interrupted_run_finishes_equal_to_a_clean_run(dataset, tmp_path, monkeypatch, capsys):
+    root, clean, _ = dataset
+    out = tmp_path / "features"
+    coco.main(coco_args(root, out, "--limit", 2))  # a quick look first: 2 images of each split
+    assert len(coco.load_split(out, "train")) == 2 and np.load(out / "train_features.npy").shape == (2, 50, 768)
+
+    # then the full run, killed while encoding its second batch
+    real_image_features, calls = coco.image_features, []
+
+    def dies_on_third_call(clip_model, pixels):  # call 1 measures the output shape, call 2 is the first batch
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise Killed
+        return real_image_features(clip_model, pixels)
+
+    monkeypatch.setattr(coco, "image_features", dies_on_third_call)
+    with pytest.raises(Killed):
+        coco.main(coco_args(root, out))
+    monkeypatch.undo()
+    assert np.load(out / "train_status.npy").tolist() == [1, 1, -1, 1, 0, 0]  # grown to 6, 2 rows still to do
+    with pytest.raises(ValueError, match="train_status.npy: 2 of 6 images not encoded yet"):
+        coco.load_split(out, "train")
+
+    coco.main(coco_args(root, out))  # runs again: finishes the last two rows
+    for split in ("train", "val"):
+        resumed, straight = coco.load_split(out, split), coco.load_split(clean, split)
+        assert resumed.image_ids.tolist() == straight.image_ids.tolist() and resumed.tokens == straight.tokens
+        # equal to the last bit here; the tolerance allows a BLAS whose rounding depends on the batch it is given
+        np.testing.assert_allclose(np.asarray(resumed.all_features, dtype=np.float32),
+                                   np.asarray(straight.all_features, dtype=np.float32), atol=2e-3)
+    assert coco.read_meta(out) == coco.read_meta(clean)
+
+    # a finished split is left alone
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    coco.main(coco_args(root, out))
+    assert "train: 6 images already done" in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_features_of_another_clip_or_image_set_are_not_mixed(dataset, tmp_path):
+    root, clean, _ = dataset
+    with pytest.raises(ValueError, match="meta.json: features of CLIP ViT-B-32-quickgelu \\(none\\)"):
+        coco.main(["--coco-dir", str(root), "--out-dir", str(clean), "--clip-pretrained", "openai"])
+    out = tmp_path / "features"
+    coco.main(coco_args(root, out, "--limit", 1))
+    (out / "val_index.json").write_text(json.dumps({"image_ids": [7]}))
+    with pytest.raises(ValueError, match="val_index.json: made for 1 other images"):
+        coco.main(coco_args(root, out, "--limit", 1))
+
+
+# -----------------------------------------------------------------------------
+# Karpathy's split
+
+
+def test_karpathy_split_keeps_val_and_test_images_out_of_training(dataset, tmp_path):
+    root, _, _ = dataset
+    # Karpathy's file describes COCO 2014 paths; images 4 and 6 sit in train2017/ but are his val and test
+    split_of = {1: "train", 2: "restval", 3: "train", 4: "val", 5: "train", 6: "test", 100: "restval", 101: "test"}
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": split,
+         "sentences": [{"raw": "ignored: captions come from the 2017 annotations", "tokens": []}]}
+        for i, split in split_of.items()]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(karpathy))
+    out = tmp_path / "features"
+    coco.main(coco_args(root, out, "--karpathy-json", path))
+    ids = {split: coco.load_split(out, split).image_ids.tolist() for split in ("train", "val", "test")}
+    assert ids == {"train": [1, 2, 100], "val": [4], "test": [6, 101]}  # 3 and 5 are the broken files
+    assert not set(ids["train"]) & (set(ids["val"]) | set(ids["test"]))
+    test = coco.load_split(out, "test")
+    assert test.captions[0] == [c.strip() for c in captions_of(6)]
+    meta = coco.read_meta(out)
+    assert meta["splits"] == ["train", "val", "test"] and meta["karpathy_json"] == str(path)
+
+
+# -----------------------------------------------------------------------------
+# Errors a user can make: one line, naming the path
+
+
+def test_missing_coco_dir_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "no_coco_here"
+    result = run_coco("--coco-dir", missing, "--out-dir", tmp_path / "out", *CLIP, check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"coco.py: {missing}: ")
+    assert "--download" in result.stderr
+
+
+def test_missing_pieces_are_named(dataset, tmp_path):
+    root, _, _ = dataset
+    partial = tmp_path / "coco"
+    (partial / "annotations").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'annotations' / 'captions_train2017.json'}: "
+                                                          f"not found (pass --download")):
+        coco.coco_splits(partial)
+    (partial / "annotations" / "captions_train2017.json").write_bytes(
+        (root / "annotations" / "captions_train2017.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'train2017'}: not found")):
+        coco.coco_splits(partial)
+    (partial / "train2017").mkdir()
+    (partial / "annotations" / "captions_val2017.json").write_text("{not json")
+    (partial / "val2017").mkdir()
+    with pytest.raises(ValueError, match="captions_val2017.json: not a COCO captions file"):
+        coco.coco_splits(partial)
+    with pytest.raises(FileNotFoundError, match="nope.json: no such file"):
+        coco.coco_splits(root, str(tmp_path / "nope.json"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'train_index.json'}: no such file")):
+        coco.load_split(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="meta.json: no such file"):
+        coco.read_meta(tmp_path)
+
+
+def test_clip_weights_that_cannot_be_found_are_named(tmp_path):
+    missing = tmp_path / "ViT-B-32.pt"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: no such weights file")):
+        coco.load_clip("ViT-B-32-quickgelu", str(missing), "cpu")
+    with pytest.raises(ValueError, match="ViT-Q-99: not an open_clip model name"):
+        coco.load_clip("ViT-Q-99", "none", "cpu")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="cannot load CLIP ViT-B-32-quickgelu's weights .* --clip-pretrained"):
+        coco.load_clip("ViT-B-32-quickgelu", str(broken), "cpu")
+
+
+# -----------------------------------------------------------------------------
+# Downloading, from a local HTTP server that honours Range requests as images.cocodataset.org does
+
+
+class ArchiveServer(http.server.BaseHTTPRequestHandler):
+    archives = {}  # url path -> bytes
+    requests = []  # (url path, first byte asked for)
+    cut_after = {}  # url path -> send only this many bytes, then hang up (a dropped connection)
+
+    def do_GET(self):
+        data = self.archives[self.path]
+        start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers["Range"] else 0
+        self.requests.append((self.path, start))
+        if start >= len(data):
+            self.send_response(416)
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:start + self.cut_after.get(self.path, len(data))])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ArchiveServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(ArchiveServer, "archives", {})
+    monkeypatch.setattr(ArchiveServer, "requests", [])
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def zip_folder(folder, name):
+    path = folder.parent / f"{name}.zip.src"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for file in sorted((folder / name).iterdir()):
+            z.write(file, f"{name}/{file.name}")
+    return path.read_bytes()
+
+
+def serve_coco(server, root, monkeypatch):
+    urls = {}
+    for name in coco.COCO_URLS:
+        ArchiveServer.archives[f"/{name}.zip"] = zip_folder(root, name)
+        urls[name] = f"http://127.0.0.1:{server.server_address[1]}/{name}.zip"
+    monkeypatch.setattr(coco, "COCO_URLS", urls)
+
+
+def test_download_resumes_verifies_and_extracts(dataset, tmp_path, server, monkeypatch):
+    root, _, _ = dataset
+    serve_coco(server, root, monkeypatch)
+    train_zip = ArchiveServer.archives["/train2017.zip"]
+    target = tmp_path / "coco"
+    monkeypatch.setattr(ArchiveServer, "cut_after", {"/train2017.zip": len(train_zip) // 3})  # drops after a third
+    with pytest.raises(OSError, match=re.escape(f"{target / 'train2017.zip.part'}: got")):
+        coco.download_coco(str(target))
+    assert (target / "train2017.zip.part").stat().st_size == len(train_zip) // 3
+    assert os.path.isdir(target / "annotations") and not os.path.exists(target / "train2017")
+    monkeypatch.setattr(ArchiveServer, "cut_after", {})
+    (target / "val2017.zip.part").write_bytes(ArchiveServer.archives["/val2017.zip"])  # all there, not renamed yet
+
+    coco.download_coco(str(target))
+    assert ("/train2017.zip", len(train_zip) // 3) in ArchiveServer.requests  # asked only for the rest
+    assert ("/val2017.zip", len(ArchiveServer.archives["/val2017.zip"])) in ArchiveServer.requests  # 416: complete
+    assert sorted(os.listdir(target)) == ["annotations", "train2017", "val2017"]  # archives gone once extracted
+    for name in ("annotations", "train2017", "val2017"):
+        for file in (root / name).iterdir():
+            assert (target / name / file.name).read_bytes() == file.read_bytes()
+    requests = len(ArchiveServer.requests)
+    coco.download_coco(str(target))  # everything extracted: nothing to fetch
+    assert len(ArchiveServer.requests) == requests
+
+
+def test_damaged_archive_is_reported_deleted_and_not_extracted(dataset, tmp_path, server, monkeypatch):
+    root, _, _ = dataset
+    serve_coco(server, root, monkeypatch)
+    data = bytearray(ArchiveServer.archives["/val2017.zip"])
+    jpeg = (root / "val2017" / file_name(100)).read_bytes()
+    data[data.find(jpeg) + 100] ^= 0xFF  # one flipped bit pattern inside an image: same size, wrong CRC-32
+    ArchiveServer.archives["/val2017.zip"] = bytes(data)
+    target = tmp_path / "coco"
+    with pytest.raises(OSError, match=re.escape(f"{target / 'val2017.zip'}: damaged archive")):
+        coco.download_coco(str(target))
+    assert sorted(os.listdir(target)) == ["annotations", "train2017"]  # no half-extracted val2017/, no archive
