@@ -14,7 +14,6 @@ it to a trained language model changes nothing until training teaches it to look
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
