@@ -211,6 +211,16 @@ class GPT(nn.Module):
         """idx: (B, T) token ids; targets: (B, T), -1 where no loss is wanted (padding, prompt tokens);
         image_feats: (B, N_img, n_embd_img) image tokens, any N_img; cache: a KVCache while generating.
         Returns (logits (B, T, vocab_size), loss or None)."""
+        logits = self.logits(self.hidden_states(idx, image_feats, cache))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            # ignore_index=-1: positions whose target is -1 add nothing to the loss or to its average.
+            # (under bf16 autocast, cross_entropy runs in fp32 by itself)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx, image_feats=None, cache=None):
+        """(B, T) token ids -> (B, T, n_embd): the transformer up to and including the final LayerNorm."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -222,19 +232,24 @@ class GPT(nn.Module):
             x = block(x, image_kv[layer] if image_kv else None, cache, layer)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)
+
+    def logits(self, x):
+        """(..., n_embd) -> (..., vocab_size) logits, the padding entries at -inf."""
+        logits = self.lm_head(x)
         if self.config.vocab_size > GPT2_VOCAB_SIZE:
             # The padding rows are not tokens. With weights loaded from GPT-2 they are zero, so their logit
             # would be 0 while real logits sit far below it: that would swallow the softmax. -inf keeps them
             # out of every loss and every sample, whatever their weights.
             logits[..., GPT2_VOCAB_SIZE:] = float("-inf")
-        loss = None
-        if targets is not None:
-            # ignore_index=-1: positions whose target is -1 add nothing to the loss or to its average.
-            # (under bf16 autocast, cross_entropy runs in fp32 by itself)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits
+
+    def next_token_logits(self, idx, image_feats=None, cache=None):
+        """(B, T) -> (B, GPT2_VOCAB_SIZE) fp32 logits of the token that follows each row. Only the last
+        position goes through lm_head: at 124M that matmul (768 x 50304) holds a third of the weights, and
+        the other positions' logits would be thrown away."""
+        x = self.hidden_states(idx, image_feats, cache)[:, -1]  # (B, C)
+        return self.logits(x)[:, :GPT2_VOCAB_SIZE].float()
 
     def image_keys_values(self, image_feats, cache=None):
         """Project the image tokens once, then give every cross-attention block its keys and values.
@@ -342,8 +357,7 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, new_input = idx, idx
         for _ in range(max_new_tokens):
-            logits, _ = self(new_input if use_cache else tokens, image_feats=image_feats, cache=cache)
-            logits = logits[:, -1, :GPT2_VOCAB_SIZE].float()  # (B, V): only the last position predicts
+            logits = self.next_token_logits(new_input if use_cache else tokens, image_feats, cache)  # (B, V)
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             next_token = next_token.masked_fill(finished[:, None], EOT_TOKEN)
             tokens = torch.cat([tokens, next_token], dim=1)
@@ -375,8 +389,8 @@ class GPT(nn.Module):
         cache = KVCache()
         new_input = idx
         for step in range(1, max_new_tokens + 1):
-            logits, _ = self(new_input, image_feats=image_feats, cache=cache)
-            logprobs = F.log_softmax(logits[:, -1, :V].float(), dim=-1).view(B, K, V)
+            logits = self.next_token_logits(new_input, image_feats, cache)  # (B*K, V)
+            logprobs = F.log_softmax(logits, dim=-1).view(B, K, V)
             # 1) ending each live beam here is a finished hypothesis of length `step`
             ended = (scores + logprobs[:, :, EOT_TOKEN]) / step ** length_penalty  # (B, K)
             self._keep_best(ended, beams, best_score, best_tokens)
