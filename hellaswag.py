@@ -147,18 +147,33 @@ def render_example(example, enc):
 
 
 def score_example(logits, tokens, mask):
-    """logits (4, L, V) of the 4 rows -> (pred, pred_norm): the ending with the lowest total loss (acc) and
-    the one with the lowest mean loss per token (acc_norm)."""
+    """logits (4, L, V) of one example's 4 rows -> (pred, pred_norm): the ending with the lowest total loss
+    (acc) and the one with the lowest mean loss per token (acc_norm)."""
+    preds, preds_norm = score_examples(logits, tokens, mask)
+    return preds[0], preds_norm[0]
+
+
+def score_examples(logits, tokens, mask):
+    """logits (4E, L, V) of E examples' rows, 4 consecutive rows per example -> ([pred], [pred_norm]), E each."""
     # the logits at position t predict the token at t+1: drop the last prediction and the first token
-    shift_logits = logits[:, :-1, :].float()  # (4, L-1, V), losses in float32 even under bf16 autocast
-    shift_tokens = tokens[:, 1:]  # (4, L-1)
-    shift_mask = mask[:, 1:]  # (4, L-1): 1 where the token being predicted belongs to the ending
+    shift_logits = logits[:, :-1, :].float()  # (4E, L-1, V), losses in float32 even under bf16 autocast
+    shift_tokens = tokens[:, 1:]  # (4E, L-1)
+    shift_mask = mask[:, 1:]  # (4E, L-1): 1 where the token being predicted belongs to the ending
     losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_tokens.reshape(-1),
-                             reduction="none").view(NUM_ENDINGS, -1)  # (4, L-1)
+                             reduction="none").view_as(shift_tokens)  # (4E, L-1)
     ending_losses = losses * shift_mask  # context and padding count for nothing
-    sum_loss = ending_losses.sum(dim=1)  # (4,)
-    mean_loss = sum_loss / shift_mask.sum(dim=1)  # (4,)
-    return sum_loss.argmin().item(), mean_loss.argmin().item()
+    sum_loss = ending_losses.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
+    mean_loss = sum_loss / shift_mask.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
+    return sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()
+
+
+def pad_and_stack(rendered):
+    """[(tokens (4, L_i), mask (4, L_i))] -> tokens (4E, L), mask (4E, L), right-padded with zeros to the
+    longest. Padding on the right is harmless: causal attention never lets a real token see what follows it,
+    and the mask leaves the padded positions out of the scores."""
+    length = max(tokens.size(1) for tokens, _ in rendered)
+    pad = lambda t: F.pad(t, (0, length - t.size(1)))
+    return torch.cat([pad(tokens) for tokens, _ in rendered]), torch.cat([pad(mask) for _, mask in rendered])
 
 
 def crop_to_block_size(tokens, mask, block_size):
@@ -170,27 +185,33 @@ def crop_to_block_size(tokens, mask, block_size):
 
 
 @torch.no_grad()
-def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None, progress=False):
+def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None, progress=False, batch_size=16):
     """Score examples -> (num_correct, num_correct_norm, num_total), summed over all processes.
     Process `rank` of `world_size` scores examples rank, rank + world_size, ...; under torch.distributed the
     three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32'
-    for full precision, 'bfloat16' for bf16 autocast, as in training."""
+    for full precision, 'bfloat16' for bf16 autocast, as in training. batch_size examples (4 rows each) go
+    through the model together: one example per forward would leave a GPU mostly idle."""
     enc = tiktoken.get_encoding("gpt2")
     device_type = torch.device(device).type
     was_training = model.training
     model.eval()  # no dropout while scoring
     num_correct = num_correct_norm = num_total = 0
     my_examples = examples[rank::world_size]
-    for example in tqdm(my_examples, desc="hellaswag", disable=not progress):
-        tokens, mask, label = render_example(example, enc)
-        tokens, mask = crop_to_block_size(tokens, mask, model.config.block_size)
-        tokens, mask = tokens.to(device), mask.to(device)
-        with autocast(device_type, autocast_dtype or "float32"):
-            logits, _ = model(tokens)
-        pred, pred_norm = score_example(logits, tokens, mask)
-        num_correct += int(pred == label)
-        num_correct_norm += int(pred_norm == label)
-        num_total += 1
+    with tqdm(total=len(my_examples), desc="hellaswag", disable=not progress) as bar:
+        for start in range(0, len(my_examples), batch_size):
+            batch = my_examples[start:start + batch_size]
+            rendered = [render_example(example, enc) for example in batch]
+            tokens, mask = pad_and_stack([crop_to_block_size(tokens, mask, model.config.block_size)
+                                          for tokens, mask, _ in rendered])
+            tokens, mask = tokens.to(device), mask.to(device)
+            with autocast(device_type, autocast_dtype or "float32"):
+                logits, _ = model(tokens)  # (4E, L, V)
+            preds, preds_norm = score_examples(logits, tokens, mask)
+            labels = [label for _, _, label in rendered]
+            num_correct += sum(pred == label for pred, label in zip(preds, labels))
+            num_correct_norm += sum(pred == label for pred, label in zip(preds_norm, labels))
+            num_total += len(batch)
+            bar.update(len(batch))
     model.train(was_training)
     if dist.is_initialized():
         counts = torch.tensor([num_correct, num_correct_norm, num_total], dtype=torch.long, device=device)
@@ -210,6 +231,7 @@ def parse_args():
     source.add_argument("--pretrained", help="OpenAI weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder")
     p.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: downloaded once into {DATA_DIR})")
     p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (4 rows each)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
     return p.parse_args()
@@ -229,7 +251,8 @@ def main(args):
     model, name = load_model(args)
     model.to(device)
     print(f"{name} | {len(examples)} examples | {device}, {dtype}")
-    correct, correct_norm, total = evaluate(model, examples, device, autocast_dtype=dtype, progress=True)
+    correct, correct_norm, total = evaluate(model, examples, device, autocast_dtype=dtype, progress=True,
+                                             batch_size=args.batch_size)
     print(f"acc {correct / total:.4f} acc_norm {correct_norm / total:.4f} (n={total})")
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import hellaswag
-from hellaswag import crop_to_block_size, evaluate, load_examples, render_example, score_example
+from hellaswag import crop_to_block_size, evaluate, load_examples, pad_and_stack, render_example, score_example
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +176,8 @@ def test_score_picks_lowest_total_for_acc_and_lowest_mean_for_acc_norm():
 
 class RecordingModel(nn.Module):
     """A stand-in language model: the logits at each position are a fixed random row chosen by the current
-    token, so its choices differ from example to example. It records the first row of every batch it sees."""
+    token, so its choices differ from example to example. It records the first row of every example it sees
+    (4 rows each), without the right padding that batching adds."""
 
     def __init__(self, block_size=1024):
         super().__init__()
@@ -185,7 +186,10 @@ class RecordingModel(nn.Module):
         self.seen = []
 
     def forward(self, idx):
-        self.seen.append(tuple(idx[0].tolist()))
+        for row in idx[::4].tolist():
+            while row[-1] == 0:  # padding (token 0 is "!", which the test rows never contain)
+                row.pop()
+            self.seen.append(tuple(row))
         return self.table[idx % 97], None  # (B, T, vocab)
 
 
@@ -232,6 +236,25 @@ def test_under_torch_distributed_every_rank_gets_the_totals(rows_path, tmp_path)
     one_process = evaluate(RecordingModel(), load_examples(rows_path), "cpu")
     for rank in range(2):
         assert tuple(json.load(open(tmp_path / f"rank{rank}.json"))) == one_process
+
+
+def test_scoring_many_examples_per_forward_equals_one_at_a_time(rows_path, enc):
+    # a real (tiny) GPT: right padding must not change any real position's logits, a causal model's promise
+    examples = load_examples(rows_path)
+    model = tiny_gpt()
+    rendered = [render_example(example, enc)[:2] for example in examples]
+    tokens, mask = pad_and_stack(rendered)
+    assert tokens.size(0) == 4 * len(examples) and tokens.size(1) == max(t.size(1) for t, _ in rendered)
+    batched_logits = model(tokens)[0]
+    for i, (example_tokens, example_mask) in enumerate(rendered):
+        rows, length = slice(4 * i, 4 * i + 4), example_tokens.size(1)
+        assert torch.equal(tokens[rows, :length], example_tokens) and not tokens[rows, length:].any()
+        assert torch.equal(mask[rows, :length], example_mask) and not mask[rows, length:].any()
+        assert torch.allclose(batched_logits[rows, :length], model(example_tokens)[0], atol=1e-5)
+    for model in (tiny_gpt(), tiny_gpt(block_size=12)):  # the second also crops every row
+        one_at_a_time = evaluate(model, examples, "cpu", batch_size=1)
+        assert evaluate(model, examples, "cpu", batch_size=4) == one_at_a_time
+        assert evaluate(model, examples, "cpu", batch_size=len(examples)) == one_at_a_time
 
 
 def test_evaluate_crops_rows_longer_than_the_block_and_restores_training_mode(rows_path):
