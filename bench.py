@@ -7,15 +7,20 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py tokenize                                               # fineweb.py's tokenizer vs a plain pool
     python bench.py loader --shards 2 8                                    # loader memory vs number of shards
     python bench.py clip --batch-size 64                                   # CLIP feature extraction, images/s
-    python bench.py gpu                                                    # everything an H100 run should record
+    python bench.py nanogpt                                                # our train_gpt2.py vs build-nanogpt's
+    python bench.py gpu                                                    # all of the GPU record but nanogpt
 
 MFU (model FLOPs utilisation) = the FLOPs the model needs per second / what the device could do: against the
 datasheet's dense bf16 peak, and against a large bf16 matmul measured on the same device (the practical ceiling).
+
+`nanogpt` needs a clone of build-nanogpt, which is not part of this repository:
+
+    git clone https://github.com/karpathy/build-nanogpt third_party/build-nanogpt     # git-ignored
 """
 
 import argparse
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,31 +79,41 @@ def bench_train(args):
     rows = []
     for use_compile in args.compile_modes:
         for dtype in args.dtypes:
-            torch.manual_seed(0)
-            config = {**PRESETS[args.model], "block_size": max(PRESETS[args.model].get("block_size", 1024), args.seq_len)}
-            model = GPT(GPTConfig(**config)).to(device)
-            optimizer = model.configure_optimizers(0.1, 6e-4, device.split(":")[0])
-            step_model = torch.compile(model) if use_compile else model
-            x = torch.randint(0, 50257, (args.batch_size, args.seq_len), device=device)
-
-            def train_step():
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device.split(":")[0], dtype):
-                    _, loss = step_model(x, x)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-
-            seconds = timed(train_step, device, args.warmup, args.iters)
+            seconds = train_step_seconds(args, use_compile, dtype)
             tokens_per_sec = args.batch_size * args.seq_len / seconds
-            flops = model.flops_per_token(args.seq_len) * tokens_per_sec
+            with torch.device("meta"):
+                flops = GPT(model_config(args)).flops_per_token(args.seq_len) * tokens_per_sec
             rows.append([args.model, args.batch_size, args.seq_len, dtype, "compile" if use_compile else "eager",
                          f"{seconds * 1000:.1f}", f"{tokens_per_sec:,.0f}",
                          f"{flops / datasheet_peak * 100:.1f}%" if datasheet_peak else "n/a",
                          f"{flops / matmul_peak * 100:.1f}%"])
-            del model, optimizer, step_model
     print_table(f"training step on {device_name(device)} (measured matmul peak {matmul_peak / 1e12:.1f} TFLOP/s)",
                 ["model", "B", "T", "dtype", "mode", "ms/step", "tok/s", "MFU (datasheet)", "MFU (matmul)"], rows)
+
+
+def model_config(args):
+    preset = PRESETS[args.model]
+    return GPTConfig(**{**preset, "block_size": max(preset.get("block_size", 1024), args.seq_len)})
+
+
+def train_step_seconds(args, use_compile, dtype):
+    """Seconds per optimizer step (forward, backward, clipping, AdamW) on one fixed random batch."""
+    device, device_type = args.device, args.device.split(":")[0]
+    torch.manual_seed(0)
+    model = GPT(model_config(args)).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
+    step_model = torch.compile(model) if use_compile else model
+    x = torch.randint(0, EOT_TOKEN + 1, (args.batch_size, args.seq_len), device=device)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device_type, dtype):
+            _, loss = step_model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return timed(train_step, device, args.warmup, args.iters)
 
 
 def device_name(device):
@@ -193,18 +208,27 @@ def bench_tokenize(args):
     from multiprocessing import Pool
     docs = synthetic_documents(args.documents)
     n_proc = os.cpu_count()
-    with Pool(n_proc) as pool:  # the straightforward way: one document per task
-        t0 = time.perf_counter()
-        baseline_tokens = sum(len(t) for t in pool.imap(encode_one, docs, chunksize=1))
-        baseline = baseline_tokens / (time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory() as out_dir:
-        t0 = time.perf_counter()
-        shards = fineweb.tokenize_to_shards(iter(docs), out_dir, shard_size=10**7, num_proc=n_proc)
-        ours = sum(n for _, n in shards) / (time.perf_counter() - t0)
-    print_table(f"tokenization, {args.documents} documents of ~4 KB, {n_proc} processes",
-                ["method", "tok/s", "tok/s per core"],
-                [["Pool.imap(encode_ordinary), 1 doc per task", f"{baseline:,.0f}", f"{baseline / n_proc:,.0f}"],
-                 ["fineweb.tokenize_to_shards (incl. writing shards)", f"{ours:,.0f}", f"{ours / n_proc:,.0f}"]])
+
+    def baseline():  # the straightforward way: one document per task (the pool's start-up is not timed)
+        with Pool(n_proc) as pool:
+            t0 = time.perf_counter()
+            n_tokens = sum(len(t) for t in pool.imap(encode_one, docs, chunksize=1))
+            return n_tokens / (time.perf_counter() - t0)
+
+    def ours():  # everything: starting its pool, tokenizing, writing the shards
+        with tempfile.TemporaryDirectory() as out_dir:
+            t0 = time.perf_counter()
+            shards = fineweb.tokenize_to_shards(iter(docs), out_dir, shard_size=10**7, num_proc=n_proc)
+            return sum(n for _, n in shards) / (time.perf_counter() - t0)
+
+    # alternated and repeated: other work on a small machine would otherwise favour whichever ran second
+    runs = [(baseline(), ours()) for _ in range(args.repeats)]
+    base, mine = (float(np.median(column)) for column in zip(*runs))
+    print_table(f"tokenization, {args.documents} documents of ~4 KB, {n_proc} processes, median of {args.repeats}",
+                ["method", "tok/s", "tok/s per core", "vs baseline"],
+                [["Pool.imap(encode_ordinary), 1 doc per task", f"{base:,.0f}", f"{base / n_proc:,.0f}", "1.00x"],
+                 ["fineweb.tokenize_to_shards (incl. writing shards)", f"{mine:,.0f}", f"{mine / n_proc:,.0f}",
+                  f"{mine / base:.2f}x"]])
 
 
 # -----------------------------------------------------------------------------
@@ -261,22 +285,148 @@ def bench_clip(args):
 
 
 # -----------------------------------------------------------------------------
+# Against build-nanogpt: both training scripts run as users run them, on the same shards and the same device
+
+REFERENCE_HELLASWAG_STUB = """# bench.py: stands in for build-nanogpt's hellaswag.py, which needs transformers and the network.
+# With compile on, its train_gpt2.py never evaluates HellaSwag; with it off (small CPU trials) it scores this
+# one dummy example at step 0, outside the steps that are timed.
+import torch
+
+def iterate_examples(split):
+    yield {}
+
+def render_example(example):
+    tokens = torch.zeros(4, 8, dtype=torch.long)
+    mask = torch.ones(4, 8, dtype=torch.long)
+    return None, tokens, mask, 0
+"""
+
+
+# the per-step lines each script prints, as "step N | ... tok/s"
+REFERENCE_STEP_LINE = r"step\s+(\d+) \| loss: .*\| tok/sec: ([\d.]+)"
+OUR_STEP_LINE = r"step\s+(\d+) \| loss .*\| tok/s ([\d,]+)"
+
+
+def patch_reference(source, settings):
+    """Set each `name = value` line of build-nanogpt's train_gpt2.py (a script without command-line options).
+    Each line must be found exactly once: a changed upstream file fails here, instead of quietly measuring
+    something else."""
+    for pattern, replacement in settings:
+        source, n = re.subn(pattern, replacement, source, flags=re.MULTILINE)
+        if n != 1:
+            raise ValueError(f"build-nanogpt's train_gpt2.py: expected one line matching {pattern!r}, found {n}")
+    return source
+
+
+def step_speeds(output, pattern):
+    """{step: tok/s} from a training script's per-step lines."""
+    return {int(step): float(speed.replace(",", "")) for step, speed in re.findall(pattern, output)}
+
+
+def run_script(command, cwd, name):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def bench_nanogpt(args):
+    """build-nanogpt's train_gpt2.py, then ours, each training for --steps steps on the same synthetic shards
+    (random tokens: speed does not depend on the text) with the same model, batch and precision: bf16 autocast,
+    torch.compile on CUDA. Compares the median tok/s each prints, leaving out the first steps (compilation)
+    and the last (build-nanogpt's includes a val loss and a checkpoint)."""
+    reference = os.path.join(args.reference, "train_gpt2.py")
+    if not os.path.isfile(reference):
+        raise FileNotFoundError(f"{reference}: no such file. build-nanogpt is not part of this repository; get it "
+                                f"with: git clone https://github.com/karpathy/build-nanogpt {args.reference}")
+    B, T, total, steps = args.batch_size, args.seq_len, args.total_batch_size, args.steps
+    use_compile = bool(args.compile_modes[-1])  # default: both scripts compiled on CUDA, eager on CPU
+    if steps < args.warmup + 3:
+        raise ValueError(f"--steps {steps}: need at least --warmup ({args.warmup}) + 3 steps to time any")
+    config = model_config(args)
+    with tempfile.TemporaryDirectory() as work:
+        # shards under build-nanogpt's names (edufineweb_{split}_{index}.npy, in ./edu_fineweb10B), which our
+        # *_train_*.npy pattern also reads; one train shard long enough that neither script changes shards
+        data_dir = os.path.join(work, "edu_fineweb10B")
+        os.makedirs(data_dir)
+        rng = np.random.default_rng(0)
+        for name, n_tokens in (("val_000000", 20 * B * T + 1), ("train_000001", (steps + 1) * total + 1)):
+            np.save(os.path.join(data_dir, f"edufineweb_{name}.npy"),
+                    rng.integers(0, EOT_TOKEN + 1, n_tokens, dtype=np.uint16))
+
+        with open(reference) as f:
+            source = patch_reference(f.read(), [
+                (r"^use_compile = False\b", f"use_compile = {use_compile}"),
+                (r"^max_steps = \d+", f"max_steps = {steps}"),
+                (r"^B = \d+", f"B = {B}"),
+                (r"^T = \d+", f"T = {T}"),
+                (r"^total_batch_size = \d+", f"total_batch_size = {total}"),
+                (r"^model = GPT\(GPTConfig\(vocab_size=50304\)\)",
+                 f"model = GPT(GPTConfig(vocab_size=50304, block_size={config.block_size}, "
+                 f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}))"),
+            ])
+        with open(os.path.join(work, "train_gpt2.py"), "w") as f:
+            f.write(source)
+        with open(os.path.join(work, "hellaswag.py"), "w") as f:
+            f.write(REFERENCE_HELLASWAG_STUB)
+        print(f"running build-nanogpt ({steps} steps)...", flush=True)
+        theirs = step_speeds(run_script([sys.executable, "train_gpt2.py"], work, "build-nanogpt's train_gpt2.py"),
+                             REFERENCE_STEP_LINE)
+
+        print(f"running ours ({steps} steps)...", flush=True)
+        root = os.path.dirname(os.path.abspath(__file__))
+        ours = step_speeds(run_script([
+            sys.executable, os.path.join(root, "train_gpt2.py"), "--data-dir", data_dir,
+            "--out-dir", os.path.join(work, "ours"), "--model", args.model, "--batch-size", str(B),
+            "--seq-len", str(T), "--total-batch-size", str(total), "--max-steps", str(steps),
+            "--eval-every", "0", "--val-tokens", str(B * T), "--hellaswag-every", "0", "--sample-every", "0",
+            "--dtype", "bfloat16", "--compile" if use_compile else "--no-compile", "--device", args.device,
+        ], root, "our train_gpt2.py"), OUR_STEP_LINE)
+
+    timed_steps = range(args.warmup, steps - 1)
+    missing = [s for s in timed_steps if s not in theirs or s not in ours]
+    if missing:
+        raise RuntimeError(f"no tok/s printed for steps {missing} (did a script's output format change?)")
+    with torch.device("meta"):  # FLOPs only: no memory for the weights
+        flops_per_token = GPT(config).flops_per_token(T)
+    peak, rows = peak_flops(args.device), []
+    for name, speeds in (("build-nanogpt train_gpt2.py", theirs), ("this repo's train_gpt2.py", ours)):
+        median = float(np.median([speeds[s] for s in timed_steps]))
+        mfu = f"{flops_per_token * median / peak * 100:.1f}%" if peak else "n/a"
+        rows.append([name, f"{median:,.0f}", f"{median / float(np.median([theirs[s] for s in timed_steps])):.2f}x",
+                     mfu])
+    print_table(f"training, {args.model}, B={B}, T={T}, {total:,} tokens/step, bf16, compile={use_compile}, "
+                f"{device_name(args.device)}, median of steps {timed_steps.start}-{timed_steps.stop - 1}",
+                ["script", "tok/s", "vs build-nanogpt", "MFU (datasheet)"], rows)
+
+
+# -----------------------------------------------------------------------------
+
+
+BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "tokenize": bench_tokenize,
+              "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt}
+DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "clip": 64, "nanogpt": 64}  # nanogpt: its own B
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "caption", "sample", "tokenize", "loader", "clip", "gpu"])
+    p.add_argument("what", choices=[*BENCHMARKS, "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--compile-modes", type=int, nargs="+", default=None, help="0 eager, 1 compile (default: both on CUDA)")
     p.add_argument("--dtypes", nargs="+", default=None, help="float32 and/or bfloat16 (default: both on CUDA)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--documents", type=int, default=4000)
+    p.add_argument("--documents", type=int, default=20000)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--shard-tokens", type=int, default=20_000_000)
+    p.add_argument("--reference", default="third_party/build-nanogpt", help="a clone of karpathy/build-nanogpt")
+    p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     args.device = default_device() if args.device == "auto" else args.device
@@ -284,14 +434,16 @@ def main():
     args.compile_modes = args.compile_modes or ([0, 1] if cuda else [0])
     args.dtypes = args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
     torch.set_float32_matmul_precision("high")
-    print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}")
-    if args.what == "gpu":  # the whole GPU record in one call
-        for what in (bench_train, bench_caption, bench_sample, bench_clip):
-            what(args)
-    else:
-        {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "tokenize": bench_tokenize,
-         "loader": bench_loader, "clip": bench_clip}[args.what](args)
+    print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}", flush=True)
+    # gpu: the GPU record, in one device call of a few minutes. nanogpt is a second call: it compiles and
+    # trains two 124M models, and the two together could outlast a 10-minute slot.
+    for what in ["train", "caption", "sample", "clip"] if args.what == "gpu" else [args.what]:
+        batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(what)
+        BENCHMARKS[what](argparse.Namespace(**{**vars(args), "batch_size": batch_size}))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"bench.py: {e}")
