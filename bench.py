@@ -19,6 +19,7 @@ datasheet's dense bf16 peak, and against a large bf16 matmul measured on the sam
 """
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -79,7 +80,7 @@ def bench_train(args):
     rows = []
     for use_compile in args.compile_modes:
         for dtype in args.dtypes:
-            seconds = train_step_seconds(args, use_compile, dtype)
+            seconds = train_step_seconds(args, use_compile, dtype)  # and a profile, with --profile
             tokens_per_sec = args.batch_size * args.seq_len / seconds
             with torch.device("meta"):
                 flops = GPT(model_config(args)).flops_per_token(args.seq_len) * tokens_per_sec
@@ -87,7 +88,8 @@ def bench_train(args):
                          f"{seconds * 1000:.1f}", f"{tokens_per_sec:,.0f}",
                          f"{flops / datasheet_peak * 100:.1f}%" if datasheet_peak else "n/a",
                          f"{flops / matmul_peak * 100:.1f}%"])
-    print_table(f"training step on {device_name(device)} (measured matmul peak {matmul_peak / 1e12:.1f} TFLOP/s)",
+    print_table(f"training step on {device_name(device)} (measured matmul peak {matmul_peak / 1e12:.1f} TFLOP/s; "
+                f"compile mode {args.torch_compile_mode}, attention {args.sdpa_backend})",
                 ["model", "B", "T", "dtype", "mode", "ms/step", "tok/s", "MFU (datasheet)", "MFU (matmul)"], rows)
 
 
@@ -97,23 +99,51 @@ def model_config(args):
 
 
 def train_step_seconds(args, use_compile, dtype):
-    """Seconds per optimizer step (forward, backward, clipping, AdamW) on one fixed random batch."""
+    """Seconds per optimizer step (forward, backward, clipping, AdamW) on one fixed random batch.
+    --torch-compile-mode and --sdpa-backend try what train_gpt2.py does not do (yet): torch.compile's other
+    modes (max-autotune searches matmul kernels; reduce-overhead replays CUDA graphs) and one attention kernel
+    in place of SDPA's own choice (cudnn, flash, efficient, math)."""
     device, device_type = args.device, args.device.split(":")[0]
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, device_type)
-    step_model = torch.compile(model) if use_compile else model
+    step_model = torch.compile(model, mode=args.torch_compile_mode) if use_compile else model
     x = torch.randint(0, EOT_TOKEN + 1, (args.batch_size, args.seq_len), device=device)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device_type, dtype):
+        with attention_backend(args.sdpa_backend), autocast(device_type, dtype):
             _, loss = step_model(x, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return timed(train_step, device, args.warmup, args.iters)
+    seconds = timed(train_step, device, args.warmup, args.iters)
+    if args.profile:
+        print_profile(train_step, device, f"{dtype}, {'compile' if use_compile else 'eager'}")
+    return seconds
+
+
+def attention_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
+def print_profile(step, device, title, steps=3, rows=15):
+    """Where a step's time goes: the operators (CPU) or kernels (CUDA) that take the most of it."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    print(f"\nprofile of {steps} steps, {title}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=rows, max_name_column_width=60))
 
 
 def device_name(device):
@@ -417,6 +447,11 @@ def main():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--compile-modes", type=int, nargs="+", default=None, help="0 eager, 1 compile (default: both on CUDA)")
     p.add_argument("--dtypes", nargs="+", default=None, help="float32 and/or bfloat16 (default: both on CUDA)")
+    p.add_argument("--torch-compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
+                   help="train: force one attention kernel (auto: SDPA picks)")
+    p.add_argument("--profile", action="store_true", help="train: also print the top operators/kernels of a step")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
