@@ -421,11 +421,12 @@ def bench_nanogpt(args):
     with torch.device("meta"):  # FLOPs only: no memory for the weights
         flops_per_token = GPT(config).flops_per_token(T)
     peak, rows = peak_flops(args.device), []
-    for name, speeds in (("build-nanogpt train_gpt2.py", theirs), ("this repo's train_gpt2.py", ours)):
-        median = float(np.median([speeds[s] for s in timed_steps]))
-        mfu = f"{flops_per_token * median / peak * 100:.1f}%" if peak else "n/a"
-        rows.append([name, f"{median:,.0f}", f"{median / float(np.median([theirs[s] for s in timed_steps])):.2f}x",
-                     mfu])
+    median = {name: float(np.median([speeds[s] for s in timed_steps]))
+              for name, speeds in (("build-nanogpt train_gpt2.py", theirs), ("this repo's train_gpt2.py", ours))}
+    for name, tokens_per_sec in median.items():
+        mfu = f"{flops_per_token * tokens_per_sec / peak * 100:.1f}%" if peak else "n/a"
+        rows.append([name, f"{tokens_per_sec:,.0f}",
+                     f"{tokens_per_sec / median['build-nanogpt train_gpt2.py']:.2f}x", mfu])
     print_table(f"training, {args.model}, B={B}, T={T}, {total:,} tokens/step, bf16, compile={use_compile}, "
                 f"{device_name(args.device)}, median of steps {timed_steps.start}-{timed_steps.stop - 1}",
                 ["script", "tok/s", "vs build-nanogpt", "MFU (datasheet)"], rows)
