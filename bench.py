@@ -4,6 +4,7 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py train --model gpt2 --batch-size 16 --seq-len 1024      # tokens/s and MFU, eager vs compile, fp32 vs bf16
     python bench.py caption --batch-size 32                                # caption training step, images/s
     python bench.py sample --model gpt2 --new-tokens 64 256                # KV cache vs recomputing the prefix
+    python bench.py hellaswag --model gpt2                                 # HellaSwag scoring, 1 vs 16 examples/forward
     python bench.py tokenize                                               # fineweb.py's tokenizer vs a plain pool
     python bench.py loader --shards 2 8                                    # loader memory vs number of shards
     python bench.py clip --batch-size 64                                   # CLIP feature extraction, images/s
@@ -205,6 +206,30 @@ def bench_sample(args):
     seconds = timed(lambda: captioner.beam_search(start, images, beam_size=3, max_new_tokens=20), device, 1, 1)
     print_table(f"beam search (beam 3, up to 20 tokens) on {device_name(device)}", ["model", "images", "captions/s"],
                 [[args.model, args.batch_size, f"{args.batch_size / seconds:,.1f}"]])
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag evaluation
+
+
+def bench_hellaswag(args):
+    """Examples scored per second, one example (4 rows) per forward pass against --batch-size examples."""
+    import hellaswag
+    rng = np.random.default_rng(0)
+    sentence = lambda n: " ".join(rng.choice(WORDS, n))
+    # HellaSwag's shape: a context of ~40 words and four endings of ~20 (random words: speed does not care)
+    examples = [{"ctx": sentence(40).capitalize() + ".", "endings": [sentence(20) + "." for _ in range(4)],
+                 "label": int(rng.integers(4))} for _ in range(args.examples)]
+    torch.manual_seed(0)
+    model = GPT(model_config(args)).to(args.device)
+    dtype = args.dtypes[-1]
+    rows = []
+    for batch_size in (1, args.batch_size):
+        run = lambda: hellaswag.evaluate(model, examples, args.device, autocast_dtype=dtype, batch_size=batch_size)
+        seconds = timed(run, args.device, warmup=1, iters=1)
+        rows.append([args.model, dtype, batch_size, f"{len(examples) / seconds:,.1f}"])
+    print_table(f"HellaSwag scoring, {len(examples)} examples, on {device_name(args.device)}",
+                ["model", "dtype", "examples per forward", "examples/s"], rows)
 
 
 # -----------------------------------------------------------------------------
@@ -435,9 +460,10 @@ def bench_nanogpt(args):
 # -----------------------------------------------------------------------------
 
 
-BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "tokenize": bench_tokenize,
-              "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt}
-DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "clip": 64, "nanogpt": 64}  # nanogpt: its own B
+BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "hellaswag": bench_hellaswag,
+              "tokenize": bench_tokenize, "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt}
+DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "hellaswag": 16, "clip": 64,
+                      "nanogpt": 64}  # nanogpt: build-nanogpt's own B
 
 
 def main():
@@ -456,6 +482,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--examples", type=int, default=256, help="hellaswag: examples to score")
     p.add_argument("--documents", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
@@ -473,7 +500,7 @@ def main():
     print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}", flush=True)
     # gpu: the GPU record, in one device call of a few minutes. nanogpt is a second call: it compiles and
     # trains two 124M models, and the two together could outlast a 10-minute slot.
-    for what in ["train", "caption", "sample", "clip"] if args.what == "gpu" else [args.what]:
+    for what in ["train", "caption", "sample", "hellaswag", "clip"] if args.what == "gpu" else [args.what]:
         batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(what)
         BENCHMARKS[what](argparse.Namespace(**{**vars(args), "batch_size": batch_size}))
 

@@ -190,7 +190,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
     Process `rank` of `world_size` scores examples rank, rank + world_size, ...; under torch.distributed the
     three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32'
     for full precision, 'bfloat16' for bf16 autocast, as in training. batch_size examples (4 rows each) go
-    through the model together: one example per forward would leave a GPU mostly idle."""
+    through the model together: 4 rows of a hundred-odd tokens are too little work to keep a GPU busy."""
     enc = tiktoken.get_encoding("gpt2")
     device_type = torch.device(device).type
     was_training = model.training
