@@ -50,7 +50,8 @@ def require_metric_tools():
     try:
         import pycocoevalcap  # noqa: F401  (imported here so that importing caption_eval never needs it)
     except ImportError:
-        raise ImportError("pycocoevalcap: not installed; the COCO caption metrics need it: pip install pycocoevalcap") from None
+        raise ImportError("pycocoevalcap: not installed; the COCO caption metrics need it: "
+                          "pip install pycocoevalcap") from None
 
 
 def coco_metrics(predictions, references, meteor=True):

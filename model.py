@@ -261,7 +261,8 @@ class GPT(nn.Module):
         if self.config.cross_attn_every == 0:
             raise ValueError("image_feats given, but this model has no cross-attention layers (cross_attn_every=0)")
         if image_feats.size(-1) != self.config.n_embd_img:
-            raise ValueError(f"image_feats are {image_feats.size(-1)} wide, the model expects n_embd_img={self.config.n_embd_img}")
+            raise ValueError(f"image_feats are {image_feats.size(-1)} wide, the model expects "
+                             f"n_embd_img={self.config.n_embd_img}")
         image_feats = image_feats.to(self.transformer.img_proj.weight.dtype)  # features are stored in fp16
         image_embs = self.transformer.ln_img(self.transformer.img_proj(image_feats))  # (B, N, C)
         image_kv = [block.xattn.image_keys_values(image_embs) if hasattr(block, "xattn") else None
@@ -352,7 +353,8 @@ class GPT(nn.Module):
         step (the slow reference the KV cache is tested against)."""
         B, T = idx.size()
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}")
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                             f"{self.config.block_size}")
         cache = KVCache() if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, new_input = idx, idx
@@ -375,7 +377,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         K, V = beam_size, GPT2_VOCAB_SIZE
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {self.config.block_size}")
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                             f"{self.config.block_size}")
         device = idx.device
         # every row becomes K beams: (B*K, T); the first step expands only beam 0 (the others start at -inf)
         idx = idx.repeat_interleave(K, dim=0)
@@ -399,7 +402,8 @@ class GPT(nn.Module):
             candidates = (scores[:, :, None] + logprobs).view(B, K * V)
             scores, flat = candidates.topk(K, dim=-1)  # (B, K)
             parent, token = flat // V, flat % V
-            beams = torch.cat([beams.gather(1, parent[:, :, None].expand(-1, -1, beams.size(2))), token[:, :, None]], dim=2)
+            parent_beams = beams.gather(1, parent[:, :, None].expand(-1, -1, beams.size(2)))  # (B, K, step-1)
+            beams = torch.cat([parent_beams, token[:, :, None]], dim=2)  # (B, K, step)
             cache.reorder((torch.arange(B, device=device)[:, None] * K + parent).view(-1))
             new_input = token.view(B * K, 1)
             # stop when no live beam can still beat the best finished one: raw scores only fall, and the
@@ -492,7 +496,8 @@ def _gpt2_files(name_or_path):
         paths = [os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors")]
         for path in paths:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such file (a GPT-2 folder needs config.json and model.safetensors)")
+                raise FileNotFoundError(f"{path}: no such file (a GPT-2 folder needs config.json and "
+                                        f"model.safetensors)")
         return paths
     from huggingface_hub import hf_hub_download
     try:

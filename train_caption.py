@@ -176,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--cross-attn-every", type=int, default=2, help="a cross-attention layer in every k-th block")
     p.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
     p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, default=20000, help="optimizer steps (COCO train2017: ~3,700 per epoch at 32)")
+    p.add_argument("--max-steps", type=int, default=20000,
+                   help="optimizer steps (COCO train2017: ~3,700 per epoch at 32)")
     p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint (then --resume auto)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")

@@ -50,7 +50,8 @@ def open_shard(path):
 
 def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"{data_dir}: no such data folder (write shards with: python fineweb.py --out-dir {data_dir})")
+        raise FileNotFoundError(f"{data_dir}: no such data folder (write shards with: python fineweb.py "
+                                f"--out-dir {data_dir})")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no '{split}' shards (*_{split}_*.npy) in this folder")
