@@ -3,8 +3,6 @@ randomly initialised CLIP ViT-B/32: the whole path learns to tell images apart, 
 as it should, and DDP equals gradient accumulation. coco.py itself is tested in test_coco.py."""
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -13,8 +11,8 @@ import torch
 from PIL import Image
 
 from model import GPT, GPTConfig
+from scripts import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 20)}
 
 
@@ -36,14 +34,6 @@ def write_coco(root, split, colours, first_id):
         json.dump({"info": {}, "licenses": [], "images": images, "annotations": annotations}, f)
 
 
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
@@ -52,8 +42,8 @@ def dataset(tmp_path_factory):
     with open(root / "val2017" / "000000000101.jpg", "r+b") as f:  # a truncated JPEG
         f.truncate(200)
     features = root / "features"
-    result = run("coco.py", "--coco-dir", root, "--out-dir", features, "--clip-pretrained", "none",
-                 "--batch-size", 2, "--num-workers", 0, "--device", "cpu")
+    result = run_script("coco.py", "--coco-dir", root, "--out-dir", features, "--clip-pretrained", "none",
+                        "--batch-size", 2, "--num-workers", 0, "--device", "cpu", threads=2)
     return root, features, result
 
 
@@ -64,21 +54,20 @@ def test_the_whole_path_learns_to_caption(dataset, tmp_path):
     lm_path = tmp_path / "lm.pt"
     torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config), "step": 0}, lm_path)
     out = tmp_path / "caption"
-    run("train_caption.py", "--features-dir", features, "--init", lm_path, "--out-dir", out, "--unfreeze",
-        "--batch-size", 4, "--max-steps", 120, "--lr", 3e-3, "--min-lr", 3e-4, "--warmup-steps", 10,
-        "--eval-every", 60, "--val-images", 1, "--device", "cpu")
+    run_script("train_caption.py", "--features-dir", features, "--init", lm_path, "--out-dir", out, "--unfreeze",
+               "--batch-size", 4, "--max-steps", 120, "--lr", 3e-3, "--min-lr", 3e-4, "--warmup-steps", 10,
+               "--eval-every", 60, "--val-images", 1, "--device", "cpu", threads=2)
     checkpoint = out / "model_000120.pt"
     images = [root / "train2017" / f"{i:012d}.jpg" for i in (1, 2, 3, 4)]
     for decoding in (["--beam", "1"], ["--beam", "3"]):
-        result = run("sample.py", "--image", *images, "--checkpoint", checkpoint, "--device", "cpu", *decoding)
+        result = run_script("sample.py", "--image", *images, "--checkpoint", checkpoint, "--device", "cpu", *decoding)
         captions = [line.split(": ", 1)[1] for line in result.stdout.strip().splitlines()]
         assert captions == [f"a {name} square" for name in COLOURS], (decoding, result.stdout)
 
     # caption_eval.py over the training images: perfect captions score BLEU-1 = 1 against their references
-    pytest.importorskip("pycocoevalcap")
     results = tmp_path / "results.json"
-    run("caption_eval.py", "--checkpoint", checkpoint, "--features-dir", features, "--split", "train",
-        "--limit", 3, "--no-meteor", "--device", "cpu", "--out", results)
+    run_script("caption_eval.py", "--checkpoint", checkpoint, "--features-dir", features, "--split", "train",
+               "--limit", 3, "--no-meteor", "--device", "cpu", "--out", results)
     scores = json.loads(results.read_text())
     assert scores["images"] == 3 and [c["caption"] for c in scores["captions"]] == ["a red square", "a green square",
                                                                                     "a blue square"]
@@ -101,9 +90,9 @@ def test_default_training_changes_only_cross_attention_and_resumes_exactly(datas
     lm = tiny_lm_checkpoint(tmp_path / "lm.pt")
     common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 2, "--max-steps", 6,
               "--lr", 1e-3, "--warmup-steps", 2, "--eval-every", 3, "--val-images", 1, "--device", "cpu"]
-    run("train_caption.py", *common, "--out-dir", tmp_path / "straight")
-    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
-    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "straight")
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
     straight = read_train_losses(tmp_path / "straight")
     assert list(straight) == list(range(6)) and straight == read_train_losses(tmp_path / "split")
 
@@ -125,15 +114,15 @@ def test_sample_reports_bad_images_by_name_and_captions_the_rest(dataset, tmp_pa
     root, features, _ = dataset
     tiny_lm_checkpoint(tmp_path / "lm.pt")
     out = tmp_path / "caption"
-    run("train_caption.py", "--features-dir", features, "--init", tmp_path / "lm.pt", "--out-dir", out,
-        "--batch-size", 2, "--max-steps", 1, "--val-images", 1, "--device", "cpu")
+    run_script("train_caption.py", "--features-dir", features, "--init", tmp_path / "lm.pt", "--out-dir", out,
+               "--batch-size", 2, "--max-steps", 1, "--val-images", 1, "--device", "cpu")
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
     good = root / "train2017" / "000000000001.jpg"
     corrupt = root / "val2017" / "000000000101.jpg"
     missing = tmp_path / "missing.jpg"
-    result = run("sample.py", "--image", missing, good, not_an_image, corrupt, "--checkpoint-dir", out,
-                 "--device", "cpu", check=False)
+    result = run_script("sample.py", "--image", missing, good, not_an_image, corrupt, "--checkpoint-dir", out,
+                        "--device", "cpu", check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING")]  # open_clip: random weights
     assert len(errors) == 3, result.stderr
@@ -142,11 +131,12 @@ def test_sample_reports_bad_images_by_name_and_captions_the_rest(dataset, tmp_pa
     assert result.stdout.startswith(f"{good}: ") and len(result.stdout.strip().splitlines()) == 1
 
     # a language-model checkpoint is the wrong kind for captions
-    wrong = run("sample.py", "--image", good, "--checkpoint", tmp_path / "lm.pt", "--device", "cpu", check=False)
+    wrong = run_script("sample.py", "--image", good, "--checkpoint", tmp_path / "lm.pt", "--device", "cpu",
+                       check=False)
     assert wrong.returncode != 0 and "is a 'lm' checkpoint, expected 'caption'" in wrong.stderr
     # and the right kind for text
-    text = run("sample.py", "--prompt", "Hello", "--checkpoint", tmp_path / "lm.pt", "--max-new-tokens", 5,
-               "--device", "cpu")
+    text = run_script("sample.py", "--prompt", "Hello", "--checkpoint", tmp_path / "lm.pt", "--max-new-tokens", 5,
+                      "--device", "cpu")
     assert text.stdout.startswith("Hello")
 
 
@@ -155,11 +145,8 @@ def test_ddp_two_processes_equal_one_process_with_two_micro_steps(dataset, tmp_p
     tiny_lm_checkpoint(tmp_path / "lm.pt")
     common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 1, "--max-steps", 4,
               "--lr", 1e-3, "--warmup-steps", 2, "--eval-every", 2, "--val-images", 1, "--device", "cpu"]
-    run("train_caption.py", *common, "--grad-accum-steps", 2, "--out-dir", tmp_path / "one")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_caption.py", *map(str, common), "--out-dir", str(tmp_path / "two")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("train_caption.py", *common, "--grad-accum-steps", 2, "--out-dir", tmp_path / "one")
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "two", nproc=2)
     one, two = read_train_losses(tmp_path / "one"), read_train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2, 3]
     for step in one:
@@ -172,9 +159,9 @@ def test_unfreeze_after_trains_the_language_model_from_that_step_and_resumes(dat
     common = ["--features-dir", features, "--init", tmp_path / "lm.pt", "--batch-size", 2, "--max-steps", 4,
               "--unfreeze-after", 2, "--lr", 1e-3, "--warmup-steps", 1, "--eval-every", 0, "--val-images", 1,
               "--save-every", 2, "--device", "cpu"]
-    run("train_caption.py", *common, "--out-dir", tmp_path / "straight")
-    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
-    run("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "straight")
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "split", "--stop-at", 3)
+    run_script("train_caption.py", *common, "--out-dir", tmp_path / "split", "--resume", "auto")
     assert read_train_losses(tmp_path / "straight") == read_train_losses(tmp_path / "split")
     at_2 = torch.load(tmp_path / "straight" / "model_000002.pt", weights_only=True)["model"]
     at_4 = torch.load(tmp_path / "straight" / "model_000004.pt", weights_only=True)["model"]

@@ -8,8 +8,6 @@ import http.server
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import zipfile
 
@@ -20,8 +18,8 @@ import torch
 from PIL import Image
 
 import coco
+from scripts import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = ["--clip-model", "ViT-B-32-quickgelu", "--clip-pretrained", "none", "--device", "cpu"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 230, 20), (200, 30, 200), (20, 220, 220)]
 TRAIN_IDS, VAL_IDS = [1, 2, 3, 4, 5, 6], [100, 101]
@@ -56,14 +54,6 @@ def write_coco(root, split, image_ids):
         json.dump({"info": {"year": 2017}, "licenses": [], "images": images, "annotations": annotations}, f)
 
 
-def run_coco(*args, check=True):
-    result = subprocess.run([sys.executable, "coco.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    if check and result.returncode != 0:
-        raise AssertionError(f"coco.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A synthetic COCO and its features from one clean command-line run: (coco_dir, features_dir, result)."""
@@ -74,7 +64,8 @@ def dataset(tmp_path_factory):
         f.truncate(300)  # a JPEG cut short, as an interrupted copy leaves it
     (root / "train2017" / file_name(NOT_AN_IMAGE)).write_text("<html>404 Not Found</html>")
     features = root / "features"
-    result = run_coco("--coco-dir", root, "--out-dir", features, *CLIP, "--batch-size", 2, "--num-workers", 0)
+    result = run_script("coco.py", "--coco-dir", root, "--out-dir", features, *CLIP, "--batch-size", 2,
+                        "--num-workers", 0, threads=2)
     return root, features, result
 
 
@@ -242,7 +233,7 @@ def test_karpathy_split_keeps_val_and_test_images_out_of_training(dataset, tmp_p
 
 def test_missing_coco_dir_is_one_line_naming_it(tmp_path):
     missing = tmp_path / "no_coco_here"
-    result = run_coco("--coco-dir", missing, "--out-dir", tmp_path / "out", *CLIP, check=False)
+    result = run_script("coco.py", "--coco-dir", missing, "--out-dir", tmp_path / "out", *CLIP, check=False)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"coco.py: {missing}: ")
     assert "--download" in result.stderr

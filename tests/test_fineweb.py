@@ -7,24 +7,16 @@ Local files only: no network.
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiktoken
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_shared_tiktoken = os.path.join(ROOT, "..", "shared", "tiktoken")  # GPT-2's BPE files, for machines offline
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_tiktoken):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_tiktoken)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, ROOT)
-
-import tiktoken  # noqa: E402
-
-import fineweb  # noqa: E402
+import fineweb
+from scripts import run_script
 
 enc = tiktoken.get_encoding("gpt2")
 EOT = "<|endoftext|>"
@@ -64,11 +56,6 @@ def read_shards(out_dir):
     return paths, arrays
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), *args],
-                          capture_output=True, text=True, timeout=120)
-
-
 def run_main(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", ["fineweb.py", *args])
     fineweb.main()
@@ -85,8 +72,7 @@ def cli_run(tmp_path_factory):
     docs = DOCS + [DOC_WITH_SEPARATOR_TEXT]
     out_dir = str(tmp / "shards")
     jsonl = write_jsonl(tmp / "docs.jsonl", docs)
-    result = run_cli("--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50", "--num-proc", "2")
-    assert result.returncode == 0, result.stderr
+    run_script("fineweb.py", "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", 50, "--num-proc", 2)
     return docs, jsonl, out_dir
 
 
@@ -113,8 +99,7 @@ def test_second_run_is_a_no_op(cli_run):
     _, jsonl, out_dir = cli_run
     files = sorted(os.listdir(out_dir))
     mtimes = {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in files}
-    result = run_cli("--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50")
-    assert result.returncode == 0, result.stderr
+    result = run_script("fineweb.py", "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", 50)
     assert "already complete" in result.stdout
     assert sorted(os.listdir(out_dir)) == files
     assert {f: os.stat(os.path.join(out_dir, f)).st_mtime_ns for f in files} == mtimes
@@ -228,7 +213,7 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, monkeypatch):
 
 def test_missing_file_is_one_line(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    result = run_cli("--local-files", missing, "--out-dir", str(tmp_path / "out"))
+    result = run_script("fineweb.py", "--local-files", missing, "--out-dir", tmp_path / "out", check=False)
     assert result.returncode != 0
     assert result.stderr.strip() == f"fineweb.py: {missing}: no such file"
     assert not os.path.exists(tmp_path / "out")

@@ -7,8 +7,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import tiktoken
@@ -18,8 +16,8 @@ import torch.nn as nn
 import hellaswag
 from hellaswag import crop_to_block_size, evaluate, load_examples, pad_and_stack, render_example, score_example
 from model import GPT, GPTConfig
+from scripts import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # written for these tests in the schema of hellaswag_val.jsonl (not taken from the data set)
 CONTEXTS = [
@@ -312,12 +310,6 @@ def test_a_failed_download_leaves_nothing_and_names_the_file(tmp_path, monkeypat
 # --- the command line ----------------------------------------------------------------------------------------
 
 
-def run_cli(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "hellaswag.py"] + args, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture
 def checkpoint_path(tmp_path):
     """A tiny random model saved the way train_gpt2.py saves one. Seed 5 gets different acc and acc_norm on
@@ -329,8 +321,8 @@ def checkpoint_path(tmp_path):
 
 
 def test_cli_prints_the_accuracies_of_a_checkpoint(checkpoint_path, rows_path):
-    result = run_cli(["--checkpoint", checkpoint_path, "--data", rows_path, "--device", "cpu", "--dtype", "float32"])
-    assert result.returncode == 0, result.stderr
+    result = run_script("hellaswag.py", "--checkpoint", checkpoint_path, "--data", rows_path, "--device", "cpu",
+                        "--dtype", "float32")
     match = re.search(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) \(n=6\)$", result.stdout, re.MULTILINE)
     assert match, result.stdout
     model, _ = GPT.from_checkpoint(checkpoint_path)
@@ -341,8 +333,8 @@ def test_cli_prints_the_accuracies_of_a_checkpoint(checkpoint_path, rows_path):
 
 
 def test_cli_limit(checkpoint_path, rows_path):
-    result = run_cli(["--checkpoint", checkpoint_path, "--data", rows_path, "--device", "cpu", "--limit", "2"])
-    assert result.returncode == 0, result.stderr
+    result = run_script("hellaswag.py", "--checkpoint", checkpoint_path, "--data", rows_path, "--device", "cpu",
+                        "--limit", 2)
     assert "(n=2)" in result.stdout
 
 
@@ -355,7 +347,7 @@ def test_cli_bad_input_is_one_line_naming_the_file(checkpoint_path, rows_path, t
         bad = str(tmp_path / "garbage.pt")
         open(bad, "wb").write(b"not a checkpoint")
         args = ["--checkpoint", bad, "--data", rows_path]
-    result = run_cli(args + ["--device", "cpu"])
+    result = run_script("hellaswag.py", *args, "--device", "cpu", check=False)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hellaswag.py: error:") and bad in lines[0], result.stderr

@@ -2,10 +2,10 @@
 the KV cache, ignored targets and frozen parameters."""
 import pytest
 import torch
+import transformers  # test-only: the independent reference, installed by requirements-dev.txt
 
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint
 
-transformers = pytest.importorskip("transformers")  # test-only dependency, installed by requirements-dev.txt
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions): not only 124M's proportions
     (2, 2, 64, 64),

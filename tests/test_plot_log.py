@@ -1,25 +1,16 @@
 """plot_log.py reads the training log format and writes a PNG; a malformed line is named."""
-import os
-import subprocess
-import sys
-
-import pytest
-
 from plot_log import read_log
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import run_script
 
 
 def test_reads_series_and_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
     log = tmp_path / "log.txt"
     log.write_text("0 val 10.9\n0 train 10.95\n1 train 9.5\n0 hella 0.25\n2 train 8.25\n2 val 8.5\n")
     series = read_log(log)
     assert series["train"] == ([0, 1, 2], [10.95, 9.5, 8.25])
     assert series["val"] == ([0, 2], [10.9, 8.5])
     assert series["hella"] == ([0], [0.25])
-    result = subprocess.run([sys.executable, "plot_log.py", str(log)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    run_script("plot_log.py", log)
     with open(tmp_path / "log.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -27,6 +18,6 @@ def test_reads_series_and_writes_png(tmp_path):
 def test_malformed_line_is_named(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("0 train 10.9\nthis is not a log line\n")
-    result = subprocess.run([sys.executable, "plot_log.py", str(log)], cwd=ROOT, capture_output=True, text=True)
+    result = run_script("plot_log.py", log, check=False)
     assert result.returncode != 0
     assert f"{log}:2:" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,17 +1,15 @@
 """train_gpt2.py: the loader's promises, the schedule, DDP = one process, resume = no interruption, and
 clear errors on bad input. Tiny models on synthetic shards, on the CPU."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from train_gpt2 import ShardLoader
+from scripts import run_script
 from training import cosine_lr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "2", "--seq-len", "16",
         "--total-batch-size", "128", "--warmup-steps", "2", "--val-tokens", "64", "--hellaswag-every", "0",
         "--sample-every", "0", "--device", "cpu", "--max-lr", "1e-3"]
@@ -39,15 +37,7 @@ def write_hellaswag_rows(path, n=5):
 
 
 def run(args, nproc=1, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "train_gpt2.py"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt2.py"]
-    result = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train_gpt2.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_script("train_gpt2.py", *args, nproc=nproc, check=check)
 
 
 def read_log(out_dir, kind):
