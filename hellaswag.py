@@ -15,8 +15,8 @@ Each example is a context and four endings, one of them right:
              3 "starts pulling up roofing on a roof."     label: 3
 
 A small base model cannot answer "A, B, C or D?", but it can say how likely each ending is after the
-context. So we feed the four rows (context + ending) as one batch of 4 and pick the ending whose tokens
-get the lowest cross-entropy loss. Two ways to add up that loss give two accuracies:
+context. So we feed the four rows (context + ending) through the model together and pick the ending whose
+tokens get the lowest cross-entropy loss. Two ways to add up that loss give two accuracies:
 
 - acc:      the lowest *total* loss over the ending's tokens. Every extra token adds loss, so this
             favours short endings.
@@ -148,7 +148,8 @@ def render_example(example, enc):
 
 def score_example(logits, tokens, mask):
     """logits (4, L, V) of one example's 4 rows -> (pred, pred_norm): the ending with the lowest total loss
-    (acc) and the one with the lowest mean loss per token (acc_norm)."""
+    (acc) and the one with the lowest mean loss per token (acc_norm). One example at a time is the easiest
+    form to check by hand, which is what the tests do; evaluate() scores many at once with score_examples."""
     preds, preds_norm = score_examples(logits, tokens, mask)
     return preds[0], preds_norm[0]
 
@@ -156,14 +157,17 @@ def score_example(logits, tokens, mask):
 def score_examples(logits, tokens, mask):
     """logits (4E, L, V) of E examples' rows, 4 consecutive rows per example -> ([pred], [pred_norm]), E each."""
     # the logits at position t predict the token at t+1: drop the last prediction and the first token
-    shift_logits = logits[:, :-1, :].float()  # (4E, L-1, V), losses in float32 even under bf16 autocast
-    shift_tokens = tokens[:, 1:]  # (4E, L-1)
-    shift_mask = mask[:, 1:]  # (4E, L-1): 1 where the token being predicted belongs to the ending
-    losses = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_tokens.reshape(-1),
-                             reduction="none").view_as(shift_tokens)  # (4E, L-1)
-    ending_losses = losses * shift_mask  # context and padding count for nothing
-    sum_loss = ending_losses.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
-    mean_loss = sum_loss / shift_mask.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
+    in_ending = mask[:, 1:].bool()  # (4E, L-1): True where the token being predicted belongs to an ending
+    # Only those positions are scored, so only their logits are taken, and converted to float32 for the
+    # log-softmax (bf16 autocast gives bf16 logits). Converting all (4E, L, V) would copy ~5x as much: a
+    # HellaSwag row is mostly context.
+    ending_logits = logits[:, :-1][in_ending].float()  # (N, V), N = ending tokens in the whole batch
+    ending_losses = F.cross_entropy(ending_logits, tokens[:, 1:][in_ending], reduction="none")  # (N,)
+    # back into place, row by row (boolean indexing and masked_scatter walk the mask in the same order);
+    # context and padding stay at zero loss
+    losses = torch.zeros(in_ending.shape, device=logits.device).masked_scatter(in_ending, ending_losses)
+    sum_loss = losses.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
+    mean_loss = sum_loss / in_ending.sum(dim=1).view(-1, NUM_ENDINGS)  # (E, 4)
     return sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()
 
 
@@ -172,7 +176,10 @@ def pad_and_stack(rendered):
     longest. Padding on the right is harmless: causal attention never lets a real token see what follows it,
     and the mask leaves the padded positions out of the scores."""
     length = max(tokens.size(1) for tokens, _ in rendered)
-    pad = lambda t: F.pad(t, (0, length - t.size(1)))
+
+    def pad(t):
+        return F.pad(t, (0, length - t.size(1)))
+
     return torch.cat([pad(tokens) for tokens, _ in rendered]), torch.cat([pad(mask) for _, mask in rendered])
 
 
@@ -213,7 +220,8 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
             num_total += len(batch)
             bar.update(len(batch))
     model.train(was_training)
-    if dist.is_initialized():
+    # world_size too, not only is_initialized: a single process may score everything alone inside a DDP run
+    if world_size > 1 and dist.is_initialized():
         counts = torch.tensor([num_correct, num_correct_norm, num_total], dtype=torch.long, device=device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         num_correct, num_correct_norm, num_total = counts.tolist()

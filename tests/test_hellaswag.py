@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import hellaswag
-from hellaswag import crop_to_block_size, evaluate, load_examples, pad_and_stack, render_example, score_example
+from hellaswag import (crop_to_block_size, evaluate, load_examples, pad_and_stack, render_example, score_example,
+                       score_examples)
 from model import GPT, GPTConfig
 from scripts import run_script
 
@@ -59,9 +60,9 @@ def enc():
     return tiktoken.get_encoding("gpt2")
 
 
-def tiny_gpt(block_size=64, seed=0):
+def tiny_gpt(block_size=64, seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size))
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, dropout=dropout))
 
 
 # --- loading -------------------------------------------------------------------------------------------------
@@ -249,6 +250,9 @@ def test_scoring_many_examples_per_forward_equals_one_at_a_time(rows_path, enc):
         assert torch.equal(tokens[rows, :length], example_tokens) and not tokens[rows, length:].any()
         assert torch.equal(mask[rows, :length], example_mask) and not mask[rows, length:].any()
         assert torch.allclose(batched_logits[rows, :length], model(example_tokens)[0], atol=1e-5)
+    # example by example, the batch's answers are those of each example scored alone
+    preds, preds_norm = score_examples(batched_logits, tokens, mask)
+    assert list(zip(preds, preds_norm)) == [score_example(model(t)[0], t, m) for t, m in rendered]
     for model in (tiny_gpt(), tiny_gpt(block_size=12)):  # the second also crops every row
         one_at_a_time = evaluate(model, examples, "cpu", batch_size=1)
         assert evaluate(model, examples, "cpu", batch_size=4) == one_at_a_time
@@ -261,6 +265,37 @@ def test_evaluate_crops_rows_longer_than_the_block_and_restores_training_mode(ro
     model.train()
     assert evaluate(model, examples, "cpu")[2] == len(examples)
     assert model.training
+
+
+def test_evaluate_scores_without_dropout_even_from_training_mode(rows_path, enc):
+    examples = load_examples(rows_path)
+    model = tiny_gpt(dropout=0.5)
+    with torch.no_grad():  # dropout 0.5 really changes the logits while it is on
+        tokens = render_example(examples[0], enc)[0]
+        model.train()
+        train_logits = model(tokens)[0]
+        model.eval()
+        assert not torch.allclose(train_logits, model(tokens)[0])
+    expected = evaluate(model, examples, "cpu")
+    model.train()  # as train_gpt2.py calls it, mid-training: evaluate must switch dropout off itself
+    for _ in range(3):
+        assert evaluate(model, examples, "cpu") == expected
+    assert model.training
+
+
+class AutocastProbe(RecordingModel):
+    """RecordingModel that also notes the autocast dtype its forward pass ran under (None: no autocast)."""
+
+    def forward(self, idx):
+        self.autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return super().forward(idx)
+
+
+@pytest.mark.parametrize("autocast_dtype, expected", [(None, None), ("float32", None), ("bfloat16", torch.bfloat16)])
+def test_evaluate_runs_the_model_under_the_autocast_it_is_given(rows_path, autocast_dtype, expected):
+    probe = AutocastProbe()
+    evaluate(probe, load_examples(rows_path), "cpu", autocast_dtype=autocast_dtype)
+    assert probe.autocast == expected
 
 
 def test_evaluate_under_bf16_autocast(rows_path):
