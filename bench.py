@@ -17,10 +17,15 @@ datasheet's dense bf16 peak, and against a large bf16 matmul measured on the sam
 `nanogpt` needs a clone of build-nanogpt, which is not part of this repository:
 
     git clone https://github.com/karpathy/build-nanogpt third_party/build-nanogpt     # git-ignored
+
+On a GPU node without network: train_gpt2.py and the HellaSwag benchmark need GPT-2's BPE files, so copy a
+tiktoken cache there and point TIKTOKEN_CACHE_DIR at it (see README.md); `gpu` skips CLIP, with a note, where
+open_clip_torch is not installed.
 """
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -85,7 +90,9 @@ def bench_train(args):
             tokens_per_sec = args.batch_size * args.seq_len / seconds
             with torch.device("meta"):
                 flops = GPT(model_config(args)).flops_per_token(args.seq_len) * tokens_per_sec
-            rows.append([args.model, args.batch_size, args.seq_len, dtype, "compile" if use_compile else "eager",
+            # float32 on CUDA runs its matmuls in TF32 (set_float32_matmul_precision("high"), as training does)
+            label = "float32 (tf32)" if dtype == "float32" and device.startswith("cuda") else dtype
+            rows.append([args.model, args.batch_size, args.seq_len, label, "compile" if use_compile else "eager",
                          f"{seconds * 1000:.1f}", f"{tokens_per_sec:,.0f}",
                          f"{flops / datasheet_peak * 100:.1f}%" if datasheet_peak else "n/a",
                          f"{flops / matmul_peak * 100:.1f}%"])
@@ -344,7 +351,7 @@ def bench_clip(args):
 
 REFERENCE_HELLASWAG_STUB = """# bench.py: stands in for build-nanogpt's hellaswag.py, which needs transformers and the network.
 # With compile on, its train_gpt2.py never evaluates HellaSwag; with it off (small CPU trials) it scores this
-# one dummy example at step 0, outside the steps that are timed.
+# one dummy example at the first and the last step, both outside the steps that are timed.
 import torch
 
 def iterate_examples(split):
@@ -378,66 +385,111 @@ def step_speeds(output, pattern):
     return {int(step): float(speed.replace(",", "")) for step, speed in re.findall(pattern, output)}
 
 
-def run_script(command, cwd, name):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+def run_script(command, cwd, name, env):
+    """Run a training script to the end and return what it printed. RANK, LOCAL_RANK and WORLD_SIZE are
+    removed from its environment: both scripts take them as the sign of a torchrun launch, and bench.py run
+    under torchrun by mistake must not turn a one-GPU measurement into a DDP one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result.stdout
 
 
+def one_visible_device(device):
+    """(device name, environment) for a child process that may see only `device`. build-nanogpt's script takes
+    "cuda" (that is, cuda:0) whenever there is a GPU, whatever we would like; so each script is shown only the
+    GPU that --device names, as its cuda:0. On the CPU, build-nanogpt's choice is overridden in its copy."""
+    if not device.startswith("cuda"):
+        return device, {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return "cuda", {"CUDA_VISIBLE_DEVICES": ids[torch.device(device).index or 0]}
+
+
+def check_nanogpt_args(args, config):
+    """Refuse settings that one of the two scripts would refuse, before minutes are spent running the other."""
+    B, T, total = args.batch_size, args.seq_len, args.total_batch_size
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise ValueError(f"--device {args.device}: the comparison runs on cuda or cpu")
+    if T > config.block_size:
+        raise ValueError(f"--seq-len {T} exceeds {args.model}'s block_size {config.block_size}")
+    if total % (B * T):
+        raise ValueError(f"--total-batch-size {total} is not a multiple of --batch-size x --seq-len = {B * T}")
+    if args.steps < args.warmup + 3:
+        raise ValueError(f"--steps {args.steps}: need at least --warmup ({args.warmup}) + 3 steps to time any")
+
+
+def write_synthetic_shards(data_dir, B, T, total, steps):
+    """Random tokens (speed does not depend on the text) under build-nanogpt's names, edufineweb_{split}_{i}.npy,
+    which our *_train_*.npy pattern also reads; one train shard long enough that neither script changes shards."""
+    os.makedirs(data_dir)
+    rng = np.random.default_rng(0)
+    for name, n_tokens in (("val_000000", 20 * B * T + 1), ("train_000001", (steps + 1) * total + 1)):
+        np.save(os.path.join(data_dir, f"edufineweb_{name}.npy"), rng.integers(0, EOT_TOKEN + 1, n_tokens, dtype=np.uint16))
+
+
+def write_reference_copy(reference, work, args, config, device, use_compile):
+    """build-nanogpt's train_gpt2.py with our settings, and the HellaSwag stub beside it, into work/."""
+    with open(reference) as f:
+        source = patch_reference(f.read(), [
+            (r"^use_compile = False\b", f"use_compile = {use_compile}"),
+            (r"^max_steps = \d+", f"max_steps = {args.steps}"),
+            (r"^B = \d+", f"B = {args.batch_size}"),
+            (r"^T = \d+", f"T = {args.seq_len}"),
+            (r"^total_batch_size = \d+", f"total_batch_size = {args.total_batch_size}"),
+            (r"^model = GPT\(GPTConfig\(vocab_size=50304\)\)",
+             f"model = GPT(GPTConfig(vocab_size=50304, block_size={config.block_size}, "
+             f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}))"),
+            # sampling, at the last step only when compile is off: skipped, as a barely trained model may pick
+            # one of the 47 padding tokens past 50256, which tiktoken cannot decode (and nothing here is timed)
+            (r"^    if \(\(step > 0 and step % 250 == 0\) or last_step\) and \(not use_compile\):",
+             "    if False:  # bench.py: no sampling"),
+            (r'^    print\(f"using device: \{device\}"\)',
+             f'    device = "{device}"  # set by bench.py\n    print(f"using device: {{device}}")'),
+        ])
+    with open(os.path.join(work, "train_gpt2.py"), "w") as f:
+        f.write(source)
+    with open(os.path.join(work, "hellaswag.py"), "w") as f:
+        f.write(REFERENCE_HELLASWAG_STUB)
+
+
+def our_command(args, data_dir, out_dir, device, use_compile):
+    root = os.path.dirname(os.path.abspath(__file__))
+    B, T = args.batch_size, args.seq_len
+    return [sys.executable, os.path.join(root, "train_gpt2.py"), "--data-dir", data_dir, "--out-dir", out_dir,
+            "--model", args.model, "--batch-size", str(B), "--seq-len", str(T),
+            "--total-batch-size", str(args.total_batch_size), "--max-steps", str(args.steps),
+            "--eval-every", "0", "--val-tokens", str(B * T), "--hellaswag-every", "0", "--sample-every", "0",
+            "--dtype", "bfloat16", "--compile" if use_compile else "--no-compile", "--device", device]
+
+
 def bench_nanogpt(args):
     """build-nanogpt's train_gpt2.py, then ours, each training for --steps steps on the same synthetic shards
-    (random tokens: speed does not depend on the text) with the same model, batch and precision: bf16 autocast,
-    torch.compile on CUDA. Compares the median tok/s each prints, leaving out the first steps (compilation)
-    and the last (build-nanogpt's includes a val loss and a checkpoint)."""
+    with the same model, batch and precision: bf16 autocast, torch.compile on CUDA. Compares the median tok/s
+    each prints, leaving out the first steps (compilation) and the last (build-nanogpt's includes a val loss
+    and a checkpoint). One run of each, not alternated: each compiles a model for a minute or more, and the
+    GPU, unlike a shared CPU, is ours alone for the call."""
     reference = os.path.join(args.reference, "train_gpt2.py")
     if not os.path.isfile(reference):
         raise FileNotFoundError(f"{reference}: no such file. build-nanogpt is not part of this repository; get it "
                                 f"with: git clone https://github.com/karpathy/build-nanogpt {args.reference}")
+    config = GPTConfig(**PRESETS[args.model])  # the model our train_gpt2.py builds for --model
+    check_nanogpt_args(args, config)
+    use_compile = 1 in args.compile_modes  # default: both scripts compiled on CUDA, eager on CPU
+    device, env = one_visible_device(args.device)
     B, T, total, steps = args.batch_size, args.seq_len, args.total_batch_size, args.steps
-    use_compile = bool(args.compile_modes[-1])  # default: both scripts compiled on CUDA, eager on CPU
-    if steps < args.warmup + 3:
-        raise ValueError(f"--steps {steps}: need at least --warmup ({args.warmup}) + 3 steps to time any")
-    config = model_config(args)
     with tempfile.TemporaryDirectory() as work:
-        # shards under build-nanogpt's names (edufineweb_{split}_{index}.npy, in ./edu_fineweb10B), which our
-        # *_train_*.npy pattern also reads; one train shard long enough that neither script changes shards
-        data_dir = os.path.join(work, "edu_fineweb10B")
-        os.makedirs(data_dir)
-        rng = np.random.default_rng(0)
-        for name, n_tokens in (("val_000000", 20 * B * T + 1), ("train_000001", (steps + 1) * total + 1)):
-            np.save(os.path.join(data_dir, f"edufineweb_{name}.npy"),
-                    rng.integers(0, EOT_TOKEN + 1, n_tokens, dtype=np.uint16))
-
-        with open(reference) as f:
-            source = patch_reference(f.read(), [
-                (r"^use_compile = False\b", f"use_compile = {use_compile}"),
-                (r"^max_steps = \d+", f"max_steps = {steps}"),
-                (r"^B = \d+", f"B = {B}"),
-                (r"^T = \d+", f"T = {T}"),
-                (r"^total_batch_size = \d+", f"total_batch_size = {total}"),
-                (r"^model = GPT\(GPTConfig\(vocab_size=50304\)\)",
-                 f"model = GPT(GPTConfig(vocab_size=50304, block_size={config.block_size}, "
-                 f"n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}))"),
-            ])
-        with open(os.path.join(work, "train_gpt2.py"), "w") as f:
-            f.write(source)
-        with open(os.path.join(work, "hellaswag.py"), "w") as f:
-            f.write(REFERENCE_HELLASWAG_STUB)
+        data_dir = os.path.join(work, "edu_fineweb10B")  # build-nanogpt reads ./edu_fineweb10B
+        write_synthetic_shards(data_dir, B, T, total, steps)
+        write_reference_copy(reference, work, args, config, device, use_compile)
         print(f"running build-nanogpt ({steps} steps)...", flush=True)
-        theirs = step_speeds(run_script([sys.executable, "train_gpt2.py"], work, "build-nanogpt's train_gpt2.py"),
+        theirs = step_speeds(run_script([sys.executable, "train_gpt2.py"], work, "build-nanogpt's train_gpt2.py", env),
                              REFERENCE_STEP_LINE)
-
         print(f"running ours ({steps} steps)...", flush=True)
-        root = os.path.dirname(os.path.abspath(__file__))
-        ours = step_speeds(run_script([
-            sys.executable, os.path.join(root, "train_gpt2.py"), "--data-dir", data_dir,
-            "--out-dir", os.path.join(work, "ours"), "--model", args.model, "--batch-size", str(B),
-            "--seq-len", str(T), "--total-batch-size", str(total), "--max-steps", str(steps),
-            "--eval-every", "0", "--val-tokens", str(B * T), "--hellaswag-every", "0", "--sample-every", "0",
-            "--dtype", "bfloat16", "--compile" if use_compile else "--no-compile", "--device", args.device,
-        ], root, "our train_gpt2.py"), OUR_STEP_LINE)
+        command = our_command(args, data_dir, os.path.join(work, "ours"), device, use_compile)
+        ours = step_speeds(run_script(command, os.path.dirname(os.path.abspath(__file__)), "our train_gpt2.py", env),
+                           OUR_STEP_LINE)
 
     timed_steps = range(args.warmup, steps - 1)
     missing = [s for s in timed_steps if s not in theirs or s not in ours]
@@ -445,16 +497,19 @@ def bench_nanogpt(args):
         raise RuntimeError(f"no tok/s printed for steps {missing} (did a script's output format change?)")
     with torch.device("meta"):  # FLOPs only: no memory for the weights
         flops_per_token = GPT(config).flops_per_token(T)
-    peak, rows = peak_flops(args.device), []
+    datasheet_peak, matmul_peak = peak_flops(args.device), matmul_flops(args.device)
     median = {name: float(np.median([speeds[s] for s in timed_steps]))
               for name, speeds in (("build-nanogpt train_gpt2.py", theirs), ("this repo's train_gpt2.py", ours))}
+    rows = []
     for name, tokens_per_sec in median.items():
-        mfu = f"{flops_per_token * tokens_per_sec / peak * 100:.1f}%" if peak else "n/a"
-        rows.append([name, f"{tokens_per_sec:,.0f}",
-                     f"{tokens_per_sec / median['build-nanogpt train_gpt2.py']:.2f}x", mfu])
+        flops = flops_per_token * tokens_per_sec
+        rows.append([name, f"{tokens_per_sec:,.0f}", f"{tokens_per_sec / median['build-nanogpt train_gpt2.py']:.2f}x",
+                     f"{flops / datasheet_peak * 100:.1f}%" if datasheet_peak else "n/a",
+                     f"{flops / matmul_peak * 100:.1f}%"])
     print_table(f"training, {args.model}, B={B}, T={T}, {total:,} tokens/step, bf16, compile={use_compile}, "
-                f"{device_name(args.device)}, median of steps {timed_steps.start}-{timed_steps.stop - 1}",
-                ["script", "tok/s", "vs build-nanogpt", "MFU (datasheet)"], rows)
+                f"{device_name(args.device)}, median of steps {timed_steps.start}-{timed_steps.stop - 1} "
+                f"(measured matmul peak {matmul_peak / 1e12:.1f} TFLOP/s)",
+                ["script", "tok/s", "vs build-nanogpt", "MFU (datasheet)", "MFU (matmul)"], rows)
 
 
 # -----------------------------------------------------------------------------
@@ -472,8 +527,10 @@ def main():
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--compile-modes", type=int, nargs="+", default=None, help="0 eager, 1 compile (default: both on CUDA)")
-    p.add_argument("--dtypes", nargs="+", default=None, help="float32 and/or bfloat16 (default: both on CUDA)")
+    p.add_argument("--compile-modes", type=int, nargs="+", choices=[0, 1], default=None,
+                   help="0 eager, 1 compile (default: both on CUDA; nanogpt compiles when 1 is among them)")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                   help="float32 (TF32 matmuls on CUDA) and/or bfloat16 (default: both on CUDA)")
     p.add_argument("--torch-compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
@@ -487,7 +544,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--shard-tokens", type=int, default=20_000_000)
-    p.add_argument("--reference", default="third_party/build-nanogpt", help="a clone of karpathy/build-nanogpt")
+    p.add_argument("--reference", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "third_party",
+                                                        "build-nanogpt"), help="a clone of karpathy/build-nanogpt")
     p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
     p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
     p.add_argument("--device", default="auto")
@@ -502,11 +560,14 @@ def main():
     # trains two 124M models, and the two together could outlast a 10-minute slot.
     for what in ["train", "caption", "sample", "hellaswag", "clip"] if args.what == "gpu" else [args.what]:
         batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(what)
+        if what == "clip" and args.what == "gpu" and importlib.util.find_spec("open_clip") is None:
+            print("\nCLIP: skipped, open_clip is not installed here (pip install open_clip_torch)")
+            continue
         BENCHMARKS[what](argparse.Namespace(**{**vars(args), "batch_size": batch_size}))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         sys.exit(f"bench.py: {e}")
