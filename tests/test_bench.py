@@ -1,5 +1,6 @@
 """bench.py measures speed and asserts none of it; what is tested here is that its comparison with
 build-nanogpt reads what the scripts really print, and refuses a reference script it does not recognise."""
+import argparse
 import re
 
 import pytest
@@ -31,3 +32,22 @@ def test_reference_settings_are_patched_once_or_refused():
         bench.patch_reference(source, [(r"^T = \d+", "T = 128")])
     with pytest.raises(ValueError, match="found 2"):
         bench.patch_reference(source + "B = 32\n", [(r"^B = \d+", "B = 4")])
+
+
+def test_each_script_sees_only_the_gpu_that_device_names(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # already narrowed by the user: cuda:1 is physical GPU 3
+    assert bench.one_visible_device("cuda:1") == ("cuda", {"CUDA_VISIBLE_DEVICES": "3"})
+    assert bench.one_visible_device("cuda") == ("cuda", {"CUDA_VISIBLE_DEVICES": "2"})
+    assert bench.one_visible_device("cpu") == ("cpu", {})
+
+
+@pytest.mark.parametrize("change, message", [({"seq_len": 512}, "exceeds tiny's block_size 256"),
+                                             ({"total_batch_size": 1000}, "not a multiple"),
+                                             ({"steps": 4}, "need at least"),
+                                             ({"device": "mps"}, "cuda or cpu")])
+def test_sizes_either_script_would_refuse_are_refused_before_running_them(change, message):
+    args = dict(model="tiny", batch_size=4, seq_len=128, total_batch_size=1024, steps=8, warmup=2, device="cpu")
+    config = bench.GPTConfig(**bench.PRESETS["tiny"])
+    bench.check_nanogpt_args(argparse.Namespace(**args), config)  # the settings as given pass
+    with pytest.raises(ValueError, match=message):
+        bench.check_nanogpt_args(argparse.Namespace(**{**args, **change}), config)
