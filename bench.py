@@ -39,6 +39,8 @@ import torch
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
 from training import autocast, default_device, peak_flops
 
+ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
+
 
 def synchronize(device):
     if device.startswith("cuda"):
@@ -389,8 +391,9 @@ def run_script(command, cwd, name, env):
     """Run a training script to the end and return what it printed. RANK, LOCAL_RANK and WORLD_SIZE are
     removed from its environment: both scripts take them as the sign of a torchrun launch, and bench.py run
     under torchrun by mistake must not turn a one-GPU measurement into a DDP one."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | env
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env = inherited | env | {"PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     return result.stdout
@@ -426,7 +429,8 @@ def write_synthetic_shards(data_dir, B, T, total, steps):
     os.makedirs(data_dir)
     rng = np.random.default_rng(0)
     for name, n_tokens in (("val_000000", 20 * B * T + 1), ("train_000001", (steps + 1) * total + 1)):
-        np.save(os.path.join(data_dir, f"edufineweb_{name}.npy"), rng.integers(0, EOT_TOKEN + 1, n_tokens, dtype=np.uint16))
+        tokens = rng.integers(0, EOT_TOKEN + 1, n_tokens, dtype=np.uint16)
+        np.save(os.path.join(data_dir, f"edufineweb_{name}.npy"), tokens)
 
 
 def write_reference_copy(reference, work, args, config, device, use_compile):
@@ -455,9 +459,8 @@ def write_reference_copy(reference, work, args, config, device, use_compile):
 
 
 def our_command(args, data_dir, out_dir, device, use_compile):
-    root = os.path.dirname(os.path.abspath(__file__))
     B, T = args.batch_size, args.seq_len
-    return [sys.executable, os.path.join(root, "train_gpt2.py"), "--data-dir", data_dir, "--out-dir", out_dir,
+    return [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--data-dir", data_dir, "--out-dir", out_dir,
             "--model", args.model, "--batch-size", str(B), "--seq-len", str(T),
             "--total-batch-size", str(args.total_batch_size), "--max-steps", str(args.steps),
             "--eval-every", "0", "--val-tokens", str(B * T), "--hellaswag-every", "0", "--sample-every", "0",
@@ -488,7 +491,7 @@ def bench_nanogpt(args):
                              REFERENCE_STEP_LINE)
         print(f"running ours ({steps} steps)...", flush=True)
         command = our_command(args, data_dir, os.path.join(work, "ours"), device, use_compile)
-        ours = step_speeds(run_script(command, os.path.dirname(os.path.abspath(__file__)), "our train_gpt2.py", env),
+        ours = step_speeds(run_script(command, ROOT, "our train_gpt2.py", env),
                            OUR_STEP_LINE)
 
     timed_steps = range(args.warmup, steps - 1)
@@ -544,8 +547,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
     p.add_argument("--shard-tokens", type=int, default=20_000_000)
-    p.add_argument("--reference", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "third_party",
-                                                        "build-nanogpt"), help="a clone of karpathy/build-nanogpt")
+    p.add_argument("--reference", default=os.path.join(ROOT, "third_party", "build-nanogpt"),
+                   help="a clone of karpathy/build-nanogpt")
     p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
     p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
     p.add_argument("--device", default="auto")
