@@ -13,6 +13,11 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
 
 MFU (model FLOPs utilisation) = the FLOPs the model needs per second / what the device could do: against the
 datasheet's dense bf16 peak, and against a large bf16 matmul measured on the same device (the practical ceiling).
+It is a per-device number: every benchmark here runs on the one device --device names, so the FLOP rate of
+that device is divided by that device's peak (with N GPUs, a global FLOP rate would first be divided by N).
+
+--device cuda:3 measures GPU 3: it becomes the current CUDA device, so that nothing (the timers' synchronize,
+a CUDA context, a compiled kernel) lands on GPU 0 by default.
 
 `nanogpt` needs a clone of build-nanogpt, which is not part of this repository:
 
@@ -42,9 +47,18 @@ from training import autocast, default_device, peak_flops
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
 
 
+def use_device(device):
+    """Make a numbered GPU (cuda:3) the current CUDA device. Calls that take no device, such as
+    torch.cuda.synchronize() or torch.compile's kernels, use the current one, which is otherwise GPU 0."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def synchronize(device):
+    """Wait for the GPU being measured: its kernels run asynchronously, so a timer read without waiting
+    measures only how long they took to launch."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, warmup, iters):
@@ -132,6 +146,22 @@ def train_step_seconds(args, use_compile, dtype):
     if args.profile:
         print_profile(train_step, device, f"{dtype}, {'compile' if use_compile else 'eager'}")
     return seconds
+
+
+# SDPA's kernels that exist on CUDA only, and those that have no float32 version there (FlashAttention and
+# cuDNN attention take bf16/fp16 inputs only). Forced with sdpa_kernel, SDPA does not fall back to another
+# kernel: it raises "No available kernel".
+CUDA_ONLY_BACKENDS = ("cudnn", "efficient")
+HALF_PRECISION_BACKENDS = ("flash", "cudnn")
+
+
+def check_sdpa_backend(backend, device, dtypes):
+    """Refuse an attention kernel that cannot run one of the requested rows, before any model is built."""
+    cuda = device.startswith("cuda")
+    if backend in CUDA_ONLY_BACKENDS and not cuda:
+        raise ValueError(f"--sdpa-backend {backend}: a CUDA kernel, not available on {device} (flash and math are)")
+    if backend in HALF_PRECISION_BACKENDS and cuda and "float32" in dtypes:
+        raise ValueError(f"--sdpa-backend {backend}: has no float32 kernel on CUDA; pass --dtypes bfloat16")
 
 
 def attention_backend(name):
@@ -524,7 +554,16 @@ DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "hellaswag": 16, 
                       "nanogpt": 64}  # nanogpt: build-nanogpt's own B
 
 
-def main():
+def default_dtypes(args):
+    """float32 (as TF32) and bf16 on CUDA, where a forced attention kernel allows float32; float32 elsewhere."""
+    if not args.device.startswith("cuda"):
+        return ["float32"]
+    if args.what in ("train", "gpu") and args.sdpa_backend in HALF_PRECISION_BACKENDS:
+        return ["bfloat16"]
+    return ["float32", "bfloat16"]
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=[*BENCHMARKS, "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
@@ -533,7 +572,8 @@ def main():
     p.add_argument("--compile-modes", type=int, nargs="+", choices=[0, 1], default=None,
                    help="0 eager, 1 compile (default: both on CUDA; nanogpt compiles when 1 is among them)")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
-                   help="float32 (TF32 matmuls on CUDA) and/or bfloat16 (default: both on CUDA)")
+                   help="float32 (TF32 matmuls on CUDA) and/or bfloat16 (default: both on CUDA, but bfloat16 "
+                        "alone with --sdpa-backend flash or cudnn)")
     p.add_argument("--torch-compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
@@ -551,12 +591,15 @@ def main():
                    help="a clone of karpathy/build-nanogpt")
     p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
     p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    args = p.parse_args(argv)
     args.device = default_device() if args.device == "auto" else args.device
     cuda = args.device.startswith("cuda")
     args.compile_modes = args.compile_modes or ([0, 1] if cuda else [0])
-    args.dtypes = args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"])
+    args.dtypes = args.dtypes or default_dtypes(args)
+    if args.what in ("train", "gpu"):  # the benchmarks that use --sdpa-backend
+        check_sdpa_backend(args.sdpa_backend, args.device, args.dtypes)
+    use_device(args.device)
     torch.set_float32_matmul_precision("high")
     print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}", flush=True)
     # gpu: the GPU record, in one device call of a few minutes. nanogpt is a second call: it compiles and

@@ -1,9 +1,11 @@
 """bench.py measures speed and asserts none of it; what is tested here is that its comparison with
-build-nanogpt reads what the scripts really print, and refuses a reference script it does not recognise."""
+build-nanogpt reads what the scripts really print, and refuses a reference script it does not recognise; and
+that on CUDA it measures the GPU --device names and refuses an attention kernel that cannot run a row."""
 import argparse
 import re
 
 import pytest
+import torch
 
 import bench
 from test_train_gpt2 import TINY, run, write_shards
@@ -51,3 +53,58 @@ def test_sizes_either_script_would_refuse_are_refused_before_running_them(change
     bench.check_nanogpt_args(argparse.Namespace(**args), config)  # the settings as given pass
     with pytest.raises(ValueError, match=message):
         bench.check_nanogpt_args(argparse.Namespace(**{**args, **change}), config)
+
+
+# --- the CUDA path, on the CPU: torch.cuda's functions replaced by recorders ---------------------------------
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with GPUs, as far as bench.main can tell: every call it makes to torch.cuda is recorded in
+    the returned list instead of reaching a GPU. The float32 matmul precision is left as it is, for the
+    tests that run after this one in the same process."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    return calls
+
+
+def test_timing_waits_for_the_gpu_it_measures(monkeypatch):
+    # waiting on another GPU (GPU 0, by default) would time only the kernel launches on this one
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    bench.timed(lambda: None, "cuda:3", warmup=2, iters=3)
+    assert waited == ["cuda:3", "cuda:3"]  # after the warmup, and after the timed calls
+
+
+def test_a_numbered_gpu_becomes_the_current_device_before_any_benchmark(fake_gpus, monkeypatch):
+    monkeypatch.setitem(bench.BENCHMARKS, "sample", lambda args: fake_gpus.append(("sample", args.device)))
+    bench.main(["sample", "--device", "cuda:3"])
+    assert fake_gpus == [("set_device", "cuda:3"), ("sample", "cuda:3")]
+    fake_gpus.clear()
+    bench.main(["sample", "--device", "cuda"])  # no number: the current device is already the one meant
+    assert fake_gpus == [("sample", "cuda")]
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_flash_and_cudnn_attention_in_float32_are_refused_before_any_model_is_built(fake_gpus, monkeypatch,
+                                                                                     backend):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(bench, "GPT", no_model)
+    with pytest.raises(ValueError, match=f"--sdpa-backend {backend}: has no float32 kernel on CUDA"):
+        bench.main(["train", "--device", "cuda:0", "--sdpa-backend", backend, "--dtypes", "float32", "bfloat16"])
+    assert fake_gpus == []  # refused before touching the GPU at all
+    # not given --dtypes, such a backend is measured in bfloat16 only
+    monkeypatch.setitem(bench.BENCHMARKS, "train", lambda args: fake_gpus.append(args.dtypes))
+    bench.main(["train", "--device", "cuda:0", "--sdpa-backend", backend])
+    assert fake_gpus[-1] == ["bfloat16"]
+
+
+def test_cuda_only_attention_kernels_are_refused_on_the_cpu():
+    for backend in ("cudnn", "efficient"):
+        with pytest.raises(ValueError, match=f"--sdpa-backend {backend}: a CUDA kernel, not available on cpu"):
+            bench.main(["train", "--device", "cpu", "--sdpa-backend", backend])
+    bench.check_sdpa_backend("flash", "cpu", ["float32"])  # the CPU has a float32 flash kernel
