@@ -28,12 +28,14 @@ acc 0.2859 and acc_norm 0.2955; EleutherAI's lm-evaluation-harness reports 0.289
 rewrites the text a little and divides by the ending's characters instead of its tokens.
 
 The validation set (10,042 examples) is downloaded once into $HELLASWAG_DIR, by default the folder
-hellaswag/ beside this file. train_gpt2.py imports load_examples and evaluate from here.
+hellaswag/ beside this file; under DDP, once per node, in case the nodes do not share that folder.
+train_gpt2.py imports download_if_missing, load_examples and evaluate from here.
 """
 
 import argparse
 import json
 import os
+import socket
 import sys
 import urllib.request
 
@@ -55,9 +57,11 @@ NUM_ENDINGS = 4
 
 
 def download(url, path):
-    """Fetch url into path with a progress bar. The bytes go to path.tmp, which is renamed to path only once
-    complete: an interrupted download leaves no half file that a later run would mistake for the data."""
-    tmp = path + ".tmp"
+    """Fetch url into path with a progress bar. The bytes go to a .tmp file, which is renamed to path only once
+    complete: an interrupted download leaves no half file that a later run would mistake for the data. The
+    .tmp file is named after this machine and process: nodes that share a disk may download at the same time,
+    and each must write a file of its own (the last complete one to be renamed wins; they are the same)."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length", 0)) or None
@@ -75,15 +79,20 @@ def download(url, path):
     os.replace(tmp, path)
 
 
-def download_if_missing(master=True):
-    """The path of the validation set, downloaded on first use. Under DDP only the master process downloads;
-    the others wait at a barrier until it is done, then all of them read the same file."""
+def download_if_missing(local_master=True):
+    """The path of the validation set, downloaded on first use. Under DDP, local_master says that this process
+    is local rank 0 of its node: it downloads the file if its node does not have it (the nodes of a cluster
+    need not share a disk), while the node's other processes wait at a barrier, then read its copy."""
     path = os.path.join(DATA_DIR, "hellaswag_val.jsonl")
-    if master and not os.path.exists(path):
-        os.makedirs(DATA_DIR, exist_ok=True)
-        download(VAL_URL, path)
-    if dist.is_initialized():
-        dist.barrier()
+    try:
+        if local_master and not os.path.exists(path):
+            os.makedirs(DATA_DIR, exist_ok=True)
+            download(VAL_URL, path)
+    finally:
+        # reached even when the download failed: the other processes then find no file and stop with an
+        # error too, instead of waiting at the barrier for a process that has left
+        if dist.is_initialized():
+            dist.barrier()
     return path
 
 
@@ -232,7 +241,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
 # Command line
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 checkpoint (validation set)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a .pt file written by train_gpt2.py (or train_caption.py)")
@@ -242,7 +251,14 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (4 rows each)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
-    return p.parse_args()
+    return p.parse_args(argv)
+
+
+def use_device(device):
+    """Make a numbered GPU (cuda:1) the current CUDA device: calls that name no device, and the CUDA context
+    they create, would otherwise go to GPU 0."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
 
 
 def load_model(args):
@@ -254,7 +270,8 @@ def load_model(args):
 
 def main(args):
     device = default_device() if args.device == "auto" else args.device
-    dtype = args.dtype or default_dtype(torch.device(device).type)
+    use_device(device)
+    dtype = args.dtype or default_dtype(device)
     examples = load_examples(args.data or download_if_missing(), limit=args.limit)
     model, name = load_model(args)
     model.to(device)

@@ -1,5 +1,6 @@
 """hellaswag.py: rendering matches the tokenizer, scoring picks the lowest total and the lowest mean loss,
-ranks split the examples without overlap, the download is atomic, and the CLI reports bad input in one line.
+ranks split the examples without overlap, the download is atomic and made once per node, and the CLI
+reports bad input in one line and uses the GPU it is given.
 Handmade examples in the real schema, tiny models, the CPU, no network."""
 import dataclasses
 import io
@@ -219,10 +220,11 @@ def test_two_ranks_split_the_examples_and_add_up_to_one_process(rows_path):
 
 
 def evaluate_in_a_process_group(rank, init_file, data_dir, url, out_dir):
-    """One rank of a 2-process gloo group, as under torchrun: download (rank 0 only), load, evaluate."""
+    """One rank of a 2-process gloo group on one node, as under torchrun: download (local rank 0 only), load,
+    evaluate."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     hellaswag.DATA_DIR, hellaswag.VAL_URL = data_dir, url
-    examples = load_examples(hellaswag.download_if_missing(master=rank == 0))
+    examples = load_examples(hellaswag.download_if_missing(local_master=rank == 0))
     counts = evaluate(RecordingModel(), examples, "cpu", rank=rank, world_size=2)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(counts, f)
@@ -321,6 +323,64 @@ def test_download_if_missing_fetches_once_and_atomically(rows_path, tmp_path, mo
     assert hellaswag.download_if_missing() == path  # present: not fetched again
 
 
+@pytest.fixture
+def barriers(monkeypatch):
+    """A DDP run, as far as download_if_missing can tell: torch.distributed is initialised, and each barrier
+    is counted in the returned list instead of waiting for other processes."""
+    waited = []
+    monkeypatch.setattr(hellaswag.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(hellaswag.dist, "barrier", lambda *args, **kwargs: waited.append("barrier"))
+    return waited
+
+
+def test_each_node_downloads_into_its_own_disk(rows_path, tmp_path, monkeypatch, barriers):
+    # two nodes without a shared disk: each has its own (empty) data folder, and 2 processes
+    monkeypatch.setattr(hellaswag, "VAL_URL", "file://" + rows_path)
+    for node in ("node0", "node1"):
+        monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / node))
+        path = hellaswag.download_if_missing(local_master=True)  # local rank 0 downloads, then waits
+        assert hellaswag.download_if_missing(local_master=False) == path  # local rank 1 only waits
+        assert load_examples(path) == make_rows()
+    assert barriers == ["barrier"] * 4  # every process waited once
+    # a process that is not its node's local rank 0 never downloads, even where the file is missing
+    monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / "node2"))
+    assert not os.path.exists(hellaswag.download_if_missing(local_master=False))
+
+
+def test_a_failed_download_still_reaches_the_barrier(tmp_path, monkeypatch, barriers):
+    # otherwise the node's other processes would wait at the barrier for a process that has stopped
+    monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hellaswag, "VAL_URL", "file://" + str(tmp_path / "gone.jsonl"))
+    with pytest.raises(FileNotFoundError, match="hellaswag_val.jsonl: missing"):
+        hellaswag.download_if_missing(local_master=True)
+    assert barriers == ["barrier"]
+
+
+class Response(io.BytesIO):
+    headers = {}
+
+
+def test_two_nodes_downloading_onto_one_shared_disk_at_once(rows_path, tmp_path, monkeypatch):
+    # node-a has read the first bytes when node-b, finding no file yet either, downloads the whole of it
+    data = open(rows_path, "rb").read()
+
+    class NodeBDownloadsMidway(Response):
+        def read(self, size=-1):
+            if self.tell() == 100:
+                monkeypatch.setattr(hellaswag.socket, "gethostname", lambda: "node-b")
+                assert open(hellaswag.download_if_missing(), "rb").read() == data
+            return super().read(100)
+
+    responses = [NodeBDownloadsMidway(data), Response(data)]
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout: responses.pop(0))
+    monkeypatch.setattr(hellaswag.socket, "gethostname", lambda: "node-a")
+    monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / "shared"))
+    path = hellaswag.download_if_missing()
+    assert not responses  # both nodes did download
+    assert open(path, "rb").read() == data
+    assert os.listdir(tmp_path / "shared") == ["hellaswag_val.jsonl"]  # neither left a .tmp behind
+
+
 class BrokenResponse(io.BytesIO):
     """A download whose connection drops after the first chunk."""
     headers = {"Content-Length": "1000000"}
@@ -386,3 +446,23 @@ def test_cli_bad_input_is_one_line_naming_the_file(checkpoint_path, rows_path, t
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hellaswag.py: error:") and bad in lines[0], result.stderr
+
+
+def test_cli_on_a_numbered_gpu_uses_that_gpu_throughout(rows_path, monkeypatch):
+    # on the CPU: torch.cuda.set_device, the model's .to and the scoring are replaced by recorders
+    calls = []
+    model = tiny_gpt()
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(hellaswag, "load_model", lambda args: (model, "tiny"))
+    monkeypatch.setattr(model, "to", lambda device: calls.append(("to", device)) or model)
+    # the dtype is asked of the GPU in use ("cuda:1"), not of "cuda", which is GPU 0
+    monkeypatch.setattr(hellaswag, "default_dtype", lambda device: calls.append(("default_dtype", device)) or "bfloat16")
+
+    def evaluate(model, examples, device, autocast_dtype, **kwargs):
+        calls.append(("evaluate", device, autocast_dtype))
+        return 1, 2, len(examples)
+
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate)
+    hellaswag.main(hellaswag.parse_args(["--pretrained", "gpt2", "--data", rows_path, "--device", "cuda:1"]))
+    assert calls == [("set_device", "cuda:1"), ("default_dtype", "cuda:1"), ("to", "cuda:1"),
+                     ("evaluate", "cuda:1", "bfloat16")]
