@@ -163,6 +163,13 @@ def parse_args(argv=None):
     return args
 
 
+def use_device(device):
+    """Make a numbered GPU (cuda:1) the current CUDA device: calls that name no device, and the CUDA context
+    they create, would otherwise go to GPU 0."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def check_same_clip(checkpoint, checkpoint_path, meta, features_dir):
     """Features from another image encoder give fluent captions of nothing in particular, silently: refuse."""
     clip = checkpoint.get("clip")
@@ -195,6 +202,7 @@ def main(argv=None):
     out_dir = os.path.dirname(args.out) or "."
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: no such folder (for --out {args.out})")
+    use_device(args.device)
 
     model, checkpoint = GPT.from_checkpoint(args.checkpoint, kind="caption")
     meta = coco.read_meta(args.features_dir)
@@ -205,10 +213,10 @@ def main(argv=None):
     split = coco.load_split(args.features_dir, args.split)
     if args.limit:
         split = split.first(args.limit)
-    print(f"{args.split}: {len(split)} images, beam {args.beam}, {args.device}")
+    dtype = default_dtype(args.device)  # asked of the GPU in use, not of GPU 0
+    print(f"{args.split}: {len(split)} images, beam {args.beam}, {args.device}, {dtype}")
 
     model.to(args.device)
-    dtype = default_dtype(torch.device(args.device).type)
     captions = caption_images(model, split, args.batch_size, args.beam, args.max_new_tokens, args.device, dtype,
                               args.length_penalty)
     image_ids = [int(i) for i in split.image_ids]

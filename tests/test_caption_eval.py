@@ -1,5 +1,6 @@
 """caption_eval.py: the COCO metrics agree with values worked out by hand and by an independent BLEU; captioning
-is batched beam search / greedy decoding; a missing Java stops everything before any captioning."""
+is batched beam search / greedy decoding, on the GPU --device names; a missing Java stops everything before
+any captioning."""
 import importlib.util
 import json
 import math
@@ -211,3 +212,29 @@ def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
     save_tiny_checkpoint(tmp_path / "model.pt")
     with pytest.raises(ValueError, match="ViT-B-32-quickgelu.*ViT-L-14-quickgelu"):
         caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--device", "cpu"])
+
+
+def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tmp_path):
+    # on the CPU: torch.cuda.set_device, the model's .to, the captioning and the metrics replaced by recorders
+    calls = []
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor: {"CIDEr": 0.5})
+    fake_features_dir(monkeypatch)
+    model = save_tiny_checkpoint(tmp_path / "model.pt")
+    checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
+    monkeypatch.setattr(caption_eval.GPT, "from_checkpoint", lambda path, kind: (model, checkpoint))
+    monkeypatch.setattr(model, "to", lambda device: calls.append(("to", device)) or model)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    # the dtype is asked of the GPU in use ("cuda:1"), not of "cuda", which is GPU 0
+    monkeypatch.setattr(caption_eval, "default_dtype",
+                        lambda device: calls.append(("default_dtype", device)) or "bfloat16")
+
+    def caption_images(model, features, batch_size, beam_size, max_new_tokens, device, dtype, length_penalty):
+        calls.append(("caption_images", device, dtype))
+        return ["a red square"] * len(features)
+
+    monkeypatch.setattr(caption_eval, "caption_images", caption_images)
+    caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--device", "cuda:1"])
+    assert calls == [("set_device", "cuda:1"), ("default_dtype", "cuda:1"), ("to", "cuda:1"),
+                     ("caption_images", "cuda:1", "bfloat16")]
+    assert json.loads((tmp_path / "model_val_beam3.json").read_text())["metrics"] == {"CIDEr": 0.5}
