@@ -482,6 +482,14 @@ def parse_args(argv=None):
     return args
 
 
+def use_device(device):
+    """Make a numbered GPU (cuda:1) the current CUDA device. What names no device uses the current one, GPU 0
+    otherwise: the DataLoader's pin-memory thread, for one, would open a CUDA context on GPU 0 and pin the
+    batches for it."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def output_shape(clip_model, preprocess, device):
     """(n_tokens, width) of this CLIP's image features, from one blank picture."""
     pixels = preprocess(Image.new("RGB", (64, 64)))[None].to(device)  # (1, 3, 224, 224)
@@ -504,6 +512,7 @@ def main(argv=None):
             raise ValueError(f"{meta_path}: features of CLIP {old['clip_model']} ({old['clip_pretrained']}) are "
                              f"here; choose another --out-dir")
         skipped = old.get("skipped", {})
+    use_device(args.device)
     clip_model, preprocess = load_clip(args.clip_model, args.clip_pretrained, args.device)
     n_tokens, width = output_shape(clip_model, preprocess, args.device)
     meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "n_tokens": n_tokens,

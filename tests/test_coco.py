@@ -3,7 +3,8 @@ randomly initialised CLIP ViT-B/32 (--clip-pretrained none: the same seed-0 weig
 
 What is promised: the stored features are CLIP's 50 tokens after ln_post, row-aligned with ids and captions;
 broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
-val/test images never reach training; downloads resume and are verified; user errors are one line naming a path."""
+val/test images never reach training; downloads resume and are verified; user errors are one line naming a path;
+--device cuda:N is made the current device before CLIP is loaded."""
 import http.server
 import json
 import os
@@ -366,3 +367,25 @@ def test_damaged_archive_is_reported_deleted_and_not_extracted(dataset, tmp_path
     with pytest.raises(OSError, match=re.escape(f"{target / 'val2017.zip'}: damaged archive")):
         coco.download_coco(str(target))
     assert sorted(os.listdir(target)) == ["annotations", "train2017"]  # no half-extracted val2017/, no archive
+
+
+# -----------------------------------------------------------------------------
+# The CUDA path, on the CPU
+
+
+def test_a_numbered_gpu_is_made_current_before_clip_is_loaded(tmp_path, monkeypatch):
+    # otherwise the DataLoader's pin-memory thread, which takes the current device, works for GPU 0
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", [1])
+    write_coco(root, "val2017", [2])
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+
+    def load_clip(model_name, pretrained, device):
+        calls.append(("load_clip", device))
+        raise Killed  # far enough: the rest needs a GPU
+
+    monkeypatch.setattr(coco, "load_clip", load_clip)
+    with pytest.raises(Killed):
+        coco.main(coco_args(root, tmp_path / "features", "--device", "cuda:1"))
+    assert calls == [("set_device", "cuda:1"), ("load_clip", "cuda:1")]
