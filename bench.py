@@ -16,8 +16,8 @@ datasheet's dense bf16 peak, and against a large bf16 matmul measured on the sam
 It is a per-device number: every benchmark here runs on the one device --device names, so the FLOP rate of
 that device is divided by that device's peak (with N GPUs, a global FLOP rate would first be divided by N).
 
---device cuda:3 measures GPU 3: it becomes the current CUDA device, so that nothing (the timers' synchronize,
-a CUDA context, a compiled kernel) lands on GPU 0 by default.
+--device cuda:3 measures GPU 3: it becomes the current CUDA device, so that what names no device (a CUDA
+context, a library's own torch.cuda calls) does not land on GPU 0, and the timers wait for GPU 3 itself.
 
 `nanogpt` needs a clone of build-nanogpt, which is not part of this repository:
 
@@ -48,8 +48,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_
 
 
 def use_device(device):
-    """Make a numbered GPU (cuda:3) the current CUDA device. Calls that take no device, such as
-    torch.cuda.synchronize() or torch.compile's kernels, use the current one, which is otherwise GPU 0."""
+    """Make a numbered GPU (cuda:3) the current CUDA device: calls that name no device, and the CUDA context
+    they create, would otherwise go to GPU 0."""
     if device.startswith("cuda") and torch.device(device).index is not None:
         torch.cuda.set_device(device)
 
