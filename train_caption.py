@@ -17,6 +17,7 @@ starts from, the loss covers the caption tokens and the final <|endoftext|> (so 
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -30,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import coco
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
-                      cosine_lr, default_dtype, optimizer_step, resume_path, rng_state, save_checkpoint,
-                      set_rng_state, setup_distributed)
+                      cosine_lr, default_dtype, gather_objects, load_on_every_rank, resume_path, rng_state,
+                      save_checkpoint, set_rng_state, setup_distributed, start_log, wait_for_each_other)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -52,40 +53,50 @@ def caption_batch(token_lists, max_tokens):
 
 
 class CaptionLoader:
-    """Each epoch visits the images in a new random order; each time an image is seen, one of its (about 5)
-    captions is drawn at random, so over the epochs the decoder meets them all. Both draws come from
-    (seed, epoch, position): every rank agrees without talking, and resuming replays them exactly.
-    Rank r of W takes images [pos + r*B, pos + (r+1)*B) of the epoch's order, then pos advances by B*W."""
+    """Training data, one optimizer step at a time: next_step() -> this rank's (image_feats, x, y) and the number
+    of caption tokens in the whole step.
 
-    def __init__(self, data, B, max_tokens, rank=0, world_size=1, seed=1337):
-        self.data, self.B, self.max_tokens = data, B, max_tokens
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        if len(data.image_ids) < B * world_size:
-            raise ValueError(f"{len(data.image_ids)} training images are fewer than one step's batch "
-                             f"({B} x {world_size} ranks)")
+    Each epoch visits the images in a new random order, and each step takes the next `images_per_step` of
+    them, whatever the number of processes or the micro-batch size. For each image one of its (about 5)
+    captions is drawn at random, so over the epochs the decoder meets them all. Both draws come from (seed,
+    epoch, position): every rank agrees without talking, and resuming replays them exactly. Only then is the
+    step split: rank r of W takes the r-th of W equal slices and cuts it into micro-batches. So 8 GPUs and 1 GPU
+    with 8x the accumulation train on the same images and captions at every step, and a checkpoint resumes on
+    another number of GPUs. The epoch's last < images_per_step images wait for the next epoch's order."""
+
+    def __init__(self, data, images_per_step, max_tokens, seed=1337):
+        self.data, self.images_per_step, self.max_tokens, self.seed = data, images_per_step, max_tokens, seed
+        if len(data.image_ids) < images_per_step:
+            raise ValueError(f"{len(data.image_ids)} training images are fewer than one step's "
+                             f"--total-batch-size {images_per_step}")
         self.load_state_dict({"epoch": 0, "pos": 0})
 
     def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "data_order": self.data_order()}
+
+    def data_order(self):
+        """What the order of images and captions depends on: resuming refuses a mismatch."""
+        return {"images": len(self.data.image_ids), "images_per_step": self.images_per_step, "seed": self.seed}
 
     def load_state_dict(self, state):
+        if "data_order" in state and state["data_order"] != self.data_order():
+            raise ValueError(f"the checkpoint's data order {state['data_order']} does not match this run's "
+                             f"{self.data_order()} (run with the checkpoint's features and settings)")
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data.image_ids))
 
-    def next_batch(self):
-        B, W = self.B, self.world_size
-        if self.pos + B * W > len(self.order):
+    def next_step(self, rank=0, world_size=1):
+        """-> image_feats (n, N_img, width) fp16, x and y (n, L), with n = images_per_step / world_size, and the
+        step's caption tokens on all ranks (what its loss is the mean over)."""
+        if self.pos + self.images_per_step > len(self.order):
             self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
-        start = self.pos + self.rank * B  # where this rank's images begin in the epoch's order
-        images = np.sort(self.order[start: start + B])  # sorted: faster reads
-        # the caption draw is keyed by that position, not by the rank: 2 ranks and 1 process with 2 micro-steps
-        # draw the same captions for the same images
-        rng = np.random.default_rng([self.seed, self.epoch, start])
+        images = np.sort(self.order[self.pos: self.pos + self.images_per_step])  # sorted: faster reads
+        rng = np.random.default_rng([self.seed, self.epoch, self.pos])
         captions = [self.data.tokens[i][rng.integers(len(self.data.tokens[i]))] for i in images]
-        self.pos += B * W
-        image_feats = self.data.image_feats(images)  # (B, N_img, width), fp16
-        x, y = caption_batch(captions, self.max_tokens)
-        return image_feats, x, y
+        self.pos += self.images_per_step
+        x, y = caption_batch(captions, self.max_tokens)  # the whole step: the same length L on every rank
+        share = slice(rank * len(images) // world_size, (rank + 1) * len(images) // world_size)
+        return self.data.image_feats(images[share]), x[share], y[share], int((y != -1).sum())
 
 
 def val_batches(data, B, max_images, max_tokens):
@@ -114,7 +125,7 @@ def validation_loss(model, data, batches, d, dtype):
         image_feats = data.image_feats(images).to(d.device)
         x, y = x.to(d.device), y.to(d.device)
         with autocast(d.device_type, dtype):
-            _, loss = model(x, y, image_feats=image_feats)
+            loss = model(x, y, image_feats=image_feats)[1]
         n_tokens = (y != -1).sum()
         total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
     all_reduce_sum(total, d)
@@ -174,10 +185,12 @@ def parse_args(argv=None):
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
     p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
     p.add_argument("--cross-attn-every", type=int, default=2, help="a cross-attention layer in every k-th block")
+    p.add_argument("--total-batch-size", type=int, default=256,
+                   help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")
     p.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
-    p.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-steps", type=int, default=20000,
-                   help="optimizer steps (COCO train2017: ~3,700 per epoch at 32)")
+    p.add_argument("--epochs", type=float, default=5,
+                   help="caption-epochs: passes over all image-caption pairs (COCO train2017: ~591K)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint (then --resume auto)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
@@ -196,14 +209,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a process waits for a missing peer before the run stops with an error")
     return p.parse_args(argv)
 
 
-def build_model(args, resume_from, image_width):
+def build_model(args, resume_from, image_width, d):
     """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
     sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
     if resume_from is not None:
-        return GPT.from_checkpoint(resume_from, kind="caption")
+        return load_on_every_rank(lambda: GPT.from_checkpoint(resume_from, kind="caption"), resume_from, d)
     new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
     if args.init.endswith(".pt"):
         return GPT.from_checkpoint(args.init, kind="lm", **new_layers)[0], None
@@ -211,20 +226,28 @@ def build_model(args, resume_from, image_width):
 
 
 def main(args):
-    d = setup_distributed(args.device)
-    dtype = args.dtype or default_dtype(d.device_type)
+    d = setup_distributed(args.device, args.dist_timeout)
+    dtype = args.dtype or default_dtype(d.device)
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("high")
     enc = tiktoken.get_encoding("gpt2")
 
+    B = args.batch_size
+    if args.total_batch_size % (B * d.world_size):
+        raise ValueError(f"--total-batch-size {args.total_batch_size} is not divisible by batch-size x world size = "
+                         f"{B} x {d.world_size} = {B * d.world_size}")
+    grad_accum_steps = args.total_batch_size // (B * d.world_size)
+
     # --- data, model, optimizer
     meta = coco.read_meta(args.features_dir)
     train_data, val_data = coco.load_split(args.features_dir, "train"), coco.load_split(args.features_dir, "val")
-    train_loader = CaptionLoader(train_data, args.batch_size, args.max_caption_tokens, d.rank, d.world_size, args.seed)
-    val_data_batches = val_batches(val_data, args.batch_size, args.val_images, args.max_caption_tokens)
-    resume_from = resume_path(args.out_dir, args.resume)
-    raw_model, checkpoint = build_model(args, resume_from, image_width=train_data.width)
+    train_loader = CaptionLoader(train_data, args.total_batch_size, args.max_caption_tokens, args.seed)
+    n_pairs = sum(len(tokens) for tokens in train_data.tokens)  # one caption-epoch
+    max_steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.total_batch_size)
+    val_data_batches = val_batches(val_data, B, args.val_images, args.max_caption_tokens)
+    resume_from = resume_path(args.out_dir, args.resume, d)
+    raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
     raw_model.to(d.device)
     set_trainable(raw_model, args.unfreeze)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type)
@@ -235,20 +258,24 @@ def main(args):
             unfreeze_language_model(raw_model, optimizer, args.weight_decay)
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], d, args.seed)
+        del checkpoint
     os.makedirs(args.out_dir, exist_ok=True)
     if d.master:
-        if resume_from is None:
-            open(os.path.join(args.out_dir, "log.txt"), "w").close()
+        for name in ("log.txt", "samples.txt"):
+            start_log(os.path.join(args.out_dir, name), start_step if resume_from else None)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | {len(train_data.image_ids):,} "
-              f"train images | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M parameters train | "
-              f"CLIP {meta['clip_model']} ({meta['clip_pretrained']})"
+              f"train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M "
+              f"parameters train | CLIP {meta['clip_model']} ({meta['clip_pretrained']})")
+        print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
+              f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
+              f"{max_steps * args.total_batch_size / n_pairs:.2f} caption-epochs"
               + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
     model = wrap_model(raw_model, use_compile, d)
 
-    for step in range(start_step, args.max_steps + 1):
-        last = step == args.max_steps
+    for step in range(start_step, max_steps + 1):
+        last = step == max_steps
         stopping = step == args.stop_at
         if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and not args.unfreeze:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay)
@@ -262,42 +289,50 @@ def main(args):
                     for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
                         print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
                         f.write(f"{step}\t{image_id}\t{caption}\n")
-        if d.master and step > start_step and (step % args.save_every == 0 or last or stopping):
-            save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
-                             "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                             "rng": rng_state(), "args": vars(args),
-                             "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
-                            checkpoint_path(args.out_dir, step))
+        if step > start_step and (step % args.save_every == 0 or last or stopping):
+            rng = gather_objects(rng_state(d.device), d)  # one state per rank
+            if d.master:
+                save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                                 "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
+                                 "rng": rng, "args": vars(args),
+                                 "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
+                                checkpoint_path(args.out_dir, step))
+            wait_for_each_other(d)
         if last or stopping:
             break
 
         # --- one optimizer step
         t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
-        n_images = 0
-        for micro_step in range(args.grad_accum_steps):
-            image_feats, x, y = (t.to(d.device) for t in train_loader.next_batch())
+        image_feats_step, x_step, y_step, n_tokens = train_loader.next_step(d.rank, d.world_size)
+        loss_accum = torch.zeros((), device=d.device, dtype=torch.float32 if d.device_type == "mps" else torch.float64)
+        for micro_step in range(grad_accum_steps):
+            micro = slice(micro_step * B, (micro_step + 1) * B)
+            image_feats, x, y = (t[micro].to(d.device) for t in (image_feats_step, x_step, y_step))
             if d.ddp:
-                model.require_backward_grad_sync = micro_step == args.grad_accum_steps - 1  # before the forward
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1  # before the forward
             with autocast(d.device_type, dtype):
-                _, loss = model(x, y, image_feats=image_feats)
-            loss = loss / args.grad_accum_steps
+                loss = model(x, y, image_feats=image_feats)[1]  # the mean over this micro-batch's caption tokens
+            # The step's loss is the mean over all its caption tokens, on every rank: captions differ in length,
+            # so each micro-batch's mean is weighted by its share of those tokens (a mean of micro-batch means
+            # would change with the split). DDP averages the ranks' gradients: x world_size undoes that.
+            loss = loss * (y != -1).sum() / n_tokens
             loss_accum += loss.detach()
-            loss.backward()
-            n_images += len(x)
+            (loss * d.world_size).backward()
         all_reduce_sum(loss_accum, d)
-        loss_accum /= d.world_size
-        check_finite(loss_accum, step, args.out_dir)
-        lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, args.max_steps)
-        norm = optimizer_step(optimizer, [p for p in raw_model.parameters() if p.requires_grad], args.grad_clip, lr)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
+        trainable = [p for p in raw_model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir)  # waits for the GPU
+        lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         if d.master:
-            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | img/s {n_images * d.world_size / dt:,.0f}")
-            append_log(args.out_dir, f"{step} train {loss_accum.item():.6f}")
+            epoch = (step + 1) * args.total_batch_size / n_pairs
+            print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
+                  f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f}")
+            append_log(args.out_dir, f"{step} train {loss_value:.6f}")
 
     cleanup_distributed(d)
 

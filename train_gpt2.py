@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
 from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
-                      cosine_lr, default_dtype, optimizer_step, peak_flops, resume_path, rng_state, save_checkpoint,
-                      set_rng_state, setup_distributed)
+                      cosine_lr, default_dtype, gather_objects, load_on_every_rank, peak_flops, resume_path, rng_state,
+                      save_checkpoint, set_rng_state, setup_distributed, start_log, wait_for_each_other)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -59,55 +59,86 @@ def find_shards(data_dir, split):
 
 
 class ShardLoader:
-    """Training batches (x, y) of shape (B, T), y being x shifted by one token.
+    """Training data, one optimizer step at a time: next_step() -> this rank's (x, y), y being x shifted by
+    one token.
 
     A shard is cut into windows of T tokens. Every epoch visits the shards in a new random order and each
-    shard's windows in a new random order (both drawn from (seed, epoch), so every rank agrees without talking).
-    Rank r of W takes windows [pos + r*B, pos + (r+1)*B) of the current shard, then pos advances by B*W:
-    ranks read disjoint data, and one process with W times the gradient accumulation reads the same windows.
+    shard's windows in a new random order (both drawn from (seed, epoch), so every rank agrees without
+    talking). Laid end to end they make the epoch's stream of windows, and each optimizer step takes the next
+    `windows_per_step` (= total batch size / T) of them, whatever the number of processes or the micro-batch
+    size. Only then is the step split: rank r of W takes the r-th of W equal slices, and cuts it into its
+    micro-batches. So the data of every step is the same on 1 GPU with 8x the gradient accumulation as on 8
+    GPUs, and a checkpoint written on 8 GPUs resumes on 4 with the same data order. A step may span two
+    shards; only the epoch's last < windows_per_step windows go unused (different ones each epoch).
     Shuffling matters: build-nanogpt reads shards in a fixed order, and its val loss repeats with that period.
     """
 
-    def __init__(self, data_dir, B, T, rank=0, world_size=1, seed=1337):
+    def __init__(self, data_dir, T, windows_per_step, seed=1337, pin_memory=False):
         self.paths = find_shards(data_dir, "train")
         self.shards = [open_shard(p) for p in self.paths]
-        self.B, self.T, self.rank, self.world_size, self.seed = B, T, rank, world_size, seed
-        per_step = B * T * world_size
-        if all(len(s) - 1 < per_step for s in self.shards):
-            raise ValueError(f"{data_dir}: every train shard is shorter than one step's {per_step:,} tokens "
-                             f"(B={B} x T={T} x {world_size} ranks)")
-        self.load_state_dict({"epoch": 0, "shard": 0, "pos": 0})
+        self.T, self.windows_per_step, self.seed, self.pin_memory = T, windows_per_step, seed, pin_memory
+        self.n_windows = np.array([(len(s) - 1) // T for s in self.shards])  # the last token is only a target
+        if self.n_windows.sum() < windows_per_step:
+            raise ValueError(f"{data_dir}: the train shards hold {self.n_windows.sum():,} windows of {T} tokens, "
+                             f"fewer than one step's {windows_per_step:,}")
+        self.load_state_dict({"epoch": 0, "pos": 0})
 
     def state_dict(self):
-        return {"epoch": self.epoch, "shard": self.shard, "pos": self.pos}
+        # pos: windows of this epoch's stream already used. What that position means depends on the data order.
+        return {"epoch": self.epoch, "pos": self.pos, "data_order": self.data_order()}
+
+    def data_order(self):
+        """What the order of windows depends on. A checkpoint records it, and resuming refuses a mismatch:
+        with a shard added or another --seq-len, `pos` would silently point at other data."""
+        return {"shards": [[os.path.basename(p), len(s)] for p, s in zip(self.paths, self.shards)],
+                "seq_len": self.T, "windows_per_step": self.windows_per_step, "seed": self.seed}
 
     def load_state_dict(self, state):
-        self.epoch, self.shard, self.pos = state["epoch"], state["shard"], state["pos"]
+        if "data_order" in state and state["data_order"] != self.data_order():
+            raise ValueError(f"the checkpoint's data order does not match this run: "
+                             f"{describe_change(state['data_order'], self.data_order())}")
+        self.epoch, self.pos = state["epoch"], state["pos"]
         self.shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        self._shuffle_windows()
+        self.stream_ends = np.cumsum(self.n_windows[self.shard_order])  # where each shard's windows end
+        self.window_orders = {}  # k -> the shuffled windows of the epoch's k-th shard, drawn when first read
 
-    def _shuffle_windows(self):
-        n_windows = (len(self.shards[self.shard_order[self.shard]]) - 1) // self.T
-        rng = np.random.default_rng([self.seed, self.epoch, self.shard])
-        self.window_order = rng.permutation(n_windows)
+    def next_step(self, rank=0, world_size=1):
+        """This rank's share of the next step: x and y of shape (windows_per_step / world_size, T)."""
+        if self.pos + self.windows_per_step > self.stream_ends[-1]:
+            self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
+        share = self.windows_per_step // world_size
+        first = self.pos + rank * share
+        rows = torch.from_numpy(np.stack([self.window(i) for i in range(first, first + share)]).astype(np.int64))
+        self.pos += self.windows_per_step
+        if self.pin_memory:  # page-locked memory: the copies to the GPU can then run while the CPU goes on
+            rows = rows.pin_memory()
+        return rows[:, :-1], rows[:, 1:]  # (share, T) each
 
-    def _next_shard(self):
-        self.shard, self.pos = self.shard + 1, 0
-        if self.shard == len(self.shards):
-            self.load_state_dict({"epoch": self.epoch + 1, "shard": 0, "pos": 0})
-        else:
-            self._shuffle_windows()
+    def window(self, i):
+        """The T + 1 tokens of the i-th window of this epoch's stream."""
+        k = int(np.searchsorted(self.stream_ends, i, side="right"))  # it is in the epoch's k-th shard
+        shard = self.shard_order[k]
+        if k not in self.window_orders:  # reading moves forward: keep only the shard(s) still being read
+            self.window_orders = {j: order for j, order in self.window_orders.items() if j >= k - 1}
+            rng = np.random.default_rng([self.seed, self.epoch, k])
+            self.window_orders[k] = rng.permutation(self.n_windows[shard])
+        start = self.window_orders[k][i - (self.stream_ends[k] - self.n_windows[shard])] * self.T
+        return self.shards[shard][start: start + self.T + 1]
 
-    def next_batch(self):
-        B, T = self.B, self.T
-        while self.pos + B * self.world_size > len(self.window_order):
-            self._next_shard()  # the last < B*W windows of a shard are dropped: a tiny fraction, new each epoch
-        tokens = self.shards[self.shard_order[self.shard]]
-        mine = self.window_order[self.pos + self.rank * B: self.pos + (self.rank + 1) * B]
-        rows = np.stack([tokens[w * T: w * T + T + 1] for w in mine]).astype(np.int64)  # (B, T+1)
-        self.pos += B * self.world_size
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+
+def describe_change(before, now):
+    """What differs between two data_order dicts, in a few words."""
+    changes = []
+    for key in before:
+        if key == "shards" and before[key] != now[key]:
+            old, new = dict(map(tuple, before[key])), dict(map(tuple, now[key]))
+            changes += [f"shard {name} missing" for name in old.keys() - new.keys()]
+            changes += [f"shard {name} new" for name in new.keys() - old.keys()]
+            changes += [f"shard {name} had {old[name]:,} tokens, now {new[name]:,}"
+                        for name in old.keys() & new.keys() if old[name] != new[name]]
+        elif key != "shards" and before[key] != now.get(key):
+            changes.append(f"{key} was {before[key]}, now {now.get(key)}")
+    return "; ".join(sorted(changes)[:5]) + (" (run with the checkpoint's data and settings, or start afresh)")
 
 
 def val_batches(data_dir, B, T, val_tokens):
@@ -140,7 +171,7 @@ def validation_loss(model, batches, B, T, d, dtype):
         rows = torch.from_numpy(tokens[start: start + B * T + 1].astype(np.int64)).to(d.device)
         x, y = rows[:-1].view(B, T), rows[1:].view(B, T)
         with autocast(d.device_type, dtype):
-            _, loss = model(x, y)
+            loss = model(x, y)[1]
         total += torch.stack([loss.float(), torch.ones((), device=d.device)])
     all_reduce_sum(total, d)
     model.train()
@@ -199,14 +230,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a process waits for a missing peer before the run stops with an error")
     return p.parse_args(argv)
 
 
-def build_model(args, resume_from):
+def build_model(args, resume_from, d):
     """The model to train -> (model, checkpoint being resumed or None): from that checkpoint, from
     pretrained weights (--init), or random."""
     if resume_from is not None:
-        return GPT.from_checkpoint(resume_from, kind="lm")
+        return load_on_every_rank(lambda: GPT.from_checkpoint(resume_from, kind="lm"), resume_from, d)
     if args.init is not None:
         if args.init.endswith(".pt"):
             return GPT.from_checkpoint(args.init, kind="lm")[0], None
@@ -216,8 +249,8 @@ def build_model(args, resume_from):
 
 
 def main(args):
-    d = setup_distributed(args.device)
-    dtype = args.dtype or default_dtype(d.device_type)
+    d = setup_distributed(args.device, args.dist_timeout)
+    dtype = args.dtype or default_dtype(d.device)
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
@@ -231,14 +264,15 @@ def main(args):
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
 
     # --- data, model, optimizer (errors here are the user's: a message naming the file, then exit)
-    train_loader = ShardLoader(args.data_dir, B, T, d.rank, d.world_size, args.seed)
+    train_loader = ShardLoader(args.data_dir, T, args.total_batch_size // T, args.seed,
+                               pin_memory=d.device_type == "cuda")
     val_data = val_batches(args.data_dir, B, T, args.val_tokens)
     hellaswag_examples = None
     if args.hellaswag_every > 0:
-        path = args.hellaswag_data or hellaswag.download_if_missing(master=d.master)
+        path = args.hellaswag_data or hellaswag.download_if_missing(local_master=d.local_rank == 0)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
-    resume_from = resume_path(args.out_dir, args.resume)
-    raw_model, checkpoint = build_model(args, resume_from)
+    resume_from = resume_path(args.out_dir, args.resume, d)
+    raw_model, checkpoint = build_model(args, resume_from, d)
     raw_model.to(d.device)
     if T > raw_model.config.block_size:
         raise ValueError(f"--seq-len {T} exceeds the model's block_size {raw_model.config.block_size}")
@@ -247,12 +281,12 @@ def main(args):
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"], d, args.seed)
         start_step = checkpoint["step"]
+        del checkpoint  # its tensors are copied into the model and optimizer
     os.makedirs(args.out_dir, exist_ok=True)
     if d.master:
-        if resume_from is None:
-            open(os.path.join(args.out_dir, "log.txt"), "w").close()  # a fresh run starts a fresh log
+        start_log(os.path.join(args.out_dir, "log.txt"), start_step if resume_from else None)
         print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
               f"{raw_model.num_params() / 1e6:.1f}M parameters | {args.total_batch_size:,} tokens/step = "
               f"{B} x {T} x {d.world_size} ranks x {grad_accum_steps} accumulation steps"
@@ -264,8 +298,9 @@ def main(args):
     model = torch.compile(raw_model) if use_compile else raw_model
     if d.ddp:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    # MFU is per GPU: the FLOPs every GPU does per second, against one GPU's peak
     peak = peak_flops(d.device)
-    flops_per_step = raw_model.flops_per_token(T) * args.total_batch_size
+    flops_per_step_per_gpu = raw_model.flops_per_token(T) * args.total_batch_size / d.world_size
 
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps  # the schedule is done: evaluate and save the final model
@@ -284,45 +319,59 @@ def main(args):
                 append_log(args.out_dir, f"{step} hella {correct_norm / total:.4f}")
         if not stopping and d.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
             print_samples(raw_model, enc, d)
-        if d.master and step > start_step and (step % args.save_every == 0 or last or stopping):
+        if step > start_step and (step % args.save_every == 0 or last or stopping):
             # `step` updates are done; resuming starts the loop at this step
-            save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
-                             "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                             "rng": rng_state(), "args": vars(args)}, checkpoint_path(args.out_dir, step))
+            rng = gather_objects(rng_state(d.device), d)  # one state per rank
+            if d.master:
+                save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                                 "step": step, "optimizer": optimizer.state_dict(),
+                                 "loader": train_loader.state_dict(), "rng": rng, "args": vars(args)},
+                                checkpoint_path(args.out_dir, step))
+            wait_for_each_other(d)
         if last or stopping:
             break
 
         # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed
         t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
+        x_step, y_step = train_loader.next_step(d.rank, d.world_size)  # (B * grad_accum_steps, T)
+        # the step's mean loss, summed in float64: its printed digits then do not depend on how the step is
+        # split over ranks and micro-steps (MPS has no float64)
+        loss_accum = torch.zeros((), device=d.device, dtype=torch.float32 if d.device_type == "mps" else torch.float64)
         for micro_step in range(grad_accum_steps):
-            x, y = (t.to(d.device) for t in train_loader.next_batch())
+            x = x_step[micro_step * B: (micro_step + 1) * B].to(d.device, non_blocking=True)  # (B, T)
+            y = y_step[micro_step * B: (micro_step + 1) * B].to(d.device, non_blocking=True)
             if d.ddp:
                 # all-reduce the gradients only on the last micro-step. DDP reads this flag during the
                 # forward pass (to prepare its hooks), so it must be set before the forward, not the backward
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast(d.device_type, dtype):
-                _, loss = model(x, y)
+                # [1]: only the loss is kept. The logits ([0], (B, T, vocab): 6 GiB at B=64 in bf16) are not
+                # needed by backward and are freed now, instead of living through it
+                loss = model(x, y)[1]
             # each micro-batch's loss is a mean over B*T tokens; dividing by the number of micro-steps makes
-            # the summed gradient the gradient of the mean over the whole batch
+            # the summed gradient the gradient of the mean over the whole batch (DDP then averages the ranks)
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
         all_reduce_sum(loss_accum, d)
         loss_accum /= d.world_size
-        check_finite(loss_accum, step, args.out_dir)
+        # clip the global gradient norm (one bad batch cannot throw the weights far); the norm before
+        # clipping is worth watching: its spikes come before loss spikes
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir)  # waits for the GPU
         lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-        norm = optimizer_step(optimizer, raw_model.parameters(), args.grad_clip, lr)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()  # wait for the GPU, so dt measures the step, not its launch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # the step's one wait for the GPU is in check_finite; it also waited for the previous step's update,
+        # so in a steady run dt is one whole step
         dt = time.time() - t0
         if d.master:
-            tokens_per_sec = args.total_batch_size / dt
-            mfu = f"{flops_per_step / dt / peak * 100:.1f}%" if peak else "n/a"
-            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f} | MFU {mfu}")
-            append_log(args.out_dir, f"{step} train {loss_accum.item():.6f}")
+            mfu = f"{flops_per_step_per_gpu / dt / peak * 100:.1f}%" if peak else "n/a"
+            print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
+                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu}")
+            append_log(args.out_dir, f"{step} train {loss_value:.6f}")
 
     cleanup_distributed(d)
 

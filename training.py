@@ -10,6 +10,7 @@ import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ class Distributed:
     local_rank: int
     world_size: int
     device: str  # e.g. "cuda:3", "mps", "cpu"
+    cpu_group: object = None  # a gloo group beside NCCL, for small Python objects and long waits (see below)
 
     @property
     def device_type(self):  # what torch.autocast wants: "cuda", "mps" or "cpu"
@@ -44,22 +46,34 @@ def default_device():
     return "cpu"
 
 
-def setup_distributed(device="auto"):
+def setup_distributed(device="auto", timeout_minutes=10):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; then each process joins the group and takes one GPU
-    (NCCL), or the CPU (gloo, used by the tests). Otherwise this is a single process on `device`."""
-    device_type = default_device() if device == "auto" else device.split(":")[0]
+    (NCCL), or the CPU (gloo, used by the tests). Otherwise this is a single process on `device`.
+
+    timeout_minutes: how long a collective waits for a rank that does not come (a crashed or stopped peer)
+    before the run ends with an error, instead of a cluster job hanging until its time limit."""
+    device = default_device() if device == "auto" else device
     if "RANK" not in os.environ:
-        return Distributed(False, 0, 0, 1, default_device() if device == "auto" else device)
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # kernels and torch.cuda calls without a device go to this GPU, not 0
+        return Distributed(False, 0, 0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
+    timeout = timedelta(minutes=timeout_minutes)
+    if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl")
+        # device_id binds NCCL to this GPU now, rather than guessing it at the first collective
+        dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device(device))
     else:
         device = "cpu"
-        dist.init_process_group(backend="gloo")
-    return Distributed(True, rank, local_rank, world_size, device)
+        dist.init_process_group(backend="gloo", timeout=timeout)
+    # A second group, on the CPU, with a long timeout: rank 0 writing a checkpoint (gpt2-xl with its optimizer
+    # is ~19 GB, fsync'd) can take minutes while the others wait. They wait here, not in an NCCL collective
+    # whose timeout is meant to catch dead peers. It also carries small Python objects (which checkpoint to
+    # resume, random generator states) without a trip through the GPU.
+    cpu_group = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
+    return Distributed(True, rank, local_rank, world_size, device, cpu_group)
 
 
 def cleanup_distributed(d):
@@ -75,6 +89,21 @@ def all_reduce_sum(tensor, d):
     return tensor
 
 
+def gather_objects(obj, d):
+    """[rank 0's obj, rank 1's obj, ...] on every rank; [obj] in one process. For small picklable things."""
+    if not d.ddp:
+        return [obj]
+    objects = [None] * d.world_size
+    dist.all_gather_object(objects, obj, group=d.cpu_group)
+    return objects
+
+
+def wait_for_each_other(d):
+    """A barrier on the CPU group, whose timeout is long enough for rank 0 to write a large checkpoint."""
+    if d.ddp:
+        dist.barrier(group=d.cpu_group)
+
+
 def autocast(device_type, dtype):
     """bf16 autocast: matmuls run in bfloat16 (2x the tensor-core throughput of tf32), while the weights,
     the optimizer and reductions such as the loss stay in float32. bf16 has float32's exponent range, so,
@@ -84,8 +113,11 @@ def autocast(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def default_dtype(device_type):
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+def default_dtype(device):
+    """bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, H100, RTX 30xx/40xx),
+    float32 elsewhere. Asked of the device in use ("cuda:3"), not of GPU 0. torch.cuda.is_bf16_supported()
+    also says yes on a V100 or T4, which only emulate bf16, slower than float32."""
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8:
         return "bfloat16"
     return "float32"
 
@@ -102,16 +134,6 @@ def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def optimizer_step(optimizer, params, grad_clip, lr):
-    """Clip the global gradient norm (one bad batch cannot throw the weights far), set this step's learning
-    rate, update. Returns the norm before clipping, worth watching: spikes come before loss spikes."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return norm
 
 
 # dense bf16 tensor-core peak of common GPUs, FLOP/s (the datasheets' "with sparsity" numbers are 2x these)
@@ -146,23 +168,54 @@ def latest_checkpoint(out_dir):
     return checkpoint_path(out_dir, max(steps)) if steps else None
 
 
-def resume_path(out_dir, resume):
+def resume_path(out_dir, resume, d):
     """Which checkpoint to continue from: --resume auto (the newest in out_dir, if any), a path, or none.
-    Refuses to start afresh over an earlier run's checkpoints: that would overwrite them."""
-    if resume == "auto":
-        return latest_checkpoint(out_dir)
-    if resume is not None:
-        return resume
-    existing = latest_checkpoint(out_dir)
-    if existing is not None:
-        raise ValueError(f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
-                         f"or choose another --out-dir")
-    return None
+    Refuses to start afresh over an earlier run's checkpoints: that would overwrite them.
+
+    Rank 0 decides and tells the others. If every rank looked for itself, nodes that do not share out_dir
+    would find different checkpoints (or none) and start at different steps, and the first collective would
+    mismatch or hang."""
+    path, error = None, None
+    if d.master:
+        existing = latest_checkpoint(out_dir)
+        if resume == "auto":
+            path = existing
+        elif resume is not None:
+            path = resume
+        elif existing is not None:
+            error = (f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
+                     f"or choose another --out-dir")
+    path, error = gather_objects((path, error), d)[0]  # rank 0's answer, everywhere
+    if error:
+        raise ValueError(error)
+    return path
+
+
+def load_on_every_rank(load, path, d):
+    """Run load() (which reads `path`) on every rank. If any rank fails, all of them stop with a message,
+    rather than the others waiting forever at their next collective for the one that stopped."""
+    try:
+        result, error = load(), None
+    except (OSError, ValueError) as e:
+        result, error = None, str(e)
+    errors = gather_objects(error, d)
+    if all(errors):  # a bad file: every rank says the same
+        raise ValueError(error)
+    if any(errors):  # some ranks read it, others did not: they do not see the same disk
+        failed = [rank for rank, e in enumerate(errors) if e]
+        raise ValueError(f"{path}: rank(s) {failed} of {d.world_size} cannot read this checkpoint "
+                         f"({next(e for e in errors if e)}); --out-dir must be on a filesystem that every node shares")
+    return result
 
 
 def save_checkpoint(checkpoint, path):
     """Write to path.tmp, flush it to disk, then rename over path. A rename within a folder is atomic, so a
-    run killed at any moment leaves either the previous file or the new one, never half of one."""
+    run killed at any moment leaves either the previous file or the new one, never half of one. Weights
+    that are not finite are never written: every checkpoint on disk is one worth resuming."""
+    for name, tensor in checkpoint["model"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"{path}: not written, {name} holds NaN or inf "
+                                     f"(last checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'})")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(checkpoint, f)
@@ -171,31 +224,60 @@ def save_checkpoint(checkpoint, path):
     os.replace(tmp, path)
 
 
-def rng_state():
-    """Random number generators' state. With dropout > 0 the dropout masks depend on it: restoring it makes
-    a resumed run draw the same masks as an uninterrupted one."""
+def rng_state(device):
+    """This process's random number generators. With dropout > 0 the dropout masks depend on them: restoring
+    them makes a resumed run draw the same masks as an uninterrupted one. Only this process's own GPU's
+    generator: every rank saves its own (gathered into the checkpoint by gather_objects)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(states, d, seed):
+    """Restore this rank's generators from one state per rank. A checkpoint written by another number of
+    processes has no state for this one: each rank is re-seeded instead, and says so. The data order does
+    not depend on these generators (the loaders draw from the seed and the step), so it stays exact; only
+    the dropout masks will differ from an uninterrupted run."""
+    if len(states) != d.world_size:
+        if d.master:
+            print(f"checkpoint written by {len(states)} process(es), resumed by {d.world_size}: random generators "
+                  f"re-seeded per rank (same data order; dropout masks differ from an uninterrupted run)")
+        torch.manual_seed(seed + d.rank)
+        return
+    state = states[d.rank]
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and d.device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], d.device)
 
 
-def check_finite(loss, step, out_dir):
-    """A NaN or inf loss poisons the weights at the next update: stop before it, saving nothing."""
-    if not torch.isfinite(loss):
+def check_finite(loss, norm, step, out_dir):
+    """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
+    poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
+    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host)."""
+    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
         last = latest_checkpoint(out_dir) or "none written yet"
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping without saving (last checkpoint: "
-                                 f"{last}). Try a lower learning rate or --grad-clip.")
+        raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}: stopping before the update, "
+                                 f"saving nothing (last checkpoint: {last}). Try a lower learning rate.")
+    return loss, norm
 
 
 # -----------------------------------------------------------------------------
 # Logging
+
+
+def start_log(path, resume_step=None):
+    """A fresh run starts an empty log. A resumed one keeps only the lines of the steps before resume_step:
+    a run killed at step 1,200 whose newest checkpoint is step 1,000 redoes steps 1,000-1,199, and their
+    first lines must not stay beside the new ones. Rewritten atomically, like a checkpoint."""
+    kept = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if (m := re.match(r"(\d+)\s", line)) and int(m.group(1)) < resume_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def append_log(out_dir, line):

@@ -1,6 +1,7 @@
 """train_gpt2.py: the loader's promises, the schedule, DDP = one process, resume = no interruption, and
 clear errors on bad input. Tiny models on synthetic shards, on the CPU."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -48,64 +49,88 @@ def read_log(out_dir, kind):
 # --- the loader ------------------------------------------------------------------------------------------
 
 
-def windows_seen(loader, n_batches):
-    """Which T-token windows (shard path, start) the loader hands out, batch by batch."""
-    seen = []
-    for _ in range(n_batches):
-        x, y = loader.next_batch()
-        assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
-        path = loader.paths[loader.shard_order[loader.shard]]
-        tokens = np.load(path)
-        for row in x:
-            start = find_row(tokens, row.numpy())
-            seen.append((path, start))
-    return seen
+def write_uneven_shards(folder, windows=(14, 11, 9), T=16, seed=0):
+    """Train shards holding 14, 11 and 9 windows of T tokens: no step size or rank count divides them."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "edufineweb_val_000000.npy"), rng.integers(0, 50257, 2000, dtype=np.uint16))
+    for i, n in enumerate(windows, start=1):
+        tokens = rng.integers(0, 50257, n * T + 1, dtype=np.uint16)
+        np.save(os.path.join(folder, f"edufineweb_train_{i:06d}.npy"), tokens)
+    return str(folder)
 
 
-def find_row(tokens, row):
-    T = len(row)
-    for start in range(0, len(tokens) - T, T):
-        if np.array_equal(tokens[start:start + T], row):
-            return start
-    raise AssertionError("row is not a window of the current shard")
+def steps_seen(loader, n_steps, world_size=1):
+    """The windows of n_steps optimizer steps, each step the ranks' shares joined in rank order."""
+    steps = []
+    for _ in range(n_steps):
+        state = loader.state_dict()
+        shares = []
+        for rank in range(world_size):  # every rank starts the step from the same loader state
+            loader.load_state_dict(state)
+            x, y = loader.next_step(rank, world_size)
+            assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+            shares.append(x)
+        steps.append(torch.cat(shares))
+    return steps
 
 
-def test_ranks_read_disjoint_windows_and_an_epoch_covers_every_window(tmp_path):
-    data = write_shards(tmp_path / "data", n_train=3, tokens=16 * 12 + 1)  # exactly 12 windows of T=16 per shard
-    loaders = [ShardLoader(data, B=2, T=16, rank=r, world_size=2, seed=5) for r in range(2)]
-    per_epoch = 3 * 12 // (2 * 2)  # batches per rank per epoch
-    seen = [windows_seen(loader, per_epoch) for loader in loaders]
-    assert not set(seen[0]) & set(seen[1])
-    everything = seen[0] + seen[1]
-    assert len(everything) == len(set(everything)) == 36  # every window of the epoch exactly once
-    # one process reading twice as much sees the very same windows as the two ranks together
-    single = ShardLoader(data, B=2, T=16, rank=0, world_size=1, seed=5)
-    assert set(windows_seen(single, 2 * per_epoch)) == set(everything)
+def test_every_step_reads_the_same_windows_on_any_number_of_ranks(tmp_path):
+    data = write_uneven_shards(tmp_path / "data")  # 34 windows: 4 steps of 8 per epoch, 2 left over
+    single = steps_seen(ShardLoader(data, T=16, windows_per_step=8, seed=5), 12)
+    for world_size in (2, 4, 8):
+        assert all(torch.equal(a, b) for a, b in
+                   zip(single, steps_seen(ShardLoader(data, T=16, windows_per_step=8, seed=5), 12, world_size)))
+    # each epoch (4 steps, across the shard ends) uses 32 different windows out of 34, and the next epoch
+    # reshuffles them
+    epochs = [torch.cat(single[e * 4:(e + 1) * 4]) for e in range(3)]
+    for windows in epochs:
+        assert len({tuple(row.tolist()) for row in windows}) == 32
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
+    data = write_uneven_shards(tmp_path / "data")
+    straight = steps_seen(ShardLoader(data, T=16, windows_per_step=8, seed=3), 9)
+    on_four = ShardLoader(data, T=16, windows_per_step=8, seed=3)
+    steps_seen(on_four, 3, world_size=4)
+    on_one = ShardLoader(data, T=16, windows_per_step=8, seed=3)
+    on_one.load_state_dict(on_four.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(straight[3:], steps_seen(on_one, 6)))
 
 
 def test_epochs_and_seeds_reshuffle(tmp_path):
-    data = write_shards(tmp_path / "data", n_train=3, tokens=16 * 12 + 1)
-    a = ShardLoader(data, B=2, T=16, seed=1)
-    first_epoch = [a.next_batch()[0] for _ in range(18)]
-    second_epoch = [a.next_batch()[0] for _ in range(18)]
-    b = ShardLoader(data, B=2, T=16, seed=2)
-    other_seed = [b.next_batch()[0] for _ in range(18)]
+    data = write_shards(tmp_path / "data", n_train=3, tokens=16 * 12 + 1)  # 36 windows: 9 steps of 4
+    a = ShardLoader(data, T=16, windows_per_step=4, seed=1)
+    first_epoch, second_epoch = steps_seen(a, 9), steps_seen(a, 9)
+    other_seed = steps_seen(ShardLoader(data, T=16, windows_per_step=4, seed=2), 9)
     assert not all(torch.equal(p, q) for p, q in zip(first_epoch, second_epoch))
     assert not all(torch.equal(p, q) for p, q in zip(first_epoch, other_seed))
     # the same set of windows each epoch, in a different order
-    as_set = lambda batches: sorted(tuple(r.tolist()) for x in batches for r in x)
+    as_set = lambda steps: sorted(tuple(r.tolist()) for x in steps for r in x)
     assert as_set(first_epoch) == as_set(second_epoch) == as_set(other_seed)
 
 
 def test_loader_state_dict_resumes_the_stream(tmp_path):
-    data = write_shards(tmp_path / "data", n_train=2, tokens=16 * 12 + 1)
-    a = ShardLoader(data, B=2, T=16, seed=3)
-    for _ in range(7):
-        a.next_batch()
-    b = ShardLoader(data, B=2, T=16, seed=3)
+    data = write_uneven_shards(tmp_path / "data")
+    a = ShardLoader(data, T=16, windows_per_step=6, seed=3)
+    steps_seen(a, 3)
+    b = ShardLoader(data, T=16, windows_per_step=6, seed=3)
     b.load_state_dict(a.state_dict())
-    for _ in range(20):  # across a shard boundary and an epoch boundary
-        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    # across shard boundaries and an epoch boundary (5 steps of 6 per epoch)
+    assert all(torch.equal(p, q) for p, q in zip(steps_seen(a, 10), steps_seen(b, 10)))
+
+
+def test_resuming_onto_other_data_or_settings_is_refused(tmp_path):
+    data = write_uneven_shards(tmp_path / "data")
+    state = ShardLoader(data, T=16, windows_per_step=8, seed=3).state_dict()
+    with pytest.raises(ValueError, match="windows_per_step was 8, now 4"):
+        ShardLoader(data, T=16, windows_per_step=4, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seq_len was 16, now 8"):
+        ShardLoader(data, T=8, windows_per_step=16, seed=3).load_state_dict(state)
+    os.remove(os.path.join(data, "edufineweb_train_000002.npy"))
+    with pytest.raises(ValueError, match="shard edufineweb_train_000002.npy missing"):
+        ShardLoader(data, T=16, windows_per_step=8, seed=3).load_state_dict(state)
 
 
 def test_lr_schedule():
@@ -122,36 +147,60 @@ def test_lr_schedule():
 # --- whole runs --------------------------------------------------------------------------------------------
 
 
-def test_ddp_two_processes_equal_one_process(tmp_path):
-    data = write_shards(tmp_path / "data")
+def test_ddp_two_processes_equal_one_process_and_resume_on_one(tmp_path):
+    # 34 windows of 16 tokens, 8 per step: step 1 crosses a shard end, step 4 starts the second epoch, and
+    # neither the shards nor the epoch divide by B x W = 4
+    data = write_uneven_shards(tmp_path / "data")
     rows = write_hellaswag_rows(tmp_path / "hellaswag.jsonl")
-    common = TINY + ["--data-dir", data, "--max-steps", "4", "--eval-every", "2",
-                     "--hellaswag-every", "2", "--hellaswag-data", rows]
-    run(common + ["--out-dir", str(tmp_path / "one")])
-    run(common + ["--out-dir", str(tmp_path / "two")], nproc=2)
+    common = TINY + ["--data-dir", data, "--max-steps", "6", "--eval-every", "3", "--save-every", "3",
+                     "--hellaswag-every", "3", "--hellaswag-data", rows]
+    run(common + ["--out-dir", tmp_path / "one"])  # 1 process x 4 micro-steps of 2
+    run(common + ["--out-dir", tmp_path / "two"], nproc=2)  # 2 processes x 2 micro-steps of 2
     one, two = read_log(tmp_path / "one", "train"), read_log(tmp_path / "two", "train")
-    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    assert sorted(one) == sorted(two) == list(range(6))
     for step in one:
-        assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+        assert abs(one[step] - two[step]) <= 1e-6, (step, one[step], two[step])
     assert read_log(tmp_path / "one", "val") == pytest.approx(read_log(tmp_path / "two", "val"), abs=1e-4)
     # HellaSwag: 5 examples split 3 + 2 over the ranks, counts summed: the same accuracy as one process
     assert read_log(tmp_path / "one", "hella") == read_log(tmp_path / "two", "hella")
-    assert sorted(read_log(tmp_path / "one", "hella")) == [0, 2, 4]
-    assert one[3] < one[0]  # and it learns
+    assert sorted(read_log(tmp_path / "one", "hella")) == [0, 3, 6]
+    assert one[5] < one[0]  # and it learns
+
+    # The 2-process checkpoint holds each rank's own generator state, and resumes in one process with
+    # another micro-batch (same total batch): the same data, so the same losses from there on.
+    checkpoint = torch.load(tmp_path / "two" / "model_000003.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "two" / "model_000003.pt", tmp_path / "resumed")
+    result = run(common + ["--out-dir", tmp_path / "resumed", "--resume", "auto", "--batch-size", "4"])
+    assert "written by 2 process(es), resumed by 1" in result.stdout
+    resumed = read_log(tmp_path / "resumed", "train")
+    assert sorted(resumed) == [3, 4, 5]
+    for step in resumed:
+        assert abs(resumed[step] - two[step]) <= 1e-6, (step, resumed[step], two[step])
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def test_resume_equals_an_uninterrupted_run_and_rewrites_the_log(tmp_path):
     data = write_shards(tmp_path / "data")
-    common = TINY + ["--data-dir", data, "--max-steps", "6", "--eval-every", "2", "--save-every", "100"]
-    run(common + ["--out-dir", str(tmp_path / "straight")])
-    run(common + ["--out-dir", str(tmp_path / "split"), "--stop-at", "3"])
+    common = TINY + ["--data-dir", data, "--max-steps", "6", "--eval-every", "2", "--save-every", "3"]
+    run(common + ["--out-dir", tmp_path / "straight"])
+    run(common + ["--out-dir", tmp_path / "split", "--stop-at", "3"])
     assert os.path.exists(tmp_path / "split" / "model_000003.pt")
     assert max(read_log(tmp_path / "split", "train")) == 2
-    run(common + ["--out-dir", str(tmp_path / "split"), "--resume", "auto"])
+    run(common + ["--out-dir", tmp_path / "split", "--resume", "auto"])
     straight, split = read_log(tmp_path / "straight", "train"), read_log(tmp_path / "split", "train")
     assert list(straight) == list(split) == list(range(6))
     assert straight == split  # identical to the printed digits
     assert read_log(tmp_path / "straight", "val") == read_log(tmp_path / "split", "val")
+
+    # A run killed after step 5 whose newest checkpoint is step 3: its log already holds steps 3-6. Resuming
+    # redoes them; the log then holds each step once, exactly as the uninterrupted run's.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tmp_path / "straight" / "log.txt", killed)
+    shutil.copy(tmp_path / "straight" / "model_000003.pt", killed)
+    run(common + ["--out-dir", killed, "--resume", "auto"])
+    assert (killed / "log.txt").read_text() == (tmp_path / "straight" / "log.txt").read_text()
 
 
 def test_refuses_to_overwrite_an_earlier_run(tmp_path):
@@ -196,5 +245,93 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     args = TINY + ["--data-dir", data, "--max-steps", "20", "--out-dir", str(tmp_path / "out"),
                    "--max-lr", "1e9", "--warmup-steps", "1", "--grad-clip", "1e9"]
     result = run(args, check=False)
-    assert_one_line_error(result, "loss is nan")
+    assert_one_line_error(result, "loss nan")
     assert not any(name.endswith(".pt") for name in os.listdir(tmp_path / "out"))
+
+
+def test_a_diverging_run_stops_before_the_update_and_its_checkpoints_stay_good(tmp_path):
+    # lr 1e3: the gradient norm overflows to inf while the loss is still finite. That update must not
+    # happen: every checkpoint written holds finite weights, and the message names the newest.
+    data = write_shards(tmp_path / "data")
+    out = tmp_path / "out"
+    args = TINY + ["--data-dir", data, "--max-steps", "20", "--out-dir", out, "--warmup-steps", "1",
+                   "--save-every", "1", "--eval-every", "0"]
+    result = run(args + ["--max-lr", "1e3"], check=False)
+    assert_one_line_error(result, "gradient norm inf", "stopping before the update")
+    newest = max(name for name in os.listdir(out) if name.endswith(".pt"))
+    assert f"last checkpoint: {out / newest}" in result.stderr
+    for name in os.listdir(out):
+        if name.endswith(".pt"):
+            weights = torch.load(out / name, weights_only=True)["model"]
+            assert all(torch.isfinite(t).all() for t in weights.values()), name
+
+
+def test_mfu_is_per_gpu_and_tok_s_is_global(tmp_path, monkeypatch, capsys):
+    """Rank 0 of a world of 2 (faked in process), a made-up peak of 1 GFLOP/s per GPU."""
+    import train_gpt2
+    from model import GPT, GPTConfig
+    from training import Distributed
+    data = write_shards(tmp_path / "data")
+    monkeypatch.setattr(train_gpt2, "setup_distributed", lambda *a: Distributed(False, 0, 0, 2, "cpu"))
+    monkeypatch.setattr(train_gpt2, "peak_flops", lambda device: 1e9)
+    train_gpt2.main(train_gpt2.parse_args(TINY + ["--data-dir", data, "--out-dir", str(tmp_path / "out"),
+                                                  "--max-steps", "2", "--eval-every", "0"]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| MFU" in line]
+    assert len(lines) == 2
+    flops_per_token = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)).flops_per_token(16)
+    for line in lines:
+        fields = dict(field.strip().split(" ", 1) for field in line.split("|")[1:])
+        dt = float(fields["dt"].removesuffix("ms")) / 1000
+        assert fields["tok/s"] == f"{128 / dt:,.0f} (all GPUs)" or abs(float(fields["tok/s"].split()[0].replace(",", ""))
+                                                                   - 128 / dt) <= 0.01 * 128 / dt
+        mfu = float(fields["MFU"].removesuffix("%"))
+        assert mfu == pytest.approx(flops_per_token * 128 / 2 / dt / 1e9 * 100, rel=0.01)
+
+
+def test_the_logits_are_freed_before_backward(tmp_path, monkeypatch):
+    """(B, T, vocab) logits are the largest activation (6 GiB at B=64 in bf16); backward does not need them."""
+    import weakref
+    import train_gpt2
+    from model import GPT
+    data = write_shards(tmp_path / "data")
+    forward, alive_at_backward = GPT.forward, []
+
+    def watched_forward(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        if torch.is_grad_enabled():
+            ref = weakref.ref(logits)
+            loss.register_hook(lambda grad: alive_at_backward.append(ref() is not None))
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", watched_forward)
+    train_gpt2.main(train_gpt2.parse_args(TINY + ["--data-dir", data, "--out-dir", str(tmp_path / "out"),
+                                                  "--max-steps", "1", "--eval-every", "0"]))
+    assert alive_at_backward == [False] * 4  # 4 micro-steps, none kept its logits
+
+
+def test_nodes_that_do_not_share_the_out_dir_stop_with_one_line(tmp_path):
+    """Two 'nodes' (two torchrun launchers, one process each) run in different folders with the same relative
+    --out-dir: node 0 finds a checkpoint there, node 1 cannot read it. Without a shared disk the job must stop,
+    not hang or let node 1 start from step 0."""
+    import socket
+    import subprocess
+    import sys
+    from scripts import ROOT
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "2", "--out-dir", "log"]
+    run(args + ["--out-dir", tmp_path / "node0" / "log"])
+    (tmp_path / "node1").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={i}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               os.path.join(ROOT, "train_gpt2.py")] + [str(a) for a in args + ["--resume", "auto",
+                                                                                              "--max-steps", "4"]],
+                              cwd=tmp_path / f"node{i}", env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    for _, stderr in outputs:
+        assert "must be on a filesystem that every node shares" in stderr, stderr[-2000:]
+    assert not os.path.exists(tmp_path / "node0" / "log" / "model_000004.pt")
