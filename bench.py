@@ -42,16 +42,9 @@ import numpy as np
 import torch
 
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
-from training import autocast, default_device, peak_flops
+from training import autocast, default_device, peak_flops, use_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
-
-
-def use_device(device):
-    """Make a numbered GPU (cuda:3) the current CUDA device: calls that name no device, and the CUDA context
-    they create, would otherwise go to GPU 0."""
-    if device.startswith("cuda") and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
 
 
 def synchronize(device):

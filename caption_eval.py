@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import coco
 from model import EOT_TOKEN, GPT
-from training import autocast, default_device, default_dtype
+from training import autocast, default_device, default_dtype, use_device
 
 # the names COCOEvalCap prints, in its order (SPICE, its last, left out: see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -161,13 +161,6 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = os.path.splitext(args.checkpoint)[0] + f"_{args.split}_beam{args.beam}.json"
     return args
-
-
-def use_device(device):
-    """Make a numbered GPU (cuda:1) the current CUDA device: calls that name no device, and the CUDA context
-    they create, would otherwise go to GPU 0."""
-    if device.startswith("cuda") and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
 
 
 def check_same_clip(checkpoint, checkpoint_path, meta, features_dir):

@@ -50,6 +50,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from training import use_device
+
 COCO_URLS = {  # the official archives; each unpacks into the folder of its name
     "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",  # 241 MB
     "train2017": "http://images.cocodataset.org/zips/train2017.zip",  # 18 GB, 118,287 images
@@ -480,14 +482,6 @@ def parse_args(argv=None):
     if args.clip_pretrained != "none" and os.path.isfile(args.clip_pretrained):
         args.clip_pretrained = os.path.abspath(args.clip_pretrained)  # recorded: sample.py loads it from anywhere
     return args
-
-
-def use_device(device):
-    """Make a numbered GPU (cuda:1) the current CUDA device. What names no device uses the current one, GPU 0
-    otherwise: the DataLoader's pin-memory thread, for one, would open a CUDA context on GPU 0 and pin the
-    batches for it."""
-    if device.startswith("cuda") and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
 
 
 def output_shape(clip_model, preprocess, device):

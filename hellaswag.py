@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import GPT
-from training import autocast, default_device, default_dtype
+from training import autocast, default_device, default_dtype, use_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = os.environ.get("HELLASWAG_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -252,13 +252,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
     return p.parse_args(argv)
-
-
-def use_device(device):
-    """Make a numbered GPU (cuda:1) the current CUDA device: calls that name no device, and the CUDA context
-    they create, would otherwise go to GPU 0."""
-    if device.startswith("cuda") and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
 
 
 def load_model(args):

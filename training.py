@@ -46,6 +46,13 @@ def default_device():
     return "cpu"
 
 
+def use_device(device):
+    """Make a numbered GPU ("cuda:3") the current CUDA device. Whatever names no device (torch.cuda calls,
+    the CUDA context they create, the DataLoader's pin-memory thread) uses the current one: GPU 0 otherwise."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
 def setup_distributed(device="auto", timeout_minutes=10):
     """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; then each process joins the group and takes one GPU
     (NCCL), or the CPU (gloo, used by the tests). Otherwise this is a single process on `device`.
@@ -54,8 +61,7 @@ def setup_distributed(device="auto", timeout_minutes=10):
     before the run ends with an error, instead of a cluster job hanging until its time limit."""
     device = default_device() if device == "auto" else device
     if "RANK" not in os.environ:
-        if device.startswith("cuda:"):
-            torch.cuda.set_device(device)  # kernels and torch.cuda calls without a device go to this GPU, not 0
+        use_device(device)
         return Distributed(False, 0, 0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
