@@ -1,7 +1,7 @@
 """
 Caption every image of a split and score the captions with the standard COCO caption metrics.
 
-    python caption_eval.py --checkpoint log_caption/model_020000.pt --split val
+    python caption_eval.py --checkpoint log_caption/model_011558.pt --split val
     python caption_eval.py --checkpoint model.pt --features-dir coco_features_karpathy --split test --beam 5
     python caption_eval.py --checkpoint model.pt --limit 500 --beam 1 --no-meteor     # a quick look
 
