@@ -15,6 +15,7 @@ it to a trained language model changes nothing until training teaches it to look
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -529,10 +530,17 @@ def load_checkpoint(path, kind=None):
     was expected."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    # mmap: the tensors stay in the file and are paged in as they are used, so 8 ranks resuming a large model
+    # share the file's pages in the OS cache instead of each reading a private copy into host RAM. (The map is
+    # copy-on-write: changing a loaded tensor never changes the file; and save_checkpoint replaces a file by
+    # renaming, never rewrites it in place under a reader.)
+    # Only torch.save's zip format can be mapped; anything else (the pre-1.6 format, a truncated file, not a
+    # checkpoint at all) is read whole, which loads the old format and gives the true reason for the others.
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        reason = str(e).splitlines()[0][:120] if str(e).strip() else "no message"  # an empty file's has none
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or not {"kind", "model", "config"} <= checkpoint.keys():
         raise ValueError(f"{path}: not a checkpoint of this codebase (needs the keys kind, model, config)")
     if kind is not None and checkpoint["kind"] != kind:

@@ -249,6 +249,35 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         GPT.from_checkpoint(str(wrong_shape))
 
 
+def test_checkpoint_is_memory_mapped_not_read_into_ram(tmp_path):
+    """8 ranks resuming a large model share the file's pages instead of each holding a copy: the tensors
+    come back backed by the file itself (it shows in this process's memory maps)."""
+    from dataclasses import asdict
+    model = tiny_captioner()
+    path = tmp_path / "mapped.pt"
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config)}, path)
+    checkpoint = load_checkpoint(str(path))
+    with open("/proc/self/maps") as f:
+        assert str(path) in f.read()
+    assert torch.equal(checkpoint["model"]["lm_head.weight"], model.lm_head.weight)
+
+
+def test_old_format_checkpoint_still_loads_and_errors_keep_their_reason(tmp_path):
+    """The pre-zip format (torch < 1.6) cannot be memory-mapped: it is read whole rather than refused, and a
+    file that is no zip at all gets its own reason, not mmap's complaint about the format."""
+    from dataclasses import asdict
+    model = tiny_captioner()
+    path = tmp_path / "legacy.pt"
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config)}, path,
+               _use_new_zipfile_serialization=False)
+    assert load_checkpoint(str(path), kind="caption")["kind"] == "caption"
+    for name, content in (("text.pt", b"hello, not a checkpoint"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name}: not a readable checkpoint") as error:
+            load_checkpoint(str(tmp_path / name))
+        assert "mmap" not in str(error.value) and "\n" not in str(error.value)
+
+
 def test_lm_checkpoint_becomes_captioner_with_identical_logits(tmp_path):
     from dataclasses import asdict
     torch.manual_seed(0)
