@@ -14,6 +14,7 @@ it to a trained language model changes nothing until training teaches it to look
 """
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -348,14 +349,14 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
                  generator=None, use_cache=True):
-        """Continue each row of idx (B, T) by up to max_new_tokens tokens. temperature=0 is greedy decoding.
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens. temperature=0 is greedy decoding
+        (the likeliest token every time; top_k and top_p then change nothing), as in sample_next_token.
         A row that emits <|endoftext|> is finished and padded with it; generation stops when all rows are.
         Returns (B, T + n) with n <= max_new_tokens. use_cache=False recomputes the whole prefix at every
         step (the slow reference the KV cache is tested against)."""
+        self._check_lengths(idx, max_new_tokens)
+        check_sampling(temperature, top_k, top_p)
         B, T = idx.size()
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                             f"{self.config.block_size}")
         cache = KVCache() if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, new_input = idx, idx
@@ -375,11 +376,11 @@ class GPT(nn.Module):
         """Batched beam search: for each row of idx (B, T), keep the beam_size most likely continuations,
         and return the best finished one per row (a list of B token lists, without <|endoftext|>), ranked
         by log-probability / length**length_penalty so that short captions are not favoured unfairly."""
+        self._check_lengths(idx, max_new_tokens)
+        if beam_size < 1:
+            raise ValueError(f"beam_size {beam_size}: must be at least 1 (1 is greedy decoding)")
         B, T = idx.size()
         K, V = beam_size, GPT2_VOCAB_SIZE
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                             f"{self.config.block_size}")
         device = idx.device
         # every row becomes K beams: (B*K, T); the first step expands only beam 0 (the others start at -inf)
         idx = idx.repeat_interleave(K, dim=0)
@@ -415,6 +416,17 @@ class GPT(nn.Module):
         self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens, ended=False)
         return best_tokens
 
+    def _check_lengths(self, idx, max_new_tokens):
+        """Refuse what would give nothing, or run past the position embeddings, rather than return it quietly."""
+        T = idx.size(1)
+        if T < 1:
+            raise ValueError("the prompt has no tokens: start each row with at least one (<|endoftext|> for none)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
+                             f"{self.config.block_size}")
+
     @staticmethod
     def _keep_best(normalized_scores, beams, best_score, best_tokens, ended=True):
         top_score, top_beam = normalized_scores.max(dim=1)  # (B,)
@@ -424,12 +436,27 @@ class GPT(nn.Module):
             best_tokens[b] = beams[b, top_beam[b]].tolist()
 
 
+def check_sampling(temperature, top_k, top_p):
+    """Refuse settings that would crash mid-generation or quietly do something else: a negative temperature
+    turns the distribution upside down (the unlikeliest token becomes the likeliest), top_k=0 or top_p=0
+    keeps no token at all."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature {temperature}: must be a finite number >= 0 (0 is greedy decoding)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k {top_k}: must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> next token ids (B, 1). temperature 0: argmax. top_k keeps the k likeliest tokens,
-    top_p the smallest set whose probability reaches p (nucleus sampling); both cut the unreliable tail."""
+    """logits (B, V) -> next token ids (B, 1). temperature 0: argmax (the limit of ever lower temperatures,
+    and the usual convention). top_k keeps the k likeliest tokens, top_p the smallest set whose probability
+    reaches p (nucleus sampling); both cut the unreliable tail. The arguments are checked by check_sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # shifted so the best logit is 0 (softmax does not change): a tiny temperature such as 1e-40 then sends the
+    # others to -inf instead of the best one to inf, and inf - inf inside softmax would be NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))

@@ -134,6 +134,43 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(run(4, top_p=1e-6), greedy)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": -1.0}, "temperature -1.0"),  # would pick the unlikeliest tokens, silently
+    ({"temperature": float("nan")}, "temperature nan"),
+    ({"top_k": 0}, "top_k 0"),  # crashed in torch.topk
+    ({"top_p": 0.0}, "top_p 0.0"),  # crashed in torch.multinomial: no token left
+    ({"top_p": 1.5}, "top_p 1.5"),
+    ({"max_new_tokens": 0}, "max_new_tokens 0"),  # returned the prompt alone
+    ({"idx": torch.zeros(2, 0, dtype=torch.long)}, "no tokens"),
+    ({"idx": torch.zeros(2, 60, dtype=torch.long)}, "exceeds block_size"),
+])
+def test_generate_refuses_bad_options(options, message):
+    call = {"idx": torch.full((2, 1), EOT_TOKEN), "max_new_tokens": 5, **options}
+    with pytest.raises(ValueError, match=message):
+        tiny_captioner().generate(**call)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"beam_size": 0}, "beam_size 0"),  # returned empty captions
+    ({"max_new_tokens": 0}, "max_new_tokens 0"),
+    ({"idx": torch.zeros(2, 0, dtype=torch.long)}, "no tokens"),
+])
+def test_beam_search_refuses_bad_options(options, message):
+    call = {"idx": torch.full((2, 1), EOT_TOKEN), "max_new_tokens": 5, **options}
+    with pytest.raises(ValueError, match=message):
+        tiny_captioner().beam_search(**call)
+
+
+def test_temperature_zero_and_tiny_temperatures_are_greedy():
+    from model import sample_next_token
+    logits = torch.randn(4, GPT2_VOCAB_SIZE) * 10
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    assert torch.equal(sample_next_token(logits, temperature=0), greedy)
+    # 1e-40 is below float32's smallest normal number: logits / 1e-40 overflowed to inf, and softmax gave NaN
+    assert torch.equal(sample_next_token(logits, temperature=1e-40, generator=torch.Generator().manual_seed(0)),
+                       greedy)
+
+
 def test_generation_stops_each_row_at_end_of_text(monkeypatch):
     import model as model_module
     script = iter([[11, 21], [EOT_TOKEN, 22], [13, 23], [14, EOT_TOKEN], [15, 25]])  # row 0 ends at step 2, row 1 at 4
