@@ -15,19 +15,24 @@ From Python:
 
 An image is encoded by the CLIP model recorded in the checkpoint (the one its training features came from),
 then the decoder writes the caption after an <|endoftext|> prompt, cross-attending to the image's 50 tokens.
+
+Decoding: captions use beam search by default (--beam, 3 beams; 1 is greedy decoding). --temperature,
+--top-k or --top-p sample instead, and text is always sampled (temperature 1 unless given). Temperature 0 means
+greedy decoding everywhere: the likeliest token at every step.
 """
 
 import argparse
+import math
 import os
 import sys
 
 import tiktoken
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import coco
-from model import EOT_TOKEN, GPT
-from training import autocast, default_device, default_dtype, latest_checkpoint
+from model import EOT_TOKEN, GPT, check_sampling
+from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
 
 
 class Captioner:
@@ -35,48 +40,112 @@ class Captioner:
 
     def __init__(self, model, clip_model, preprocess, device, dtype="float32"):
         self.model, self.clip_model, self.preprocess = model.eval(), clip_model, preprocess
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = str(device), dtype
+        self.device_type = torch.device(self.device).type  # autocast wants "cuda", not "cuda:1"
+        # JPEGs are decoded at reduced size, but with both sides kept >= twice CLIP's input (448 for 224): a
+        # photo under 896 px on a side, as all of COCO's are (640 px at most), is then decoded exactly as
+        # coco.py decoded the training images. Reduced towards 224 instead, a 640x480 photo would decode at 1/2
+        # scale and its CLIP input move by 0.02-0.08 on average (normalised pixel units; measured on two photos).
+        self.decode_size = 2 * clip_input_size(clip_model)
         self.enc = tiktoken.get_encoding("gpt2")
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", dtype=None):
-        device = default_device() if device == "auto" else device
+        """device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; the decoder and CLIP both go there. dtype: the
+        decoder's autocast dtype, by default the best the device has (bfloat16 on a recent GPU)."""
+        device = default_device() if device == "auto" else str(device)
         model, checkpoint = GPT.from_checkpoint(path, kind="caption")
         clip_model, preprocess = coco.load_clip(checkpoint["clip"]["model"], checkpoint["clip"]["pretrained"], device)
-        return cls(model.to(device), clip_model, preprocess, device, dtype or default_dtype(device.split(":")[0]))
+        # the full device ("cuda:1"): the question "does it do bfloat16?" is about that GPU, not about GPU 0
+        return cls(model.to(device), clip_model, preprocess, device, dtype or default_dtype(device))
+
+    def pixels(self, image):
+        """A path or a PIL image -> (3, H, W), CLIP's input. A file is decoded here, and a JPEG at reduced
+        size (see open_image), so a big photo never sits in memory at full size."""
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image, self.decode_size)
+        return self.preprocess(image.convert("RGB"))
+
+    def encode(self, pixels):
+        """(B, 3, H, W) -> (B, N_img, width): CLIP's image tokens, what the decoder cross-attends to."""
+        return coco.image_features(self.clip_model, pixels.to(self.device))
 
     @torch.no_grad()
-    def caption(self, images, beam_size=3, max_new_tokens=30, temperature=None, top_k=None, top_p=None,
+    def caption(self, images, beam_size=None, max_new_tokens=30, temperature=None, top_k=None, top_p=None,
                 generator=None):
-        """images: paths or PIL images -> one caption each. beam_size > 1 searches for the likeliest caption;
-        a temperature (with top_k / top_p) samples one instead; temperature=0 or beam_size=1 is greedy."""
-        images = [open_image(str(im)) if isinstance(im, (str, os.PathLike)) else im.convert("RGB") for im in images]
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, 224, 224)
-        image_feats = coco.image_features(self.clip_model, pixels)  # (B, N_img, width)
-        prompt = torch.full((len(images), 1), EOT_TOKEN, device=self.device)
-        with autocast(self.device.split(":")[0], self.dtype):
-            if temperature is None and beam_size > 1:
+        """images: paths or PIL images -> one caption each. By default beam search (beam_size 3; 1 is greedy)
+        finds the likeliest caption; a temperature (0: greedy), top_k or top_p samples one instead. Options
+        out of range, or asking for both, raise ValueError."""
+        choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)  # checked before the slow part
+        images = list(images)
+        if not images:
+            return []
+        image_feats = self.encode(torch.stack([self.pixels(image) for image in images]))
+        return self.caption_features(image_feats, beam_size, max_new_tokens, temperature, top_k, top_p, generator)
+
+    @torch.no_grad()
+    def caption_features(self, image_feats, beam_size=None, max_new_tokens=30, temperature=None, top_k=None,
+                         top_p=None, generator=None):
+        """image_feats (B, N_img, width) from encode() -> B captions; the options are caption()'s."""
+        beam_size, temperature = choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)
+        prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=self.device)
+        with autocast(self.device_type, self.dtype):
+            if beam_size > 1:
                 token_lists = self.model.beam_search(prompt, image_feats, beam_size=beam_size,
                                                      max_new_tokens=max_new_tokens)
             else:
-                out = self.model.generate(prompt, max_new_tokens, temperature=temperature or 0.0, top_k=top_k,
+                out = self.model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, image_feats=image_feats, generator=generator)
                 token_lists = [until_end_of_text(row[1:]) for row in out.tolist()]
         return [self.enc.decode(tokens).strip() for tokens in token_lists]
+
+
+def choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p):
+    """Caption options -> (beam_size, temperature): beam search when beam_size > 1, else generate() at that
+    temperature (0: greedy). Raises ValueError for a value out of range, or for beam search and sampling
+    asked for together (one of them would be ignored)."""
+    sampling = temperature is not None or top_k is not None or top_p is not None
+    if sampling and beam_size is not None:
+        raise ValueError(f"beam_size={beam_size} and temperature/top_k/top_p: beam search or sampling, not both")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+    if sampling:
+        temperature = 1.0 if temperature is None else temperature  # top_k or top_p alone: at temperature 1
+        check_sampling(temperature, top_k, top_p)
+        return 1, temperature
+    beam_size = 3 if beam_size is None else beam_size
+    if beam_size < 1:
+        raise ValueError(f"beam_size {beam_size}: must be at least 1 (1 is greedy decoding)")
+    return beam_size, 0.0
 
 
 def until_end_of_text(tokens):
     return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
-def open_image(path):
-    """Decode an image fully now (PIL is lazy), so a corrupt file fails here, named, and not mid-batch."""
+def clip_input_size(clip_model):
+    """The side of CLIP's square input (224 for ViT-B/32): no image needs more pixels than that."""
+    size = getattr(clip_model.visual, "image_size", 224)  # open_clip keeps (H, W), or an int for some models
+    return max(size) if isinstance(size, (tuple, list)) else int(size)
+
+
+def open_image(path, size=None):
+    """Decode an image fully now (PIL is lazy), so a corrupt file fails here, named, and not mid-batch.
+    size: the smallest side wanted. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale, as long as both sides
+    stay >= size: libjpeg does it while decoding, so an 8000x8000 photo costs 3 MB (1000x1000) instead of
+    192 MB. Other formats are decoded at full size. An image over PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS x 2, about 179M pixels) is refused, as coco.py refuses it."""
+    path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
         with Image.open(path) as image:
+            if size is not None:
+                image.draft("RGB", (size, size))  # a no-op for formats other than JPEG
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -91,23 +160,35 @@ def caption_files(args):
         raise FileNotFoundError(f"{args.checkpoint_dir}: no caption checkpoint here; pass --checkpoint PATH "
                                 f"(train one with train_caption.py)")
     captioner = Captioner.from_checkpoint(path, args.device)
-    images, failed = [], 0
-    for file in args.image:
-        try:
-            images.append((file, open_image(file)))
-        except (FileNotFoundError, ValueError) as e:
-            print(f"sample.py: {e}", file=sys.stderr)
-            failed += 1
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
-    for start in range(0, len(images), args.batch_size):
-        batch = images[start:start + args.batch_size]
+    failed = 0
+    # images are decoded one batch at a time, just before they are captioned: memory holds one batch of
+    # CLIP inputs however many files there are
+    for start in range(0, len(args.image), args.batch_size):
+        batch = args.image[start:start + args.batch_size]
+        files, pixels = read_images(captioner, batch)
+        failed += len(batch) - len(files)
+        if not files:
+            continue
+        image_feats = captioner.encode(torch.stack(pixels))  # once, for all the samples
         for _ in range(args.num_samples):
-            captions = captioner.caption([image for _, image in batch], beam_size=args.beam,
-                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, generator=generator)
-            for (file, _), caption in zip(batch, captions):
+            captions = captioner.caption_features(image_feats, args.beam, args.max_new_tokens, args.temperature,
+                                                  args.top_k, args.top_p, generator)
+            for file, caption in zip(files, captions):
                 print(f"{file}: {caption}")
     return 1 if failed else 0
+
+
+def read_images(captioner, files):
+    """-> (the files that could be read, their CLIP inputs). Each one that cannot is named on stderr."""
+    good, pixels = [], []
+    for file in files:
+        try:
+            pixels.append(captioner.pixels(file))
+            good.append(file)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"sample.py: {e}", file=sys.stderr)
+    return good, pixels
 
 
 def generate_text(args):
@@ -118,49 +199,129 @@ def generate_text(args):
         model, _ = GPT.from_checkpoint(args.checkpoint)  # an lm checkpoint, or a captioner used without an image
     model.to(device).eval()
     enc = tiktoken.get_encoding("gpt2")
-    idx = torch.tensor([enc.encode(args.prompt)] * args.num_samples, device=device)
+    # "<|endoftext|>" in the prompt is the token that starts a document; an empty prompt is just that token
+    prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+    max_new_tokens = new_tokens_that_fit(len(prompt), args.max_new_tokens, model.config.block_size)
+    idx = torch.tensor([prompt] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    temperature = 1.0 if args.temperature is None else args.temperature
-    max_new_tokens = min(args.max_new_tokens, model.config.block_size - idx.size(1))
-    with autocast(device.split(":")[0], default_dtype(device.split(":")[0])):
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+    with autocast_for(device):
+        out = model.generate(idx, max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              generator=generator)
     for row in out.tolist():
-        print(args.prompt + enc.decode(until_end_of_text(row[idx.size(1):])))
+        print(args.prompt + enc.decode(until_end_of_text(row[len(prompt):])))
         print("---")
     return 0
+
+
+def autocast_for(device):
+    """Autocast for the device ("cuda:1"): its type ("cuda") is what torch.autocast takes, while the dtype
+    is chosen for that very GPU, not for GPU 0 (bfloat16 where it runs natively, else float32: no autocast)."""
+    return autocast(torch.device(device).type, default_dtype(device))
+
+
+def new_tokens_that_fit(prompt_tokens, max_new_tokens, block_size):
+    """The model sees at most block_size tokens. A prompt that fills them is refused; one that leaves fewer
+    than max_new_tokens is continued as far as they go, and a note on stderr says so."""
+    room = block_size - prompt_tokens
+    if room < 1:
+        raise ValueError(f"--prompt is {prompt_tokens} tokens and the model's block_size is {block_size}: no room "
+                         f"for a new token")
+    if max_new_tokens > room:
+        print(f"sample.py: note: {room} new tokens, not {max_new_tokens}: the prompt's {prompt_tokens} tokens leave "
+              f"no more room in the model's block_size of {block_size}", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
+def count(text):
+    """argparse type of --beam, --num-samples, ...: a whole number >= 1."""
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def temperature_value(text):
+    """argparse type of --temperature: a number >= 0. A negative one would turn the distribution upside down,
+    the unlikeliest token becoming the likeliest."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 is greedy decoding), not {text!r}")
+    return value
+
+
+def probability(text):
+    """argparse type of --top-p: a number in (0, 1]. At 0 no token would be left to sample."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text!r}")
+    return value
+
+
+def check_device(p, device):
+    """A misspelt device, or a GPU this machine does not have, would otherwise fail deep inside torch."""
+    if device == "auto":
+        return
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        p.error(f"--device {device}: not a device (auto, cpu, cuda, cuda:1, mps)")
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        p.error(f"--device {device}: this machine has {gpus} CUDA GPU{'s' if gpus != 1 else ''}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", nargs="+", help="image files to caption")
-    what.add_argument("--prompt", help="text to continue")
+    what.add_argument("--prompt", help="text to continue ('' for text from nothing, as after <|endoftext|>)")
     p.add_argument("--checkpoint", help="a .pt checkpoint (default for --image: the newest in --checkpoint-dir)")
     p.add_argument("--checkpoint-dir", default="log_caption", help="where to look for the newest caption checkpoint")
     p.add_argument("--pretrained", help="with --prompt: OpenAI weights (gpt2, gpt2-medium, ...) or a GPT-2 folder")
-    p.add_argument("--beam", type=int, default=3, help="beam width for captions (1: greedy)")
-    p.add_argument("--temperature", type=float, help="sample instead of beam search (0: greedy)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding probability p")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per image or prompt")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 30 for captions, 200 for text")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--beam", type=count, help="beam width for captions (default 3; 1: greedy)")
+    p.add_argument("--temperature", type=temperature_value,
+                   help="sample instead of beam search (0: greedy; default 1 for --prompt)")
+    p.add_argument("--top-k", type=count, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=probability, help="sample among the likeliest tokens holding probability p")
+    p.add_argument("--num-samples", type=count, default=1, help="samples per image or prompt")
+    p.add_argument("--max-new-tokens", type=count, default=None, help="default: 30 for captions, 200 for text")
+    p.add_argument("--batch-size", type=count, default=16, help="images per batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args(argv)
+    check_device(p, args.device)
     if args.prompt is not None and not (args.checkpoint or args.pretrained):
         p.error("--prompt needs --checkpoint PATH or --pretrained NAME")
+    if args.image and args.pretrained:
+        p.error("--pretrained is for --prompt: captions need a caption checkpoint (--checkpoint)")
+    sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.beam is not None and args.prompt is not None:
+        p.error("--beam is for captions (--image); text is sampled")
+    if args.beam is not None and sampling:
+        p.error("--beam searches, --temperature/--top-k/--top-p sample: choose one")
+    if args.prompt is not None or sampling:
+        args.temperature = 1.0 if args.temperature is None else args.temperature
+    if args.num_samples > 1 and not args.temperature:  # None: beam search; 0: greedy. Both are deterministic
+        p.error(f"--num-samples {args.num_samples} would print the same output {args.num_samples} times: beam search "
+                f"and --temperature 0 are deterministic; sample with --temperature above 0")
     if args.max_new_tokens is None:
         args.max_new_tokens = 30 if args.image else 200
-    if args.top_k is not None or args.top_p is not None:
-        args.temperature = 1.0 if args.temperature is None else args.temperature
     return args
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    use_device(args.device)  # cuda:1 becomes the current GPU: what names no device goes there too, not to GPU 0
+    return caption_files(args) if args.image else generate_text(args)
+
+
 if __name__ == "__main__":
-    args = parse_args()
     try:
-        sys.exit(caption_files(args) if args.image else generate_text(args))
-    except (FileNotFoundError, ValueError) as e:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"sample.py: {e}")

@@ -1,0 +1,258 @@
+"""sample.py in-process: option checks (one-line errors, not tracebacks nor empty output), images decoded batch by
+batch and at reduced size, decompression bombs skipped by name, and the device named by --device used for
+everything. CLIP is a small stand-in here; the real one, trained end to end, is in test_caption.py."""
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import coco
+import sample
+from model import GPT, GPTConfig
+
+CLIP_WIDTH = 48
+
+
+class TinyClip(torch.nn.Module):
+    """Stands in for open_clip's CLIP (seconds to build, about a second per image on this CPU) with what
+    coco.image_features and sample.py use of it: encode_image, a visual.ln_post over the token sequence, and
+    visual.image_size."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.visual = torch.nn.Module()
+        self.visual.image_size = (224, 224)
+        self.visual.patches = torch.nn.Conv2d(3, CLIP_WIDTH, kernel_size=32, stride=32)  # 7 x 7 patches
+        self.visual.ln_post = torch.nn.LayerNorm(CLIP_WIDTH)
+
+    def encode_image(self, images):
+        tokens = self.visual.patches(images).flatten(2).transpose(1, 2)  # (B, 49, width)
+        return self.visual.ln_post(tokens)[:, 0]
+
+
+class RecordingPreprocess:
+    """Resize to 224 x 224 and make a tensor, as CLIP's preprocessing does, remembering each image's size."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, image):
+        self.sizes.append(image.size)
+        pixels = np.asarray(image.convert("RGB").resize((224, 224)), dtype=np.float32) / 255
+        return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, 224, 224)
+
+
+@pytest.fixture
+def clip(monkeypatch):
+    """coco.load_clip returns a TinyClip; -> what it was asked for and what the preprocessing saw."""
+    seen = {"devices": [], "preprocess": RecordingPreprocess()}
+
+    def load_clip(model_name, pretrained, device):
+        seen["devices"].append(device)
+        return TinyClip().eval(), seen["preprocess"]
+    monkeypatch.setattr(coco, "load_clip", load_clip)
+    return seen
+
+
+def tiny_decoder(cross_attn_every=2):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, cross_attn_every=cross_attn_every,
+                         n_embd_img=CLIP_WIDTH))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A caption checkpoint (its CLIP is the TinyClip of the clip fixture) and a language-model one."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    caption, lm = tiny_decoder(), tiny_decoder(cross_attn_every=0)
+    torch.save({"kind": "caption", "model": caption.state_dict(), "config": asdict(caption.config), "step": 0,
+                "clip": {"model": "tiny", "pretrained": "none"}}, folder / "caption.pt")
+    torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config), "step": 0}, folder / "lm.pt")
+    return folder / "caption.pt", folder / "lm.pt"
+
+
+def write_image(path, width, height):
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def run(*args):
+    return sample.main([str(a) for a in args] + ["--device", "cpu", "--max-new-tokens", "2"])
+
+
+# -----------------------------------------------------------------------------
+# Options
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--image", "a.jpg", "--temperature", "-1"], "--temperature"),  # would favour the unlikeliest tokens
+    (["--image", "a.jpg", "--temperature", "nan"], "--temperature"),
+    (["--image", "a.jpg", "--top-p", "0"], "--top-p"),  # was a traceback
+    (["--image", "a.jpg", "--top-p", "1.5"], "--top-p"),
+    (["--image", "a.jpg", "--top-k", "0"], "--top-k"),  # was a traceback
+    (["--image", "a.jpg", "--beam", "0"], "--beam"),  # these three printed nothing and exited 0
+    (["--image", "a.jpg", "--num-samples", "0"], "--num-samples"),
+    (["--image", "a.jpg", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--image", "a.jpg", "--batch-size", "0"], "--batch-size"),
+    (["--prompt", "Hi", "--checkpoint", "lm.pt", "--num-samples", "0"], "--num-samples"),  # was an IndexError
+    (["--image", "a.jpg", "--beam", "5", "--temperature", "0.8"], "--beam"),  # the beam was ignored
+    (["--image", "a.jpg", "--num-samples", "3"], "--num-samples"),  # beam search: the same caption 3 times
+    (["--prompt", "Hi", "--checkpoint", "lm.pt", "--temperature", "0", "--num-samples", "2"], "--num-samples"),
+    (["--prompt", "Hi", "--checkpoint", "lm.pt", "--beam", "3"], "--beam"),  # text is not beam-searched
+    (["--image", "a.jpg", "--pretrained", "gpt2"], "--pretrained"),  # was ignored for the newest checkpoint
+])
+def test_bad_options_are_refused_in_one_line(argv, culprit, capsys):
+    with pytest.raises(SystemExit) as exit:
+        sample.parse_args(argv)
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in error and culprit in error, error
+
+
+def test_good_options_pass_and_temperature_zero_is_accepted():
+    args = sample.parse_args(["--image", "a.jpg", "--temperature", "0", "--top-p", "1", "--top-k", "5"])
+    assert (args.temperature, args.top_p, args.top_k, args.beam, args.max_new_tokens) == (0.0, 1.0, 5, None, 30)
+    args = sample.parse_args(["--prompt", "Hi", "--pretrained", "gpt2", "--num-samples", "4"])
+    assert (args.temperature, args.num_samples, args.max_new_tokens) == (1.0, 4, 200)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"beam_size": 0}, "beam_size 0"),  # was greedy decoding, silently
+    ({"max_new_tokens": 0}, "max_new_tokens 0"),  # was empty captions
+    ({"temperature": -1.0}, "temperature -1.0"),
+    ({"top_k": 0}, "top_k 0"),
+    ({"top_p": 0.0}, "top_p 0.0"),
+    ({"beam_size": 4, "temperature": 0.8}, "beam search or sampling"),  # was sampling, the beam ignored
+])
+def test_captioner_refuses_bad_options(options, message):
+    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    with pytest.raises(ValueError, match=message):
+        captioner.caption([Image.new("RGB", (32, 32))], **options)
+
+
+def test_captioner_decodes_each_way():
+    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    greedy = captioner.caption([image], beam_size=1, max_new_tokens=4)
+    assert captioner.caption([image], temperature=0.0, max_new_tokens=4) == greedy  # temperature 0 is greedy
+    assert len(captioner.caption([image, image], max_new_tokens=4)) == 2  # beam search
+    assert len(captioner.caption([image], top_k=5, max_new_tokens=4, generator=torch.Generator().manual_seed(0))) == 1
+    assert captioner.caption([]) == []
+
+
+def test_prompt_longer_than_the_block_is_refused(checkpoints):
+    _, lm = checkpoints
+    with pytest.raises(ValueError, match="block_size is 64"):  # was no output and exit status 0
+        run("--prompt", " word" * 70, "--checkpoint", lm)
+
+
+def test_prompt_that_leaves_less_room_than_asked_says_so(checkpoints, capsys):
+    _, lm = checkpoints
+    sample.main(["--prompt", " word" * 60, "--checkpoint", str(lm), "--max-new-tokens", "10", "--device", "cpu"])
+    assert "4 new tokens, not 10" in capsys.readouterr().err
+
+
+def test_empty_prompt_starts_a_new_document(checkpoints, capsys):
+    _, lm = checkpoints
+    assert run("--prompt", "", "--checkpoint", lm, "--num-samples", "2") == 0  # was a crash on an empty tensor
+    assert capsys.readouterr().out.count("---") == 2
+
+
+# -----------------------------------------------------------------------------
+# Images: large ones, bombs, memory
+
+
+def test_decompression_bomb_is_skipped_by_name_and_the_rest_captioned(checkpoints, clip, tmp_path, monkeypatch,
+                                                                      capsys):
+    caption, _ = checkpoints
+    # PIL refuses images over 2 x MAX_IMAGE_PIXELS (179M pixels by default); a low limit makes a small file one
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    first, bomb, last = write_image(tmp_path / "first.png", 20, 20), write_image(tmp_path / "bomb.png", 64, 64), \
+        write_image(tmp_path / "last.jpg", 30, 20)
+    assert run("--image", first, bomb, last, "--checkpoint", caption) == 1
+    out, err = capsys.readouterr()
+    assert f"{first}: " in out and f"{last}: " in out and str(bomb) not in out
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and str(bomb) in errors[0] and "too large" in errors[0], err
+
+
+def test_large_jpeg_is_decoded_at_reduced_size(checkpoints, clip, tmp_path):
+    caption, _ = checkpoints
+    photo = write_image(tmp_path / "photo.jpg", 2000, 1500)
+    assert run("--image", photo, "--checkpoint", caption) == 0
+    [size] = clip["preprocess"].sizes
+    # 1/2 scale: at 1/4 the short side (375) would be under twice CLIP's 224, the least sample.py keeps
+    assert size == (1000, 750), size
+
+
+def test_coco_sized_jpeg_is_decoded_at_full_size_as_for_training(checkpoints, clip, tmp_path):
+    caption, _ = checkpoints
+    photo = write_image(tmp_path / "photo.jpg", 640, 480)  # COCO's largest; coco.py decodes it whole
+    assert run("--image", photo, "--checkpoint", caption) == 0
+    assert clip["preprocess"].sizes == [(640, 480)]
+
+
+def test_images_are_decoded_one_batch_at_a_time(checkpoints, clip, tmp_path, monkeypatch):
+    caption, _ = checkpoints
+    files = [write_image(tmp_path / f"{i}.png", 24, 24) for i in range(5)]
+    opened, opened_when_encoding = [], []
+    real_open, real_image_features = Image.open, coco.image_features
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(coco, "image_features",
+                        lambda *a: opened_when_encoding.append(len(opened)) or real_image_features(*a))
+    assert run("--image", *files, "--checkpoint", caption, "--batch-size", 2) == 0
+    assert opened_when_encoding == [2, 4, 5]  # not [5, 5, 5]: every image decoded before the first batch
+
+
+# -----------------------------------------------------------------------------
+# Devices
+
+
+def test_named_gpu_is_used_for_everything(checkpoints, clip, monkeypatch):
+    caption, _ = checkpoints
+    moved_to, dtype_asked = [], []
+    monkeypatch.setattr(GPT, "to", lambda model, device: moved_to.append(device) or model)  # no GPU here
+    monkeypatch.setattr(sample, "default_dtype", lambda device: dtype_asked.append(device) or "bfloat16")
+    captioner = sample.Captioner.from_checkpoint(caption, device="cuda:1")
+    assert moved_to == clip["devices"] == dtype_asked == ["cuda:1"]  # the dtype is chosen for GPU 1, not GPU 0
+    assert (captioner.device, captioner.device_type, captioner.dtype) == ("cuda:1", "cuda", "bfloat16")
+
+
+@pytest.mark.parametrize("what", [["--image", "a.jpg", "--checkpoint", "caption.pt"],
+                                  ["--prompt", "Hi", "--checkpoint", "lm.pt"]])
+def test_command_line_makes_the_named_gpu_current_before_loading(what, monkeypatch):
+    calls = []
+
+    class Loaded(Exception):  # stops main() there: no GPU here to go on with
+        pass
+
+    def load(*what):
+        calls.append(what)
+        raise Loaded
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(sample.Captioner, "from_checkpoint", lambda path, device: load("captioner", device))
+    monkeypatch.setattr(GPT, "from_checkpoint", lambda path: load("lm", path))
+    with pytest.raises(Loaded):
+        sample.main(what + ["--device", "cuda:1"])
+    assert calls[0] == ("set_device", "cuda:1") and len(calls) == 2
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "not a device"), ("cuda:x", "not a device"),
+                                             ("cuda:2", "has 2 CUDA GPUs"), ("cuda", "has 0 CUDA GPUs")])
+def test_device_that_is_not_there_is_refused_in_one_line(device, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if device == "cuda" else 2)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--image", "a.jpg", "--device", device])
+    assert message in capsys.readouterr().err
+
+
+def test_text_autocast_gets_the_device_type_and_a_dtype_for_that_gpu(monkeypatch):
+    dtype_asked = []
+    monkeypatch.setattr(sample, "default_dtype", lambda device: dtype_asked.append(device) or "bfloat16")
+    monkeypatch.setattr(sample, "autocast", lambda device_type, dtype: (device_type, dtype))
+    assert sample.autocast_for("cuda:1") == ("cuda", "bfloat16") and dtype_asked == ["cuda:1"]
