@@ -30,9 +30,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import coco
 from model import EOT_TOKEN, GPT, is_cross_attn_param
-from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
-                      cosine_lr, default_dtype, gather_objects, load_on_every_rank, resume_path, rng_state,
-                      save_checkpoint, set_rng_state, setup_distributed, start_log, wait_for_each_other)
+from training import (all_reduce_sum, append_log, autocast, check_finite, check_resume_step, checkpoint_path,
+                      cleanup_distributed, cosine_lr, default_dtype, gather_objects, load_on_every_rank,
+                      non_negative_int, positive_float, positive_int, resume_path, rng_state, save_checkpoint,
+                      set_rng_state, setup_distributed, start_log, take_out_dir, wait_for_each_other)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -184,39 +185,42 @@ def parse_args(argv=None):
     p.add_argument("--init", default="gpt2", help="the language model to start from: gpt2, gpt2-medium, ... (HF hub), "
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
     p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
-    p.add_argument("--cross-attn-every", type=int, default=2, help="a cross-attention layer in every k-th block")
+    p.add_argument("--cross-attn-every", type=positive_int, default=2, help="a cross-attention layer in every k-th block")
     # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
     # ~3M image-caption pairs, ~11,600 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
     # (~5.9M pairs, GPT-2 fine-tuned too), SmallCap, which like our default trains only cross-attention,
     # 2 epochs at batch 64 (~1.2M pairs). A micro-batch of 32 captions is only ~700 tokens: raise --batch-size
     # on a large GPU (fewer accumulation steps, the same training).
-    p.add_argument("--total-batch-size", type=int, default=256,
+    p.add_argument("--total-batch-size", type=positive_int, default=256,
                    help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
-    p.add_argument("--epochs", type=float, default=5,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per micro-batch per process")
+    p.add_argument("--epochs", type=positive_float, default=5,
                    help="caption-epochs: passes over all image-caption pairs (COCO train2017: ~591K)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint (then --resume auto)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint (then --resume auto)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=500)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--max-caption-tokens", type=int, default=40, help="longer captions are cut")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut")
     p.add_argument("--unfreeze", action="store_true", help="train the whole decoder, not only cross-attention")
-    p.add_argument("--unfreeze-after", type=int, help="train only cross-attention until this step, then everything")
-    p.add_argument("--eval-every", type=int, default=500, help="val loss and example captions every N steps")
-    p.add_argument("--val-images", type=int, default=1000, help="val loss over all captions of this many val images")
-    p.add_argument("--save-every", type=int, default=2000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--unfreeze-after", type=positive_int, help="train only cross-attention until this step, then everything")
+    p.add_argument("--eval-every", type=non_negative_int, default=500, help="val loss and example captions every N steps")
+    p.add_argument("--val-images", type=positive_int, default=1000, help="val loss over all captions of this many val images")
+    p.add_argument("--save-every", type=positive_int, default=2000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dist-timeout", type=float, default=10,
+    p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stop_at is not None and args.max_steps is not None and args.stop_at > args.max_steps:
+        p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
+    return args
 
 
 def build_model(args, resume_from, image_width, d):
@@ -251,6 +255,7 @@ def main(args):
     n_pairs = sum(len(tokens) for tokens in train_data.tokens)  # one caption-epoch
     max_steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.total_batch_size)
     val_data_batches = val_batches(val_data, B, args.val_images, args.max_caption_tokens)
+    lock = take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
     raw_model.to(d.device)
@@ -259,13 +264,13 @@ def main(args):
     start_step = 0
     if checkpoint is not None:
         start_step = checkpoint["step"]
+        check_resume_step(start_step, max_steps, args.stop_at, resume_from)
         if args.unfreeze_after is not None and start_step >= args.unfreeze_after and not args.unfreeze:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay)
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], d, args.seed)
         del checkpoint
-    os.makedirs(args.out_dir, exist_ok=True)
     if d.master:
         for name in ("log.txt", "samples.txt"):
             start_log(os.path.join(args.out_dir, name), start_step if resume_from else None)
@@ -338,6 +343,7 @@ def main(args):
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
                   f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f}")
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     cleanup_distributed(d)
 

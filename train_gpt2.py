@@ -26,10 +26,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from model import EOT_TOKEN, GPT, PRESETS, GPTConfig
-from training import (all_reduce_sum, append_log, autocast, check_finite, checkpoint_path, cleanup_distributed,
-                      cosine_lr, default_dtype, gather_objects, load_on_every_rank, peak_flops, resume_path, rng_state,
-                      save_checkpoint, set_rng_state, setup_distributed, start_log, wait_for_each_other)
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
+from training import (all_reduce_sum, append_log, autocast, check_finite, check_resume_step, checkpoint_path,
+                      cleanup_distributed, cosine_lr, default_dtype, gather_objects, load_on_every_rank,
+                      non_negative_int, peak_flops, positive_float, positive_int, resume_path, rng_state,
+                      save_checkpoint, set_rng_state, setup_distributed, start_log, take_out_dir, wait_for_each_other)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -40,9 +41,11 @@ def open_shard(path):
     in what is used, so 8 ranks x 100 shards cost no RAM until touched. numpy checks the header against the
     file size, so a truncated file fails here instead of yielding garbage."""
     try:
-        tokens = np.load(path, mmap_mode="r")
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable token shard ({e})") from None
+        # numpy calls anything without a .npy header "pickled data": say what it means here
+        reason = "not a .npy array file" if "pickled" in str(e) else str(e)
+        raise ValueError(f"{path}: not a readable token shard ({reason})") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise ValueError(f"{path}: expected a 1-D uint16 token array, found {tokens.ndim}-D {tokens.dtype}")
     return tokens
@@ -108,11 +111,21 @@ class ShardLoader:
             self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
         share = self.windows_per_step // world_size
         first = self.pos + rank * share
-        rows = torch.from_numpy(np.stack([self.window(i) for i in range(first, first + share)]).astype(np.int64))
+        rows = np.stack([self.window(i) for i in range(first, first + share)])  # (share, T + 1)
+        if rows.max() >= GPT2_VOCAB_SIZE:  # cheap here; as an embedding index it is a crash (a device assert on CUDA)
+            self.name_bad_shard(range(first, first + share))
+        rows = torch.from_numpy(rows.astype(np.int64))
         self.pos += self.windows_per_step
         if self.pin_memory:  # page-locked memory: the copies to the GPU can then run while the CPU goes on
             rows = rows.pin_memory()
         return rows[:, :-1], rows[:, 1:]  # (share, T) each
+
+    def name_bad_shard(self, windows):
+        for i in windows:
+            if self.window(i).max() >= GPT2_VOCAB_SIZE:
+                k = int(np.searchsorted(self.stream_ends, i, side="right"))
+                raise ValueError(f"{self.paths[self.shard_order[k]]}: token id {self.window(i).max()} is not a GPT-2 "
+                                 f"token (ids go up to {GPT2_VOCAB_SIZE - 1}); re-tokenize it with fineweb.py")
 
     def window(self, i):
         """The T + 1 tokens of the i-th window of this epoch's stream."""
@@ -145,13 +158,16 @@ def val_batches(data_dir, B, T, val_tokens):
     """Where the (B, T) val batches start: the first val_tokens tokens of the val shards, in order, as
     (shard, offset) pairs read when needed. The budget is fixed in tokens, not in steps per rank, so the val
     loss means the same thing on 1 GPU and on 64."""
-    batches = []
+    batches, wanted = [], -(-val_tokens // (B * T))  # ceil: at least val_tokens tokens
     for path in find_shards(data_dir, "val"):
         tokens = open_shard(path)
-        for start in range(0, len(tokens) - B * T, B * T):
-            if len(batches) * B * T >= val_tokens:
-                return batches
-            batches.append((tokens, start))
+        starts = range(0, len(tokens) - B * T, B * T)[:wanted - len(batches)]
+        if starts and tokens[:starts[-1] + B * T + 1].max() >= GPT2_VOCAB_SIZE:
+            raise ValueError(f"{path}: holds token ids that are not GPT-2 tokens (ids go up to {GPT2_VOCAB_SIZE - 1}); "
+                             f"re-tokenize it with fineweb.py")
+        batches += [(tokens, start) for start in starts]
+        if len(batches) == wanted:
+            break
     if not batches:
         raise ValueError(f"{data_dir}: the val shards hold fewer than one batch of {B * T + 1:,} tokens")
     return batches
@@ -201,38 +217,45 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
     p.add_argument("--out-dir", default="log", help="checkpoints and log.txt go here")
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="size preset (gpt2 = 124M)")
-    p.add_argument("--n-layer", type=int, help="override the preset's number of blocks")
-    p.add_argument("--n-head", type=int, help="override the preset's number of heads")
-    p.add_argument("--n-embd", type=int, help="override the preset's width")
+    p.add_argument("--n-layer", type=positive_int, help="override the preset's number of blocks")
+    p.add_argument("--n-head", type=positive_int, help="override the preset's number of heads")
+    p.add_argument("--n-embd", type=positive_int, help="override the preset's width")
     p.add_argument("--init", help="start from weights instead of random: gpt2, gpt2-medium, ... (HF hub), a "
                                   "folder with config.json + model.safetensors, or an lm checkpoint .pt")
-    p.add_argument("--batch-size", type=int, default=64, help="micro-batch size B per process")
-    p.add_argument("--seq-len", type=int, default=1024, help="sequence length T")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (2**19)")
-    p.add_argument("--max-steps", type=int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
-    p.add_argument("--stop-at", type=int, help="end this run after this step, with a checkpoint, leaving the "
+    p.add_argument("--batch-size", type=positive_int, default=64, help="micro-batch size B per process")
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="sequence length T")
+    p.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step (2**19)")
+    p.add_argument("--max-steps", type=positive_int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
+    p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint, leaving the "
                                                "schedule as it is (for job time limits; then --resume auto)")
-    p.add_argument("--warmup-steps", type=int, default=715)
-    p.add_argument("--max-lr", type=float, default=6e-4)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=715)
+    p.add_argument("--max-lr", type=positive_float, default=6e-4)
     p.add_argument("--min-lr", type=float, default=6e-5)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    p.add_argument("--eval-every", type=int, default=250, help="val loss every N steps (0: only at the end)")
-    p.add_argument("--val-tokens", type=int, default=10485760, help="val loss over this many tokens (20 x 2**19)")
-    p.add_argument("--hellaswag-every", type=int, default=250, help="HellaSwag every N steps (0: never)")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--eval-every", type=non_negative_int, default=250, help="val loss every N steps (0: only at the end)")
+    p.add_argument("--val-tokens", type=positive_int, default=10485760, help="val loss over this many tokens (20 x 2**19)")
+    p.add_argument("--hellaswag-every", type=non_negative_int, default=250, help="HellaSwag every N steps (0: never)")
     p.add_argument("--hellaswag-data", help="a local hellaswag_val.jsonl (default: downloaded once)")
-    p.add_argument("--hellaswag-limit", type=int, help="score only the first N HellaSwag examples")
-    p.add_argument("--sample-every", type=int, default=250, help="print text samples every N steps (0: never)")
-    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--hellaswag-limit", type=positive_int, help="score only the first N HellaSwag examples")
+    p.add_argument("--sample-every", type=non_negative_int, default=250, help="print text samples every N steps (0: never)")
+    p.add_argument("--save-every", type=positive_int, default=5000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dist-timeout", type=float, default=10,
+    p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    n_embd = args.n_embd or PRESETS[args.model].get("n_embd", GPTConfig.n_embd)
+    n_head = args.n_head or PRESETS[args.model].get("n_head", GPTConfig.n_head)
+    if n_embd % n_head:
+        p.error(f"--n-embd {n_embd} is not divisible by --n-head {n_head} (each head gets n_embd / n_head dimensions)")
+    if args.stop_at is not None and args.stop_at > args.max_steps:
+        p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
+    return args
 
 
 def build_model(args, resume_from, d):
@@ -271,6 +294,7 @@ def main(args):
     if args.hellaswag_every > 0:
         path = args.hellaswag_data or hellaswag.download_if_missing(local_master=d.local_rank == 0)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
+    lock = take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, d)
     raw_model.to(d.device)
@@ -283,8 +307,8 @@ def main(args):
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], d, args.seed)
         start_step = checkpoint["step"]
+        check_resume_step(start_step, args.max_steps, args.stop_at, resume_from)
         del checkpoint  # its tensors are copied into the model and optimizer
-    os.makedirs(args.out_dir, exist_ok=True)
     if d.master:
         start_log(os.path.join(args.out_dir, "log.txt"), start_step if resume_from else None)
         print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
@@ -372,6 +396,7 @@ def main(args):
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
                   f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu}")
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     cleanup_distributed(d)
 

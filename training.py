@@ -4,10 +4,14 @@ What the two training scripts (train_gpt2.py, train_caption.py) share: setting u
 being killed, and the log file. Everything else lives in the script that uses it.
 """
 
-import glob
+import argparse
+import atexit
 import math
 import os
 import re
+import shutil
+import socket
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,6 +64,8 @@ def setup_distributed(device="auto", timeout_minutes=10):
     timeout_minutes: how long a collective waits for a rank that does not come (a crashed or stopped peer)
     before the run ends with an error, instead of a cluster job hanging until its time limit."""
     device = default_device() if device == "auto" else device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this process")
     if "RANK" not in os.environ:
         use_device(device)
         return Distributed(False, 0, 0, 1, device)
@@ -166,35 +172,69 @@ def checkpoint_path(out_dir, step):
     return os.path.join(out_dir, f"model_{step:06d}.pt")
 
 
+def checkpoint_step(path):
+    """model_001200.pt -> 1200; None for a file not named that way."""
+    m = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(out_dir):
+    """The checkpoints in out_dir, oldest step first. Half-written files end in .tmp and are never matched.
+    A folder that cannot be listed is an error, not an empty folder: a run that took it for one would start
+    afresh and overwrite what is there."""
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"{out_dir}: cannot list this folder ({e.strerror})") from None
+    return sorted((os.path.join(out_dir, n) for n in names if checkpoint_step(n) is not None), key=checkpoint_step)
+
+
 def latest_checkpoint(out_dir):
-    """The checkpoint with the highest step in out_dir, or None. Half-written files end in .tmp and are
-    never matched."""
-    paths = glob.glob(os.path.join(out_dir, "model_*.pt"))
-    steps = [int(m.group(1)) for p in paths if (m := re.fullmatch(r"model_(\d+)\.pt", os.path.basename(p)))]
-    return checkpoint_path(out_dir, max(steps)) if steps else None
+    """The checkpoint with the highest step in out_dir, or None."""
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def master_decides(decide, d):
+    """Run decide() on rank 0 only and give its answer, or its error, to every rank. Ranks that looked for
+    themselves could disagree (nodes that do not share a disk), and ranks not told of rank 0's error would
+    wait for it at their next collective until the timeout."""
+    answer, error = None, None
+    if d.master:
+        try:
+            answer = decide()
+        except (OSError, ValueError) as e:
+            error = str(e)
+    answer, error = gather_objects((answer, error), d)[0]
+    if error:
+        raise ValueError(error)
+    return answer
 
 
 def resume_path(out_dir, resume, d):
     """Which checkpoint to continue from: --resume auto (the newest in out_dir, if any), a path, or none.
-    Refuses to start afresh over an earlier run's checkpoints: that would overwrite them.
-
-    Rank 0 decides and tells the others. If every rank looked for itself, nodes that do not share out_dir
-    would find different checkpoints (or none) and start at different steps, and the first collective would
-    mismatch or hang."""
-    path, error = None, None
-    if d.master:
-        existing = latest_checkpoint(out_dir)
+    Refuses what would silently mix two runs in one folder: starting afresh over an earlier run's
+    checkpoints (they would be overwritten), or continuing an older checkpoint while newer ones are there
+    (a later --resume auto would jump back to the abandoned branch). Rank 0 decides for every rank."""
+    def choose():
+        found = checkpoints(out_dir)
         if resume == "auto":
-            path = existing
-        elif resume is not None:
-            path = resume
-        elif existing is not None:
-            error = (f"{existing}: an earlier run's checkpoint is here; pass --resume auto to continue it, "
-                     f"or choose another --out-dir")
-    path, error = gather_objects((path, error), d)[0]  # rank 0's answer, everywhere
-    if error:
-        raise ValueError(error)
-    return path
+            return found[-1] if found else None
+        if resume is None:
+            if found:
+                raise ValueError(f"{found[-1]}: an earlier run's checkpoint is here; pass --resume auto to continue "
+                                 f"it, or choose another --out-dir")
+            return None
+        step = checkpoint_step(resume)
+        newer = [p for p in found if step is not None and checkpoint_step(p) > step]
+        if newer:
+            raise ValueError(f"{resume}: {len(newer)} newer checkpoint(s) in {out_dir} ({os.path.basename(newer[-1])}, "
+                             f"...) belong to the run you are leaving; move them into a subfolder first, so that "
+                             f"a later --resume auto cannot jump back to them")
+        return resume
+    return master_decides(choose, d)
 
 
 def load_on_every_rank(load, path, d):
@@ -206,12 +246,24 @@ def load_on_every_rank(load, path, d):
         result, error = None, str(e)
     errors = gather_objects(error, d)
     if all(errors):  # a bad file: every rank says the same
+        found = checkpoints(os.path.dirname(path))
+        if path in found and len(found) > 1 and path == found[-1]:
+            error += (f"; move it aside (into a subfolder) and --resume auto continues from the previous one, "
+                      f"{found[-2]}")
         raise ValueError(error)
     if any(errors):  # some ranks read it, others did not: they do not see the same disk
         failed = [rank for rank, e in enumerate(errors) if e]
         raise ValueError(f"{path}: rank(s) {failed} of {d.world_size} cannot read this checkpoint "
                          f"({next(e for e in errors if e)}); --out-dir must be on a filesystem that every node shares")
     return result
+
+
+def check_resume_step(step, max_steps, stop_at, path):
+    """A resumed run must have steps left to run, and --stop-at must lie ahead of it."""
+    if step > max_steps:
+        raise ValueError(f"{path} is at step {step}, past --max-steps {max_steps}: nothing left to train")
+    if stop_at is not None and stop_at <= step:
+        raise ValueError(f"--stop-at {stop_at} is not after the step {path} resumes at, {step}")
 
 
 def save_checkpoint(checkpoint, path):
@@ -223,11 +275,27 @@ def save_checkpoint(checkpoint, path):
             raise FloatingPointError(f"{path}: not written, {name} holds NaN or inf "
                                      f"(last checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'})")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ValueError(f"{path}: checkpoint not written ({why_write_failed(e, os.path.dirname(path))}); last "
+                         f"checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'}") from None
+
+
+def why_write_failed(error, folder):
+    """The cause of a failed write, in words: OSErrors carry it (disk full, read-only, permission denied);
+    torch.save's RuntimeError does not, so a nearly full disk is looked at directly."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(folder or ".").free < 100 * 2**20:
+        return "no space left on the device"
+    return str(error).splitlines()[0][:200]
 
 
 def rng_state(device):
@@ -267,6 +335,117 @@ def check_finite(loss, norm, step, out_dir):
         raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}: stopping before the update, "
                                  f"saving nothing (last checkpoint: {last}). Try a lower learning rate.")
     return loss, norm
+
+
+# -----------------------------------------------------------------------------
+# One run per out-dir
+
+
+class OutDirLock:
+    """Holds out_dir for one run. A second run started into it (a requeued job overlapping the first, a
+    command run twice) would truncate the first's log and overwrite its checkpoints: it is refused instead.
+
+    The lock is a file holding the host and pid of its run, created atomically (O_EXCL) and removed at exit.
+    A run killed with SIGKILL leaves it behind; it is stale when its process is gone (same host) or, from
+    another host, when the run has not touched it for STALE_AFTER seconds (heartbeat() at every step)."""
+    STALE_AFTER = 15 * 60
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "run.lock")
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            self.refuse_unless_stale()
+            os.remove(self.path)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.owner + "\n")
+        atexit.register(self.release)
+
+    def refuse_unless_stale(self):
+        try:
+            with open(self.path) as f:
+                host, pid = f.read().split()[:2]
+            idle = time.time() - os.path.getmtime(self.path)
+        except (OSError, ValueError):
+            return  # vanished or unreadable: nobody holds it
+        if host == socket.gethostname():
+            if int(pid) == os.getpid() or not process_exists(int(pid)):  # ours (an earlier run in this process)
+                return
+        elif idle > self.STALE_AFTER:
+            return
+        raise ValueError(f"{os.path.dirname(self.path)}: another run is using this folder (host {host}, pid {pid}, "
+                         f"last active {idle:.0f} s ago); wait for it to end, or delete {self.path} if it is dead")
+
+    def heartbeat(self):
+        os.utime(self.path)
+
+    def release(self):
+        try:
+            with open(self.path) as f:
+                ours = f.read().strip() == self.owner
+            if ours:
+                os.remove(self.path)
+        except OSError:
+            pass
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but someone else's
+        return True
+    return True
+
+
+def take_out_dir(out_dir, d):
+    """Rank 0 creates out_dir, checks now that it can write there (not at the first checkpoint, hours later)
+    and locks it for this run. Any failure stops every rank. Returns the lock on rank 0, None elsewhere."""
+    lock = None
+
+    def take():
+        nonlocal lock
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"{out_dir}: cannot write checkpoints here ({e.strerror})") from None
+        lock = OutDirLock(out_dir)
+
+    master_decides(take, d)
+    return lock
+
+
+# -----------------------------------------------------------------------------
+# Command-line values
+
+
+def positive_int(text):
+    """argparse type: a whole number > 0, or a one-line error."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 # -----------------------------------------------------------------------------

@@ -202,3 +202,15 @@ def test_unfreeze_after_trains_the_language_model_from_that_step_and_resumes(dat
     at_4 = torch.load(tmp_path / "straight" / "model_000004.pt", weights_only=True)["model"]
     name = "transformer.h.0.mlp.c_fc.weight"  # a GPT-2 weight: frozen until step 2, trained after
     assert torch.equal(at_2[name], lm.state_dict()[name]) and not torch.equal(at_4[name], at_2[name])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size: must be a whole number > 0, got 0"),
+    (["--epochs", "-1"], "--epochs: must be a number > 0, got -1"),
+    (["--max-steps", "4", "--stop-at", "5"], "--stop-at 5 is after --max-steps 4"),
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
+    from train_caption import parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]

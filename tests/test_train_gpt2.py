@@ -335,3 +335,52 @@ def test_nodes_that_do_not_share_the_out_dir_stop_with_one_line(tmp_path):
     for _, stderr in outputs:
         assert "must be on a filesystem that every node shares" in stderr, stderr[-2000:]
     assert not os.path.exists(tmp_path / "node0" / "log" / "model_000004.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "0"], "--save-every: must be a whole number > 0, got 0"),
+    (["--batch-size", "0"], "--batch-size: must be a whole number > 0, got 0"),
+    (["--n-head", "3"], "--n-embd 32 is not divisible by --n-head 3"),
+    (["--max-lr", "-1"], "--max-lr: must be a number > 0, got -1"),
+    (["--stop-at", "9"], "--stop-at 9 is after --max-steps 2"),
+])
+def test_bad_flags_are_refused_before_anything_runs(flags, message):
+    from train_gpt2 import parse_args
+    import contextlib
+    import io
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
+        parse_args(TINY + ["--max-steps", "2"] + flags)
+    assert exit_info.value.code == 2 and message in stderr.getvalue().splitlines()[-1]
+
+
+def test_what_a_run_cannot_use_is_refused_with_one_line(tmp_path):
+    """A GPU that is not there, token ids that are not GPT-2's, an out-dir another run holds, a resume onto
+    changed data: each a one-line error naming the culprit, before any step is spent."""
+    import socket
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "2", "--eval-every", "0"]
+    no_gpu = run(args + ["--out-dir", tmp_path / "gpu", "--device", "cuda"], check=False)
+    assert_one_line_error(no_gpu, "--device cuda: no CUDA GPU is visible")
+
+    bad = write_shards(tmp_path / "bad", n_train=1)
+    shard = os.path.join(bad, "edufineweb_train_000001.npy")
+    tokens = np.load(shard)
+    tokens[::16] = 65535  # in every window of the shard
+    np.save(shard, tokens)
+    result = run(TINY + ["--data-dir", bad, "--max-steps", "2", "--eval-every", "0", "--out-dir", tmp_path / "ids"],
+                 check=False)
+    assert_one_line_error(result, shard, "token id 65535 is not a GPT-2 token")
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "run.lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    result = run(args + ["--out-dir", held], check=False)
+    assert_one_line_error(result, "another run is using this folder")
+    assert "step" not in result.stdout and os.listdir(held) == ["run.lock"]
+
+    run(args + ["--out-dir", tmp_path / "out", "--save-every", "1"])
+    assert not os.path.exists(tmp_path / "out" / "run.lock")  # released at exit
+    os.remove(os.path.join(data, "edufineweb_train_000003.npy"))
+    result = run(args + ["--out-dir", tmp_path / "out", "--resume", "auto", "--max-steps", "4"], check=False)
+    assert_one_line_error(result, "data order does not match", "shard edufineweb_train_000003.npy missing")

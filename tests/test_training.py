@@ -24,6 +24,7 @@ def test_default_dtype_asks_the_device_in_use_and_refuses_emulated_bf16(monkeypa
 def test_a_numbered_gpu_becomes_the_current_device_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     d = training.setup_distributed("cuda:3")
     assert chosen == ["cuda:3"] and d.device == "cuda:3" and not d.ddp
@@ -33,6 +34,7 @@ def test_under_torchrun_nccl_is_bound_to_the_local_gpu_with_a_timeout(monkeypatc
     for name, value in {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}.items():
         monkeypatch.setenv(name, value)
     calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.append(("new_group", kw)) or "cpu group")
@@ -90,3 +92,98 @@ def test_check_finite_stops_on_a_gradient_norm_that_overflowed(tmp_path):
     assert training.check_finite(torch.tensor(2.5), torch.tensor(0.5), 3, str(tmp_path)) == (2.5, 0.5)
     with pytest.raises(FloatingPointError, match="loss 2.5, gradient norm inf at step 3: stopping before the update"):
         training.check_finite(torch.tensor(2.5), torch.tensor(float("inf")), 3, str(tmp_path))
+
+
+# --- nothing lost: failed writes, a second run, resume mistakes ----------------------------------------------
+
+
+def test_a_failed_checkpoint_write_names_the_cause_and_leaves_no_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "model_000004.pt")
+    save_checkpoint({"model": {"w": torch.ones(2)}}, str(tmp_path / "model_000002.pt"))
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda folder: shutil_usage(free=0))
+    with pytest.raises(ValueError, match=r"model_000004.pt: checkpoint not written \(no space left on the device\); "
+                                         r"last checkpoint: .*model_000002.pt"):
+        save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+    assert sorted(os.listdir(tmp_path)) == ["model_000002.pt"]
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(ValueError, match=r"checkpoint not written \(Read-only file system\)"):
+        save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+
+
+def shutil_usage(free):
+    import shutil
+    return shutil._ntuple_diskusage(total=10**9, used=10**9 - free, free=free)
+
+
+def test_out_dir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    lock_file = tmp_path / "run.lock"
+    host = socket.gethostname()
+    lock_file.write_text(f"{host} {os.getppid()}\n")  # a live process on this host: pytest's parent
+    with pytest.raises(ValueError, match=f"another run is using this folder \\(host {host}, pid {os.getppid()}"):
+        training.OutDirLock(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file.write_text(f"{host} {dead.stdout.strip()}\n")  # that process has ended: a stale lock
+    lock = training.OutDirLock(str(tmp_path))
+    assert lock_file.read_text().split() == [host, str(os.getpid())]
+    lock.release()
+    assert not lock_file.exists()
+    # another host's lock: alive while its run touches it, stale after STALE_AFTER seconds without
+    lock_file.write_text("node-17 4242\n")
+    with pytest.raises(ValueError, match="host node-17, pid 4242"):
+        training.OutDirLock(str(tmp_path))
+    os.utime(lock_file, (0, 0))
+    training.OutDirLock(str(tmp_path)).release()
+
+
+def test_take_out_dir_fails_before_training_when_it_cannot_write(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file/out: cannot write checkpoints here"):
+        training.take_out_dir(str(tmp_path / "a_file" / "out"), Distributed(False, 0, 0, 1, "cpu"))
+
+
+def test_resume_refuses_to_rewind_past_newer_checkpoints_or_to_read_an_unlistable_folder(tmp_path, monkeypatch):
+    d = Distributed(False, 0, 0, 1, "cpu")
+    for step in (10, 20):
+        (tmp_path / f"model_{step:06d}.pt").write_text("")
+    assert training.resume_path(str(tmp_path), "auto", d) == str(tmp_path / "model_000020.pt")
+    with pytest.raises(ValueError, match="model_000010.pt: 1 newer checkpoint.*model_000020.pt.*subfolder"):
+        training.resume_path(str(tmp_path), str(tmp_path / "model_000010.pt"), d)
+    assert training.resume_path(str(tmp_path), str(tmp_path / "model_000020.pt"), d) == str(tmp_path / "model_000020.pt")
+
+    def cannot_list(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(training.os, "listdir", cannot_list)
+    with pytest.raises(ValueError, match="cannot list this folder \\(Permission denied\\)"):
+        training.resume_path(str(tmp_path), "auto", d)
+
+
+def test_an_unreadable_newest_checkpoint_names_the_previous_one(tmp_path):
+    d = Distributed(False, 0, 0, 1, "cpu")
+    save_checkpoint({"model": {"w": torch.ones(1)}}, str(tmp_path / "model_000010.pt"))
+    (tmp_path / "model_000020.pt").write_bytes(b"truncated")
+    from model import load_checkpoint
+    newest = str(tmp_path / "model_000020.pt")
+    with pytest.raises(ValueError, match="model_000020.pt: not a readable checkpoint.*move it aside.*model_000010.pt"):
+        training.load_on_every_rank(lambda: load_checkpoint(newest), newest, d)
+
+
+def test_a_resume_must_have_steps_left():
+    with pytest.raises(ValueError, match="at step 20, past --max-steps 10"):
+        training.check_resume_step(20, 10, None, "model_000020.pt")
+    with pytest.raises(ValueError, match="--stop-at 5 is not after the step model_000020.pt resumes at, 20"):
+        training.check_resume_step(20, 100, 5, "model_000020.pt")
+    training.check_resume_step(20, 100, 21, "model_000020.pt")
