@@ -138,18 +138,36 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 
 def check_local_files(paths):
     for path in paths:
+        if os.path.isdir(path):  # not "no such file": it exists, it is just not a file
+            sys.exit(f"fineweb.py: {path}: is a folder, not a file (pass the files in it)")
         if not os.path.isfile(path):
             sys.exit(f"fineweb.py: {path}: no such file")
+        if os.path.getsize(path) == 0:  # datasets' json builder would stop on it with a bare StopIteration
+            sys.exit(f"fineweb.py: {path}: empty file, no documents in it")
         if os.path.splitext(path)[1].lower() not in BUILDERS:
             sys.exit(f"fineweb.py: {path}: unknown extension (expected one of {', '.join(BUILDERS)})")
 
 
 def texts_of(rows, source, text_field):
+    found = False
     for i, row in enumerate(rows):
         text = row.get(text_field)
-        if not isinstance(text, str):  # json rows without the field come back with None in it
-            raise InputError(f"{source}: row {i} has no text field '{text_field}' (its fields: {', '.join(row)})")
+        if not isinstance(text, str):
+            raise InputError(f"{source}: {what_is_wrong(row, i, text_field)}")
+        found = True
         yield text
+    if not found:  # an empty source would otherwise "succeed" with no shards at all
+        raise InputError(f"{source}: no documents in it")
+
+
+def what_is_wrong(row, i, text_field):
+    """Why row i gives no document: the field is absent, empty, or holds something other than text."""
+    if text_field not in row:
+        return f"row {i} has no text field '{text_field}' (its fields: {', '.join(row)})"
+    if row[text_field] is None:  # json: null, or a row that lacks a field other rows have
+        return f"row {i}'s field '{text_field}' is null (or missing in this row)"
+    kind = type(row[text_field]).__name__  # list, dict, int, ...
+    return f"row {i}'s field '{text_field}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a string"
 
 
 def local_texts(paths, text_field):
@@ -193,14 +211,24 @@ def run_settings(args):
 
 
 def read_meta(out_dir, prefix):
+    """The meta of the run to continue, or None to start afresh. Without shards there is nothing to continue
+    or to lose, whatever a meta.json says: a run that stopped at a bad document before its first shard leaves
+    one behind, and the corrected files must not be refused for having other settings."""
     path = meta_path(out_dir, prefix)
-    if not os.path.exists(path):
-        if glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):  # not ours to overwrite or to resume
-            sys.exit(f"fineweb.py: {out_dir}: holds {prefix}_*.npy shards but no {os.path.basename(path)}; "
-                     "delete them or choose another --out-dir")
+    if not glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
         return None
-    with open(path) as f:
-        return json.load(f)
+    if not os.path.exists(path):  # shards that are not ours to overwrite or to resume
+        sys.exit(f"fineweb.py: {out_dir}: holds {prefix}_*.npy shards but no {os.path.basename(path)}; "
+                 "delete them or choose another --out-dir")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not (isinstance(meta, dict) and isinstance(meta.get("settings"), dict) and "complete" in meta):
+            raise ValueError("not the settings of a fineweb.py run")
+    except ValueError as e:  # json's errors are ValueErrors too
+        sys.exit(f"fineweb.py: {path}: damaged ({e}); delete it and the shards beside it, or choose another "
+                 "--out-dir")
+    return meta
 
 
 def write_meta(out_dir, prefix, settings, shards=None):
@@ -246,8 +274,11 @@ def parse_args():
     p.add_argument("--num-proc", type=int, default=os.cpu_count(),
                    help="tokenizer processes (default: all cores, %(default)s)")
     args = p.parse_args()
-    if args.shard_size < 1 or args.num_proc < 1 or (args.max_tokens is not None and args.max_tokens < 1):
-        p.error("--shard-size, --num-proc and --max-tokens must be positive")
+    for name in ("shard_size", "max_tokens", "num_proc"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir}: is a file, not a folder")
     return args
 
 

@@ -232,3 +232,85 @@ def test_unknown_extension_and_missing_field(tmp_path, monkeypatch):
         run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(tmp_path / "out"), "--num-proc", "1")
     message = str(exit_info.value.code)
     assert message.startswith(f"fineweb.py: {jsonl}: row 0 has no text field 'text'") and "\n" not in message
+
+
+def test_empty_files_are_refused_by_name(tmp_path, monkeypatch):
+    for name in ("empty.jsonl", "empty.txt"):  # once a bare StopIteration, and a "successful" run of 0 shards
+        path = tmp_path / name
+        path.write_text("")
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(monkeypatch, "--local-files", str(path), "--out-dir", str(tmp_path / "out"), "--num-proc", "1")
+        assert exit_info.value.code == f"fineweb.py: {path}: empty file, no documents in it"
+    assert not os.path.exists(tmp_path / "out")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")  # not empty, but no rows either
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", str(blank), "--out-dir", str(tmp_path / "out"), "--num-proc", "1")
+    assert exit_info.value.code == f"fineweb.py: {blank}: no documents in it"
+
+
+@pytest.mark.parametrize("value, problem", [(["a", "list"], "is a list, not a string"),
+                                            (7, "is an int, not a string"),
+                                            (None, "is null (or missing in this row)")])
+def test_a_text_field_that_is_not_text_says_what_it_is(tmp_path, value, problem):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["one", "two", "three", value]))
+    with pytest.raises(fineweb.InputError) as error:
+        list(fineweb.local_texts([str(path)], "text"))
+    assert str(error.value) == f"{path}: row 3's field 'text' {problem}"
+
+
+def test_a_folder_is_not_called_missing(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus.jsonl"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", str(folder), "--out-dir", str(tmp_path / "out"))
+    assert exit_info.value.code == f"fineweb.py: {folder}: is a folder, not a file (pass the files in it)"
+
+
+@pytest.mark.parametrize("flag, value, message", [("--shard-size", "0", "--shard-size must be at least 1, got 0"),
+                                                  ("--max-tokens", "-5", "--max-tokens must be at least 1, got -5"),
+                                                  ("--num-proc", "0", "--num-proc must be at least 1, got 0"),
+                                                  ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder")])
+def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, value, message):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", jsonl, flag, value)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"fineweb.py: error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "docs.jsonl"]  # nothing written
+
+
+def test_corrected_files_are_not_refused_after_a_run_that_wrote_no_shard(tmp_path, monkeypatch):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": ["not", "text"]}) + "\n")
+    out_dir = str(tmp_path / "out")
+    args = ["--local-files", str(path), "--out-dir", out_dir, "--num-proc", "1"]
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, *args)  # stops at row 0, leaving an unfinished meta.json and no shard
+    write_jsonl(path, DOCS)  # the user fixes the file (a different size: other settings)
+    run_main(monkeypatch, *args)
+    _, shards = read_shards(out_dir)
+    assert np.concatenate(shards).tolist() == expected_tokens(DOCS)
+
+
+@pytest.mark.parametrize("damage", ['{"settings": {"sour', '["not", "a", "meta"]'])
+def test_a_damaged_meta_file_is_named_and_the_shards_are_kept(tmp_path, monkeypatch, damage):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out_dir = str(tmp_path / "out")
+    run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--num-proc", "1")
+    meta_file = os.path.join(out_dir, "edufineweb_meta.json")
+    with open(meta_file, "w") as f:
+        f.write(damage)
+    _, before = read_shards(out_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--num-proc", "1")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"fineweb.py: {meta_file}: damaged (") and "\n" not in message
+    assert message.endswith("delete it and the shards beside it, or choose another --out-dir")
+    _, after = read_shards(out_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)
+    with open(meta_file) as f:
+        assert f.read() == damage
