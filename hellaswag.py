@@ -101,6 +101,8 @@ def load_examples(path, limit=None):
     ctx, split, split_type, label, endings, source_id), first `limit` only if given. A list, not a generator:
     training scores the same examples again and again. We rely on three keys, checked line by line:
     ctx (a string), endings (4 strings) and label (the right ending's index)."""
+    if os.path.isdir(path):  # not "no such file": something is there, just not the data
+        raise FileNotFoundError(f"{path}: is a folder, not a HellaSwag .jsonl file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     examples = []
@@ -122,13 +124,16 @@ def load_examples(path, limit=None):
 
 
 def check_example(example):
+    if not isinstance(example, dict):
+        raise TypeError(f"a {type(example).__name__}, not a JSON object")
     if not isinstance(example["ctx"], str):
         raise TypeError("ctx is not a string")
     endings = example["endings"]
     if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
         raise ValueError(f"endings must be a list of {NUM_ENDINGS} strings")
-    if not (isinstance(example["label"], int) and 0 <= example["label"] < NUM_ENDINGS):
-        raise ValueError(f"label must be an integer from 0 to {NUM_ENDINGS - 1}, got {example['label']!r}")
+    label = example["label"]
+    if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < NUM_ENDINGS):  # True is an int
+        raise ValueError(f"label must be an integer from 0 to {NUM_ENDINGS - 1}, got {label!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -251,7 +256,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (4 rows each)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("limit", "batch_size"):  # below 1: "no examples" (a misleading error) or a division by zero
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def load_model(args):

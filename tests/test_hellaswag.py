@@ -90,6 +90,22 @@ def test_a_missing_file_names_the_file(tmp_path):
         load_examples(str(tmp_path / "nowhere.jsonl"))
 
 
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: is a folder, not a HellaSwag .jsonl file")):
+        load_examples(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad_line, problem", [("[1, 2]", "TypeError: a list, not a JSON object"),
+                                               ('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": true}',
+                                                "ValueError: label must be an integer from 0 to 3, got True")])
+def test_what_is_wrong_with_a_line_is_said(tmp_path, bad_line, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(make_rows()[0]) + "\n" + bad_line + "\n")
+    with pytest.raises(ValueError) as error:
+        load_examples(str(path))
+    assert str(error.value) == f"{path}:2: not a HellaSwag example ({problem})"
+
+
 # --- rendering -----------------------------------------------------------------------------------------------
 
 
@@ -446,6 +462,16 @@ def test_cli_bad_input_is_one_line_naming_the_file(checkpoint_path, rows_path, t
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hellaswag.py: error:") and bad in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-3"), ("--batch-size", "0"),
+                                         ("--batch-size", "-1")])
+def test_cli_bad_flag_values_name_the_flag(capsys, flag, value):
+    # they used to end in "no examples" (blaming the data), a bare "range() arg 3 must not be zero", or a traceback
+    with pytest.raises(SystemExit) as exit_info:
+        hellaswag.parse_args(["--pretrained", "gpt2", flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {flag} must be at least 1, got {value}")
 
 
 def test_cli_on_a_numbered_gpu_uses_that_gpu_throughout(rows_path, monkeypatch):
