@@ -273,13 +273,19 @@ class GPT(nn.Module):
             cache.image_kv = image_kv
         return image_kv
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95)):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0):
         """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
-        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts.
+        A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
+        separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
+        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        groups = []
+        for new_layers, lr_scale in ((True, 1.0), (False, lm_lr_scale)):
+            params = [p for name, p in trainable if is_cross_attn_param(name) == new_layers]
+            if params:
+                groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
+                           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
         # the fused kernel updates all parameters in one launch instead of a loop of small ones
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)

@@ -40,11 +40,13 @@ from training import (all_reduce_sum, append_log, autocast, check_finite, check_
 
 
 def caption_batch(token_lists, max_tokens):
-    """Captions (lists of token ids) -> inputs x and targets y, both (B, L), padded to the longest caption of
-    this batch (not to a fixed length: COCO captions are ~12 tokens, the longest ~50).
-    x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y, which the loss ignores."""
+    """Captions (lists of token ids) -> inputs x and targets y, both (B, L).
+    x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y, which the loss ignores.
+    L is the longest caption rounded up to a multiple of 16, at most max_tokens + 1: COCO captions are ~12
+    tokens, so padding every batch to the longest possible one (~50) would triple the work, while a length per
+    batch would make torch.compile build a new graph for each; this way it sees two or three shapes."""
     sequences = [[EOT_TOKEN] + tokens[:max_tokens] + [EOT_TOKEN] for tokens in token_lists]
-    L = max(len(s) for s in sequences) - 1
+    L = min(-(-(max(len(s) for s in sequences) - 1) // 16) * 16, max_tokens + 1)
     x = torch.full((len(sequences), L), EOT_TOKEN, dtype=torch.long)
     y = torch.full((len(sequences), L), -1, dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -156,14 +158,15 @@ def set_trainable(model, unfreeze):
         p.requires_grad = unfreeze or is_cross_attn_param(name)
 
 
-def unfreeze_language_model(model, optimizer, weight_decay):
+def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
     """--unfreeze-after: the frozen GPT-2 weights join the optimizer as two new parameter groups (decayed
-    matrices, undecayed vectors), after the cross-attention groups: resuming rebuilds the same order."""
+    matrices, undecayed vectors) at their own, lower rate, after the cross-attention groups: resuming rebuilds
+    the same order."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad = True
-    optimizer.add_param_group({"params": [p for p in frozen if p.dim() >= 2], "weight_decay": weight_decay})
-    optimizer.add_param_group({"params": [p for p in frozen if p.dim() < 2], "weight_decay": 0.0})
+    for params, decay in (([p for p in frozen if p.dim() >= 2], weight_decay), ([p for p in frozen if p.dim() < 2], 0.0)):
+        optimizer.add_param_group({"params": params, "weight_decay": decay, "lr_scale": lm_lr_scale})
 
 
 def wrap_model(raw_model, use_compile, d):
@@ -198,7 +201,11 @@ def parse_args(argv=None):
                    help="caption-epochs: passes over all image-caption pairs (COCO train2017: ~591K)")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint (then --resume auto)")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of the new layers")
+    # Pretrained weights are fine-tuned far more gently than new layers are trained: ClipCap fine-tuned GPT-2 at
+    # 2e-5, BLIP its decoder at 1e-5. Both schedules follow the same cosine, scaled.
+    p.add_argument("--lm-lr", type=positive_float, default=2e-5,
+                   help="peak learning rate of GPT-2's own weights, when they train (--unfreeze, --unfreeze-after)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--warmup-steps", type=non_negative_int, default=500)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -260,13 +267,14 @@ def main(args):
     raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
     raw_model.to(d.device)
     set_trainable(raw_model, args.unfreeze)
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type)
+    lm_lr_scale = args.lm_lr / args.lr
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type, lm_lr_scale=lm_lr_scale)
     start_step = 0
     if checkpoint is not None:
         start_step = checkpoint["step"]
         check_resume_step(start_step, max_steps, args.stop_at, resume_from)
         if args.unfreeze_after is not None and start_step >= args.unfreeze_after and not args.unfreeze:
-            unfreeze_language_model(raw_model, optimizer, args.weight_decay)
+            unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], d, args.seed)
@@ -288,10 +296,15 @@ def main(args):
         last = step == max_steps
         stopping = step == args.stop_at
         if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and not args.unfreeze:
-            unfreeze_language_model(raw_model, optimizer, args.weight_decay)
+            unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
             model = wrap_model(raw_model, use_compile, d)
+            if d.master:
+                print(f"step {step:5d} | GPT-2's weights train from here (--unfreeze-after)"
+                      + (": the model is compiled again, once" if use_compile else ""))
         if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
-            val_loss = validation_loss(model, val_data, val_data_batches, d, dtype)
+            # raw_model: the uncompiled module, whose shapes may vary (the last val batch is short) without
+            # making torch.compile build new graphs; it shares the compiled model's parameters
+            val_loss = validation_loss(raw_model, val_data, val_data_batches, d, dtype)
             if d.master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
@@ -334,7 +347,7 @@ def main(args):
         loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir)  # waits for the GPU
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # GPT-2's own weights, when they train, at --lm-lr / --lr of it
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0

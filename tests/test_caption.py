@@ -214,3 +214,54 @@ def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_training_compiles_once_and_once_more_when_gpt2_unfreezes(dataset, tmp_path, monkeypatch):
+    """Captions of 1 to 9 tokens, train + eval + unfreeze in 8 steps: padding to multiples of 16 and evaluating
+    the uncompiled module keep torch.compile to one graph, plus one for the unfrozen model."""
+    import functools
+    import torch._dynamo
+    import train_caption
+    _, features, _ = dataset
+    features = features_with_captions_of_different_lengths(features, tmp_path / "features")
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # no C++ build
+    train_caption.main(train_caption.parse_args([
+        "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "out"),
+        "--total-batch-size", "2", "--batch-size", "1", "--max-steps", "8", "--eval-every", "3",
+        "--unfreeze-after", "4", "--val-images", "2", "--device", "cpu", "--compile"]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
+
+
+def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
+    from model import is_cross_attn_param
+    from train_caption import set_trainable, unfreeze_language_model
+    captioner = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, cross_attn_every=2, n_embd_img=16))
+    names = {id(p): name for name, p in captioner.named_parameters()}
+
+    def groups(optimizer):
+        return [(g["lr_scale"], g["weight_decay"], {is_cross_attn_param(names[id(p)]) for p in g["params"]})
+                for g in optimizer.param_groups]
+
+    set_trainable(captioner, unfreeze=True)
+    from_the_start = captioner.configure_optimizers(0.01, 1e-4, "cpu", lm_lr_scale=0.2)
+    expected = [(1.0, 0.01, {True}), (1.0, 0.0, {True}), (0.2, 0.01, {False}), (0.2, 0.0, {False})]
+    assert groups(from_the_start) == expected
+    assert sum(len(g["params"]) for g in from_the_start.param_groups) == len(list(captioner.parameters()))
+    set_trainable(captioner, unfreeze=False)  # --unfreeze-after: the same groups, in the same order, later
+    later = captioner.configure_optimizers(0.01, 1e-4, "cpu", lm_lr_scale=0.2)
+    assert groups(later) == expected[:2]
+    unfreeze_language_model(captioner, later, 0.01, 0.2)
+    assert groups(later) == expected
+
+    # and the training loop gives each group its rate: after a step, GPT-2's groups sit at --lm-lr / --lr of it
+    _, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    run_script("train_caption.py", "--features-dir", features, "--init", tmp_path / "lm.pt", "--out-dir",
+               tmp_path / "out", "--total-batch-size", 2, "--batch-size", 2, "--max-steps", 1, "--warmup-steps", 2,
+               "--lr", 1e-3, "--lm-lr", 1e-4, "--unfreeze", "--eval-every", 0, "--val-images", 1, "--device", "cpu")
+    saved = torch.load(tmp_path / "out" / "model_000001.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in saved] == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])  # warmup step 1 of 2
