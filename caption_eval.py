@@ -23,6 +23,7 @@ results format [{"image_id": 42, "caption": "a dog on a beach"}, ...].
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -92,6 +93,55 @@ def coco_metrics(predictions, references, meteor=True):
 
 
 # -----------------------------------------------------------------------------
+# CIDEr-D during training (train_caption.py): no Java
+
+
+# a word, with inner hyphens and periods ("t-shirt", "1.5"); a clitic ("'s", "n't"); or "&" or "$"
+WORD = re.compile(r"n't|'\w+|\w+(?:[-./]\w+)*|[&$]")
+
+
+def simple_tokenize(caption):
+    """What the PTB tokenizer does to an ordinary caption, in Python: lower-case, clitics split off, punctuation
+    dropped. "A man's T-shirt." -> "a man 's t-shirt", "don't" -> "do n't". It differs on rarities (the PTB
+    tokenizer turns brackets into "-lrb-" and "-rrb-" words): close enough to rank checkpoints, not to report."""
+    text = re.sub(r"(\w)n't\b", r"\1 n't", caption.lower())  # the PTB splits "don't" as "do n't"
+    return " ".join(WORD.findall(text))
+
+
+def cider_d_score(predictions, references):
+    """predictions {key: caption}, references {key: [captions]} -> CIDEr-D (0 to 10; papers print it x100),
+    by pycocoevalcap's own scorer (pure Python) on simple_tokenize'd text: no Java."""
+    try:
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        raise ImportError("pycocoevalcap: not installed; CIDEr-D needs it: pip install pycocoevalcap") from None
+    if predictions.keys() != references.keys():
+        raise ValueError(f"predictions for {len(predictions)} images, references for {len(references)}: "
+                         f"they must be for the same images")
+    gts = {key: [simple_tokenize(c) for c in refs] for key, refs in references.items()}
+    res = {key: [simple_tokenize(predictions[key])] for key in references}
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
+def cider_d(model, split, device, dtype, n_images=500, batch_size=64, max_new_tokens=30):
+    """CIDEr-D of greedy captions of the first n_images of a coco.Split: the number train_caption.py logs at
+    each eval and keeps best.pt by. model: the GPT itself (not a DDP wrapper), on device; it is left in the mode
+    (train or eval) it came in. dtype: 'bfloat16' or 'float32', as for caption_images.
+
+    The same images every time, so the numbers of one run compare with each other. They do not compare with a
+    caption_eval.py run's: the tokenizer here is simple_tokenize, not Java's PTB tokenizer (training machines
+    may have no Java), and CIDEr-D's IDF comes from these n_images' references, not the whole split's.
+    Under DDP one rank's call is enough: every rank would caption the same images."""
+    subset = split.first(n_images)
+    was_training = model.training
+    try:
+        captions = caption_images(model, subset, batch_size, 1, max_new_tokens, device, dtype, progress=False)
+    finally:
+        model.train(was_training)
+    return cider_d_score(dict(enumerate(captions)), dict(enumerate(subset.captions)))
+
+# -----------------------------------------------------------------------------
 # Captioning many images
 
 
@@ -106,15 +156,18 @@ def read_features(features, start, end):
 
 
 @torch.no_grad()
-def caption_images(model, features, batch_size, beam_size, max_new_tokens, device, dtype, length_penalty=1.0):
+def caption_images(model, features, batch_size, beam_size, max_new_tokens, device, dtype, length_penalty=1.0,
+                   progress=True):
     """features: (N, N_img, width) array, memmap or tensor of image tokens, or a coco.Split -> N captions.
-    Beam search when beam_size > 1, greedy decoding when it is 1. dtype 'bfloat16' (what default_dtype picks on
-    a recent GPU) runs the decoder's matmuls under bf16 autocast; 'float32' runs them as they are."""
+    Beam search when beam_size > 1, greedy decoding when it is 1 (length_penalty then plays no part). dtype
+    'bfloat16' (what default_dtype picks on a recent GPU) runs the decoder's matmuls under bf16 autocast;
+    'float32' runs them as they are. progress=False: no progress bar (training's evals)."""
     enc = tiktoken.get_encoding("gpt2")
     model.eval()
     device_type = torch.device(device).type
     captions = []
-    for start in tqdm(range(0, len(features), batch_size), desc="captioning", unit="batch"):
+    starts = range(0, len(features), batch_size)
+    for start in tqdm(starts, desc="captioning", unit="batch", disable=not progress):
         image_feats = read_features(features, start, min(start + batch_size, len(features))).to(device)
         # every caption starts after an <|endoftext|>, as in training: (B, 1)
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, dtype=torch.long, device=device)

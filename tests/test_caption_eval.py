@@ -127,6 +127,71 @@ def test_without_pycocoevalcap_says_what_to_install(monkeypatch):
     monkeypatch.setattr(caption_eval.shutil, "which", lambda name: "/usr/bin/java")
     with pytest.raises(ImportError, match="pip install pycocoevalcap"):
         caption_eval.coco_metrics({1: "a cat"}, {1: ["a cat"]})
+    # training's CIDEr-D too (its scorer may have been imported already: that module is hidden as well)
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.cider.cider", None)
+    with pytest.raises(ImportError, match="pycocoevalcap: not installed; CIDEr-D needs it: pip install"):
+        caption_eval.cider_d_score({1: "a cat"}, {1: ["a cat"]})
+
+# -----------------------------------------------------------------------------
+# CIDEr-D during training: no Java
+
+
+def test_simple_tokenize_does_what_the_ptb_tokenizer_does_to_ordinary_captions(monkeypatch):
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)  # no Java anywhere in this
+    # the expected strings are what pycocoevalcap's PTBTokenizer printed for these captions
+    cases = {
+        "A man's T-shirt.": "a man 's t-shirt",
+        "Two dogs, one brown; one white!": "two dogs one brown one white",
+        "don't can't it's": "do n't ca n't it 's",
+        "The cats' toys on 1.5 tables": "the cats toys on 1.5 tables",
+        "A hot-dog & a $5 soda/drink": "a hot-dog & a $ 5 soda/drink",
+        "  Several  people\nstanding. ": "several people standing",
+        'He said "hello" -- twice...': "he said hello twice",
+        "": "",
+    }
+    assert {caption: caption_eval.simple_tokenize(caption) for caption in cases} == cases
+
+
+def test_training_cider_d_needs_no_java_and_ignores_case_and_punctuation(monkeypatch):
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
+    references = {i: [f"a photo of a {w} on a table"] * 3 for i, w in enumerate(["cup", "book", "phone"])}
+    # a caption equal to all its references gets the maximum, 10, however it is capitalised and punctuated
+    shouted = {i: refs[0].upper() + "." for i, refs in references.items()}
+    assert caption_eval.cider_d_score(shouted, references) == pytest.approx(10.0, abs=1e-4)
+    assert caption_eval.cider_d_score({i: "zebras running across grass" for i in references}, references) == 0.0
+    with pytest.raises(ValueError, match="predictions for 1 images, references for 3"):
+        caption_eval.cider_d_score({0: "a cup"}, references)
+
+
+@needs_metrics
+def test_training_cider_d_equals_the_official_one_on_ordinary_captions():
+    predictions = {7: "A dog runs on the beach.", 8: "Two people riding bicycles.", 9: "A cat's nap, on a couch."}
+    references = {
+        7: ["A dog is running on the beach.", "A brown dog runs along the sandy beach.", "Dog on a beach."],
+        8: ["Two people are riding bikes down a street.", "Two cyclists on a road."],
+        9: ["A cat sleeping on a couch.", "A grey cat lies on the sofa.", "The cat is asleep."],
+    }
+    official = caption_eval.coco_metrics(predictions, references, meteor=False)["CIDEr"]
+    assert official > 0.5 and caption_eval.cider_d_score(predictions, references) == pytest.approx(official, abs=1e-9)
+
+
+def test_cider_d_scores_greedy_captions_of_the_first_images_and_keeps_the_mode(monkeypatch):
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
+    model, features = tiny_captioner(), random_features(5)
+    references = [["a big red square"], ["a small blue circle"], ["a green line", "a line that is green"],
+                  ["x"], ["y"]]
+    split = coco.Split(features, np.arange(5), np.arange(100, 105), [""] * 5, references, [[]] * 5)
+    greedy = caption_eval.caption_images(model, features[:3], 3, 1, 8, "cpu", "float32")
+    expected = caption_eval.cider_d_score(dict(enumerate(greedy)), dict(enumerate(references[:3])))
+    for training in (True, False):
+        model.train(training)
+        score = caption_eval.cider_d(model, split, "cpu", "float32", n_images=3, batch_size=2, max_new_tokens=8)
+        assert score == expected and model.training == training
+    # the captions are scored against their own images' references: captions equal to them score the maximum
+    # (10, for captions of at least four words: CIDEr-D averages the 1- to 4-gram similarities)
+    perfect = ["a big red square", "a small blue circle"]
+    monkeypatch.setattr(caption_eval, "caption_images", lambda *args, **kwargs: perfect)
+    assert caption_eval.cider_d(model, split, "cpu", "float32", n_images=2) == pytest.approx(10.0, abs=1e-4)
 
 # -----------------------------------------------------------------------------
 # Captioning
