@@ -1,30 +1,41 @@
 """
 Caption every image of a split and score the captions with the standard COCO caption metrics.
 
-    python caption_eval.py --checkpoint log_caption/model_011558.pt --split val
-    python caption_eval.py --checkpoint model.pt --features-dir coco_features_karpathy --split test --beam 5
-    python caption_eval.py --checkpoint model.pt --limit 500 --beam 1 --no-meteor     # a quick look
+    python caption_eval.py --split val                       # log_caption/best.pt, or its newest model_*.pt
+    python caption_eval.py --split val --beam-size 1,3,5 --length-penalty 0,0.5,1   # a table: which decoding?
+    python caption_eval.py --features-dir coco_features_karpathy --split test --beam-size 3   # papers' numbers
+    python caption_eval.py --checkpoint model.pt --limit 500 --beam-size 1 --no-meteor      # a quick look
 
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D against all (about five) references of each image, computed by
 pycocoevalcap exactly as the official COCO evaluation (`COCOEvalCap`) does: captions and references go through
 the same PTB tokenizer, then the same scorers. Only then are the numbers comparable with published ones.
 ClipCap, for instance, reports CIDEr 113 on Karpathy's test split: pycocoevalcap prints that as 1.13, papers
-multiply every metric by 100. SPICE is left out: it downloads Stanford CoreNLP (~1 GB) the first time it runs.
+multiply every metric by 100. SPICE only with --spice: it needs Stanford CoreNLP (~1 GB, downloaded once by
+`python -m pycocoevalcap.spice.get_stanford_models`) and Java 8 (pycocoevalcap's issues report it failing on
+Java 16 and later).
 
 Needs `pip install pycocoevalcap` and Java (the PTB tokenizer and METEOR are Java programs). Without Java we
 stop, before any captioning, and say how to install it, rather than fall back to a home-made tokenizer: the
 numbers would come out close to the real ones and yet not be them, and a paper table is exactly where that
 difference goes unnoticed. Installing a JRE takes one command; a wrong number in a comparison lasts.
+(Training's own CIDEr-D, `cider_d` below, does use a home-made tokenizer: it only has to rank checkpoints of one
+run, on machines that may lack Java. It is not a number to report.)
+
+Several beam sizes and length penalties (comma-separated) caption the split once per combination and print one
+table, the best CIDEr-D marked: choose the decoding on val, then report it on test. Greedy decoding (beam 1)
+has no length penalty and is captioned once.
 
 Writes a JSON (default: next to the checkpoint) with the metrics, the settings, and every caption in the COCO
-results format [{"image_id": 42, "caption": "a dog on a beach"}, ...].
+results format [{"image_id": 42, "caption": "a dog on a beach"}, ...]; after a sweep, one such entry per row.
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -34,16 +45,20 @@ from tqdm import tqdm
 
 import coco
 from model import EOT_TOKEN, GPT
-from training import autocast, default_device, default_dtype, use_device
+from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
 
-# the names COCOEvalCap prints, in its order (SPICE, its last, left out: see the top of the file)
+# the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+# the columns of a sweep's table: what captioning papers put in theirs. pycocoevalcap's "CIDEr" is CIDEr-D.
+TABLE_COLUMNS = {"CIDEr": "CIDEr-D", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "ROUGE-L": "ROUGE-L", "SPICE": "SPICE"}
+# train_caption.py keeps the checkpoint with the best val CIDEr-D under this name, beside its model_*.pt
+BEST_CHECKPOINT = "best.pt"
 
 # -----------------------------------------------------------------------------
 # The COCO caption metrics
 
 
-def require_metric_tools():
+def require_metric_tools(spice=False):
     """Fail now, in one line, if the metrics cannot run: better before an hour of captioning than after it."""
     if shutil.which("java") is None:
         raise FileNotFoundError("java: not found; the COCO caption metrics run Java (the PTB tokenizer and METEOR): "
@@ -53,13 +68,23 @@ def require_metric_tools():
     except ImportError:
         raise ImportError("pycocoevalcap: not installed; the COCO caption metrics need it: "
                           "pip install pycocoevalcap") from None
+    if spice and not os.path.isfile(spice_corenlp_jar()):
+        # pycocoevalcap would download it (~1 GB) unasked at the end of the run, or fail there when offline
+        raise FileNotFoundError(f"{spice_corenlp_jar()}: not found; SPICE needs Stanford CoreNLP: "
+                                f"python -m pycocoevalcap.spice.get_stanford_models (~1 GB, once)")
 
 
-def coco_metrics(predictions, references, meteor=True):
+def spice_corenlp_jar():
+    """Where pycocoevalcap's SPICE expects Stanford CoreNLP; its get_stanford_models downloads it there."""
+    from pycocoevalcap.spice import get_stanford_models as spice_setup
+    return os.path.join(spice_setup.SPICEDIR, spice_setup.SPICELIB, spice_setup.JAR + ".jar")
+
+
+def coco_metrics(predictions, references, meteor=True, spice=False):
     """predictions {image_id: caption}, references {image_id: [captions]} -> {metric: score}, every score in
     [0, 1] except CIDEr-D (up to 10). meteor=False skips METEOR, the slowest of them (it starts a Java process
-    that loads a 250 MB paraphrase table)."""
-    require_metric_tools()
+    that loads a 250 MB paraphrase table). spice=True adds SPICE, last."""
+    require_metric_tools(spice)
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -89,8 +114,23 @@ def coco_metrics(predictions, references, meteor=True):
     # with clipped counts and a Gaussian length penalty, x10. The IDF comes from the references of the images
     # scored, so scores on a subset (--limit) are not comparable with scores on the whole split.
     scores["CIDEr"], _ = Cider().compute_score(gts, res)
-    return {name: float(scores[name]) for name in METRICS if name in scores}
+    if spice:
+        scores.update(spice_score(gts, res))
+    return {name: float(scores[name]) for name in METRICS + ["SPICE"] if name in scores}
 
+
+def spice_score(gts, res):
+    """{'SPICE': score}: the F-score of the scene-graph tuples (objects, attributes, relations) that caption and
+    references share. {} if the SPICE program fails: the other metrics took the same captioning hours and are
+    kept. (pycocoevalcap's issues report it failing on Java 16 and later; Java 8 runs it.)"""
+    from pycocoevalcap.spice.spice import Spice
+    try:
+        score, _ = Spice().compute_score(gts, res)
+    except subprocess.CalledProcessError as e:
+        print(f"caption_eval.py: SPICE failed (java exited with status {e.returncode}; it runs on Java 8), "
+              f"left out", file=sys.stderr)
+        return {}
+    return {"SPICE": score}
 
 # -----------------------------------------------------------------------------
 # CIDEr-D during training (train_caption.py): no Java
@@ -187,33 +227,81 @@ def up_to_end_of_text(tokens):
     return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
+def decodings(beam_sizes, length_penalties):
+    """Every (beam size, length penalty) to caption with, in the order given. Greedy decoding (beam 1) keeps no
+    beams to rank, so it has no length penalty (None): it is captioned once, not once per penalty."""
+    combinations = []
+    for beam_size in beam_sizes:
+        for length_penalty in ([None] if beam_size == 1 else length_penalties):
+            if (beam_size, length_penalty) not in combinations:
+                combinations.append((beam_size, length_penalty))
+    return combinations
+
 # -----------------------------------------------------------------------------
 # The command line
 
 
+def comma_list(convert):
+    """An argparse type: "1,3,5" -> [1, 3, 5], each item through convert (int or float)."""
+    def parse(text):
+        try:
+            return [convert(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: not a comma-separated list of {convert.__name__}s") from None
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a caption checkpoint written by train_caption.py")
+    p.add_argument("--checkpoint", help=f"a caption checkpoint written by train_caption.py (default: "
+                                        f"{BEST_CHECKPOINT} in --checkpoint-dir, else its newest model_*.pt)")
+    p.add_argument("--checkpoint-dir", default="log_caption", help="where train_caption.py wrote its checkpoints")
     p.add_argument("--features-dir", default="coco_features", help="what coco.py wrote")
     p.add_argument("--split", default="val", help="val; test with Karpathy's split (coco.py --karpathy-json)")
-    p.add_argument("--beam", type=int, default=3, help="beam width; 1 is greedy decoding")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam search ranks captions by log-probability / length**this")
+    p.add_argument("--beam-size", "--beam", type=comma_list(int), default=[3],
+                   help="beam width, or several: 1,3,5 (1 is greedy decoding)")
+    p.add_argument("--length-penalty", type=comma_list(float), default=[1.0],
+                   help="beam search ranks captions by log-probability / length**this; several: 0,0.5,1")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in GPT-2 tokens")
     p.add_argument("--limit", type=int, help="only the first N images (CIDEr then differs: see coco_metrics)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR, the slowest metric")
+    p.add_argument("--spice", action="store_true", help="add SPICE (needs Stanford CoreNLP and Java 8)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
-    p.add_argument("--out", help="results JSON (default: CHECKPOINT_SPLIT_beamK.json beside the checkpoint)")
+    p.add_argument("--out", help="results JSON (default beside the checkpoint: CHECKPOINT_SPLIT_beamK.json, "
+                                 "or CHECKPOINT_SPLIT_sweep.json for several decodings)")
     args = p.parse_args(argv)
-    for name in ("beam", "batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.beam_size) < 1:
+        p.error(f"--beam-size {min(args.beam_size)}: must be at least 1")
+    if not all(math.isfinite(penalty) for penalty in args.length_penalty):
+        p.error("--length-penalty: must be finite numbers")
     if args.device == "auto":
         args.device = default_device()
-    if args.out is None:
-        args.out = os.path.splitext(args.checkpoint)[0] + f"_{args.split}_beam{args.beam}.json"
     return args
+
+
+def choose_checkpoint(checkpoint, checkpoint_dir):
+    """-> (path, why this one): --checkpoint when given; else the run's best.pt (its best val CIDEr-D, which
+    train_caption.py keeps), else its newest model_*.pt."""
+    if checkpoint:
+        return checkpoint, "given by --checkpoint"
+    best = os.path.join(checkpoint_dir, BEST_CHECKPOINT)
+    if os.path.isfile(best):
+        return best, "the best val CIDEr-D of the run"
+    newest = latest_checkpoint(checkpoint_dir)
+    if newest:
+        return newest, f"the newest in {checkpoint_dir}, which has no {BEST_CHECKPOINT}"
+    raise FileNotFoundError(f"{checkpoint_dir}: no {BEST_CHECKPOINT} or model_*.pt checkpoint here "
+                            f"(pass --checkpoint, or --checkpoint-dir where train_caption.py wrote them)")
+
+
+def default_out(checkpoint_path, split, combinations):
+    """Beside the checkpoint: model_011558_val_beam3.json for one decoding, model_011558_val_sweep.json for more."""
+    decoding = f"beam{combinations[0][0]}" if len(combinations) == 1 else "sweep"
+    return os.path.splitext(checkpoint_path)[0] + f"_{split}_{decoding}.json"
 
 
 def check_same_clip(checkpoint, checkpoint_path, meta, features_dir):
@@ -228,10 +316,53 @@ def check_same_clip(checkpoint, checkpoint_path, meta, features_dir):
                          f"but {features_dir} holds CLIP {here[0]} ({here[1]})")
 
 
+def references_per_image(split):
+    """{'min', 'mean', 'max'} references per image: COCO has 5 for most images, a few more for some."""
+    counts = [len(captions) for captions in split.captions]
+    return {"min": min(counts), "mean": round(float(np.mean(counts)), 3), "max": max(counts)}
+
+
+def describe_split(split_name, meta, n_images, n_in_split, references):
+    """The header line a reader needs to compare our numbers with a paper's: which split (papers report
+    Karpathy's test split), how many images, how many references each (more references, higher scores)."""
+    karpathy_json = meta.get("karpathy_json")
+    source = f"Karpathy's split ({karpathy_json})" if karpathy_json else "COCO 2017's split (not Karpathy's)"
+    images = f"{n_images} images" if n_images == n_in_split else f"the first {n_images} of {n_in_split} images"
+    if references["min"] == references["max"]:
+        per_image = f"{references['min']} references per image"
+    else:
+        per_image = (f"{references['min']} to {references['max']} references per image "
+                     f"(mean {references['mean']:.2f})")
+    return f"split {split_name} of {source}: {images}, {per_image}"
+
+
+def describe_decoding(beam_size, length_penalty):
+    if beam_size == 1:
+        return "greedy (beam 1)"
+    return f"beam {beam_size}, length penalty {length_penalty:g}"
+
+
 def print_metrics(scores):
     print(f"{'metric':8s} {'score':>7s} {'x100':>6s}  (papers report x100)")
     for name, value in scores.items():
         print(f"{name:8s} {value:7.4f} {100 * value:6.1f}")
+
+
+def best_row(rows):
+    """The row with the highest CIDEr-D (the first of equals): the metric captioning papers rank by."""
+    return max(range(len(rows)), key=lambda i: (rows[i]["metrics"]["CIDEr"], -i))
+
+
+def print_table(rows, best):
+    """One line per decoding, the metrics x100 as papers print them, the best CIDEr-D marked."""
+    columns = [name for name in TABLE_COLUMNS if any(name in row["metrics"] for row in rows)]
+    print(f"{'beam':>4s} {'len.pen':>7s} " + " ".join(f"{TABLE_COLUMNS[name]:>7s}" for name in columns)
+          + "   (x100, as papers print them)")
+    for i, row in enumerate(rows):
+        penalty = "-" if row["length_penalty"] is None else f"{row['length_penalty']:g}"
+        cells = " ".join(f"{100 * row['metrics'][name]:7.1f}" if name in row["metrics"] else f"{'n/a':>7s}"
+                         for name in columns)
+        print(f"{row['beam']:4d} {penalty:>7s} {cells}" + ("   <- best CIDEr-D" if i == best else ""))
 
 
 def write_json(path, obj):
@@ -241,43 +372,72 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def caption_and_score(model, split, combinations, args, dtype):
+    """Caption the split once per (beam size, length penalty) and score the captions -> one row per decoding:
+    {'beam', 'length_penalty', 'metrics', 'captions' (COCO results format)}."""
+    image_ids = [int(i) for i in split.image_ids]
+    references = dict(zip(image_ids, split.captions))
+    rows = []
+    for beam_size, length_penalty in combinations:
+        if len(combinations) > 1:
+            print(describe_decoding(beam_size, length_penalty))
+        captions = caption_images(model, split, args.batch_size, beam_size, args.max_new_tokens, args.device,
+                                  dtype, length_penalty)
+        predictions = dict(zip(image_ids, captions))
+        scores = coco_metrics(predictions, references, meteor=not args.no_meteor, spice=args.spice)
+        rows.append({"beam": beam_size, "length_penalty": length_penalty, "metrics": scores,
+                     "captions": [{"image_id": i, "caption": c} for i, c in predictions.items()]})
+    return rows
+
+
+def report(rows, settings, out):
+    """Print the metrics (one decoding) or the table (several), and write them to the results JSON."""
+    if len(rows) == 1:
+        print_metrics(rows[0]["metrics"])
+        write_json(out, {**settings, **rows[0]})
+    else:
+        best = best_row(rows)
+        print_table(rows, best)
+        write_json(out, {**settings, "best": {key: rows[best][key] for key in ("beam", "length_penalty")},
+                         "rows": rows})
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     # everything that could stop the run at the end is checked at the start, before the captioning hours
-    require_metric_tools()
-    out_dir = os.path.dirname(args.out) or "."
+    require_metric_tools(args.spice)
+    checkpoint_path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
+    combinations = decodings(args.beam_size, args.length_penalty)
+    out = args.out or default_out(checkpoint_path, args.split, combinations)
+    out_dir = os.path.dirname(out) or "."
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"{out_dir}: no such folder (for --out {args.out})")
+        raise FileNotFoundError(f"{out_dir}: no such folder (for --out {out})")
     use_device(args.device)
 
-    model, checkpoint = GPT.from_checkpoint(args.checkpoint, kind="caption")
+    model, checkpoint = GPT.from_checkpoint(checkpoint_path, kind="caption")
+    print(f"checkpoint {checkpoint_path} (step {checkpoint.get('step', '?')}; {why})")
     meta = coco.read_meta(args.features_dir)
-    check_same_clip(checkpoint, args.checkpoint, meta, args.features_dir)
+    check_same_clip(checkpoint, checkpoint_path, meta, args.features_dir)
     if args.split not in meta["splits"]:
         raise ValueError(f"{args.features_dir}: has the splits {', '.join(meta['splits'])}, not {args.split} "
                          f"(test exists with Karpathy's split: coco.py --karpathy-json)")
     split = coco.load_split(args.features_dir, args.split)
+    n_in_split = len(split)
     if args.limit:
         split = split.first(args.limit)
+    references = references_per_image(split)
     dtype = default_dtype(args.device)  # asked of the GPU in use, not of GPU 0
-    print(f"{args.split}: {len(split)} images, beam {args.beam}, {args.device}, {dtype}")
+    print(describe_split(args.split, meta, len(split), n_in_split, references))
+    decoding = f"{len(combinations)} decodings" if len(combinations) > 1 else describe_decoding(*combinations[0])
+    print(f"{decoding}, {args.device}, {dtype}")
 
     model.to(args.device)
-    captions = caption_images(model, split, args.batch_size, args.beam, args.max_new_tokens, args.device, dtype,
-                              args.length_penalty)
-    image_ids = [int(i) for i in split.image_ids]
-    predictions = dict(zip(image_ids, captions))
-    references = dict(zip(image_ids, split.captions))
-    scores = coco_metrics(predictions, references, meteor=not args.no_meteor)
-
-    print_metrics(scores)
-    write_json(args.out, {
-        "checkpoint": args.checkpoint, "features_dir": args.features_dir, "split": args.split, "beam": args.beam,
-        "length_penalty": args.length_penalty, "max_new_tokens": args.max_new_tokens, "images": len(captions),
-        "metrics": scores,
-        "captions": [{"image_id": i, "caption": c} for i, c in predictions.items()],  # COCO results format
-    })
-    print(f"wrote {args.out}")
+    rows = caption_and_score(model, split, combinations, args, dtype)
+    settings = {"checkpoint": checkpoint_path, "features_dir": args.features_dir, "split": args.split,
+                "karpathy_json": meta.get("karpathy_json"), "images": len(split),
+                "references_per_image": references, "max_new_tokens": args.max_new_tokens}
+    report(rows, settings, out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 import caption_eval
 import coco
 from model import EOT_TOKEN, GPT, GPTConfig
+from test_caption import dataset  # noqa: F401  (the synthetic COCO: a pytest fixture, built once per module)
 
 needs_metrics = pytest.mark.skipif(caption_eval.shutil.which("java") is None or
                                    importlib.util.find_spec("pycocoevalcap") is None,
@@ -132,6 +133,35 @@ def test_without_pycocoevalcap_says_what_to_install(monkeypatch):
     with pytest.raises(ImportError, match="pycocoevalcap: not installed; CIDEr-D needs it: pip install"):
         caption_eval.cider_d_score({1: "a cat"}, {1: ["a cat"]})
 
+def test_spice_is_asked_for_checked_first_and_its_failure_keeps_the_rest(monkeypatch, tmp_path, capsys):
+    import pycocoevalcap.spice.spice
+    monkeypatch.setattr(caption_eval.shutil, "which", lambda name: "/usr/bin/java")
+    # without Stanford CoreNLP, --spice stops the command line before anything is loaded (nor downloaded)
+    monkeypatch.setattr(caption_eval, "spice_corenlp_jar", lambda: str(tmp_path / "stanford-corenlp-3.6.0.jar"))
+    with pytest.raises(FileNotFoundError, match="stanford-corenlp-3.6.0.jar: not found; SPICE needs Stanford"):
+        caption_eval.main(["--spice", "--checkpoint", str(tmp_path / "missing.pt")])
+
+    class Spice:  # stands in for pycocoevalcap's, which runs a Java program
+        def compute_score(self, gts, res):
+            if fail:
+                raise caption_eval.subprocess.CalledProcessError(1, ["java", "-jar", "spice-1.0.jar"])
+            return 0.25, []
+
+    monkeypatch.setattr(pycocoevalcap.spice.spice, "Spice", Spice)
+    fail = False
+    assert caption_eval.spice_score({1: ["a cat"]}, {1: ["a cat"]}) == {"SPICE": 0.25}
+    fail = True  # e.g. on Java 17: a warning, and the metrics that did run are kept
+    assert caption_eval.spice_score({1: ["a cat"]}, {1: ["a cat"]}) == {}
+    assert "SPICE failed (java exited with status 1" in capsys.readouterr().err
+    # a table where SPICE failed for one decoding only: that cell says so
+    rows = [{"beam": 1, "length_penalty": None, "metrics": {"CIDEr": 0.9, "SPICE": 0.2}},
+            {"beam": 3, "length_penalty": 1.0, "metrics": {"CIDEr": 1.0}}]
+    caption_eval.print_table(rows, caption_eval.best_row(rows))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["beam", "len.pen", "CIDEr-D", "SPICE"]
+    assert lines[1].split() == ["1", "-", "90.0", "20.0"]
+    assert lines[2].split() == ["3", "1", "100.0", "n/a", "<-", "best", "CIDEr-D"]
+
 # -----------------------------------------------------------------------------
 # CIDEr-D during training: no Java
 
@@ -197,9 +227,9 @@ def test_cider_d_scores_greedy_captions_of_the_first_images_and_keeps_the_mode(m
 # Captioning
 
 
-def tiny_captioner():
+def tiny_captioner(n_embd_img=16):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, cross_attn_every=2, n_embd_img=16))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, cross_attn_every=2, n_embd_img=n_embd_img))
     with torch.no_grad():  # cross-attention starts at zero (ignores the image): make the image matter
         for block in model.transformer.h:
             if hasattr(block, "xattn"):
@@ -250,10 +280,10 @@ def fake_features_dir(monkeypatch, clip_model="ViT-B-32-quickgelu", n=3):
     monkeypatch.setattr(caption_eval.coco, "load_split", lambda features_dir, split_name: split)
 
 
-def save_tiny_checkpoint(path):
-    model = tiny_captioner()
-    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": 0,
-                "clip": {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}}, path)
+def save_tiny_checkpoint(path, step=0, n_embd_img=16, clip_pretrained="openai"):
+    model = tiny_captioner(n_embd_img)
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": step,
+                "clip": {"model": "ViT-B-32-quickgelu", "pretrained": clip_pretrained}}, path)
     return model
 
 
@@ -272,7 +302,7 @@ def test_command_line_writes_metrics_settings_and_coco_results(monkeypatch, tmp_
 
 
 def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
-    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda: None)  # this check needs neither
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)  # this check needs neither
     fake_features_dir(monkeypatch, clip_model="ViT-L-14-quickgelu")
     save_tiny_checkpoint(tmp_path / "model.pt")
     with pytest.raises(ValueError, match="ViT-B-32-quickgelu.*ViT-L-14-quickgelu"):
@@ -282,8 +312,8 @@ def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
 def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tmp_path):
     # on the CPU: torch.cuda.set_device, the model's .to, the captioning and the metrics replaced by recorders
     calls = []
-    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda: None)
-    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor: {"CIDEr": 0.5})
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {"CIDEr": 0.5})
     fake_features_dir(monkeypatch)
     model = save_tiny_checkpoint(tmp_path / "model.pt")
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -303,3 +333,109 @@ def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tm
     assert calls == [("set_device", "cuda:1"), ("default_dtype", "cuda:1"), ("to", "cuda:1"),
                      ("caption_images", "cuda:1", "bfloat16")]
     assert json.loads((tmp_path / "model_val_beam3.json").read_text())["metrics"] == {"CIDEr": 0.5}
+
+
+def test_checkpoint_by_default_is_best_pt_else_the_newest(tmp_path):
+    assert caption_eval.choose_checkpoint("given.pt", tmp_path)[0] == "given.pt"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no best.pt or model_\\*.pt checkpoint here"):
+        caption_eval.choose_checkpoint(None, str(tmp_path))
+    for step in (2, 10):
+        (tmp_path / f"model_{step:06d}.pt").write_bytes(b"")
+    assert caption_eval.choose_checkpoint(None, str(tmp_path))[0] == str(tmp_path / "model_000010.pt")
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert caption_eval.choose_checkpoint(None, str(tmp_path)) == (str(tmp_path / "best.pt"),
+                                                                   "the best val CIDEr-D of the run")
+
+
+def test_command_line_takes_best_pt_and_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {"CIDEr": 0.5})
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model_000009.pt", step=9)
+    save_tiny_checkpoint(tmp_path / "best.pt", step=6)
+    # greedy decoding has no length penalty: several penalties with beam 1 are one decoding, reported as before
+    caption_eval.main(["--checkpoint-dir", str(tmp_path), "--beam-size", "1", "--length-penalty", "0,1",
+                       "--max-new-tokens", "4", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert f"checkpoint {tmp_path / 'best.pt'} (step 6; the best val CIDEr-D of the run)" in printed
+    assert "greedy (beam 1), cpu, float32" in printed and "CIDEr" in printed and "len.pen" not in printed
+    results = json.loads((tmp_path / "best_val_beam1.json").read_text())
+    assert results["checkpoint"] == str(tmp_path / "best.pt") and results["metrics"] == {"CIDEr": 0.5}
+    assert results["beam"] == 1 and results["length_penalty"] is None and "rows" not in results
+
+
+def test_list_arguments_and_their_one_line_errors(capsys):
+    args = caption_eval.parse_args(["--beam-size", "1,3,5", "--length-penalty", "0,0.5,1", "--device", "cpu"])
+    assert args.beam_size == [1, 3, 5] and args.length_penalty == [0.0, 0.5, 1.0]
+    assert caption_eval.parse_args(["--beam", "5", "--device", "cpu"]).beam_size == [5]  # the old name still works
+    for argv, error in ((["--beam-size", "1,x"], "1,x: not a comma-separated list of ints"),
+                        (["--beam-size", "3,0"], "--beam-size 0: must be at least 1"),
+                        (["--length-penalty", "1,nan"], "--length-penalty: must be finite numbers")):
+        with pytest.raises(SystemExit):
+            caption_eval.parse_args(argv)
+        assert error in capsys.readouterr().err
+    # greedy decoding once, beam search once per penalty, nothing twice
+    assert caption_eval.decodings([1, 3, 1], [0.0, 1.0, 0.0]) == [(1, None), (3, 0.0), (3, 1.0)]
+
+
+def test_header_names_the_split_its_images_and_references_per_image():
+    karpathy = {"karpathy_json": "dataset_coco.json"}
+    assert (caption_eval.describe_split("test", karpathy, 5000, 5000, {"min": 5, "mean": 5.0, "max": 5}) ==
+            "split test of Karpathy's split (dataset_coco.json): 5000 images, 5 references per image")
+    assert (caption_eval.describe_split("val", {"karpathy_json": None}, 500, 5000, {"min": 5, "mean": 5.02, "max": 7})
+            == "split val of COCO 2017's split (not Karpathy's): the first 500 of 5000 images, "
+               "5 to 7 references per image (mean 5.02)")
+    split = coco.Split(random_features(3), np.arange(3), np.arange(3), [""] * 3, [["a"] * 5, ["b"] * 5, ["c"] * 6],
+                       [[]] * 3)
+    assert caption_eval.references_per_image(split) == {"min": 5, "mean": 5.333, "max": 6}
+
+
+def read_table(printed):
+    """The sweep's table -> [(beam, length penalty, [scores], marked best?)], from the line after its header."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["beam", "len.pen"]) + 1
+    rows = []
+    for line in lines[start:]:
+        fields = line.split()
+        if not fields or not fields[0].isdigit():
+            break
+        rows.append((int(fields[0]), fields[1], [float(x) for x in fields[2:6]], line.endswith("<- best CIDEr-D")))
+    return rows
+
+
+def test_sweep_on_the_synthetic_coco_captions_once_per_decoding_and_prints_one_table(dataset, monkeypatch,
+                                                                                      tmp_path, capsys):
+    _, features, _ = dataset
+    model = save_tiny_checkpoint(tmp_path / "model_000004.pt", step=4, n_embd_img=768, clip_pretrained="none")
+    # stand-in metrics (the real ones need Java; they are tested above): a CIDEr-D per decoding, in order, so
+    # that the best row is known; every call's captions are kept
+    ciders, scored = iter([0.3, 0.8, 0.5, 0.2, 0.6]), []
+
+    def metrics(predictions, references, meteor, spice):
+        scored.append(predictions)
+        return {"BLEU-4": 0.1, "METEOR": 0.2, "ROUGE-L": 0.3, "CIDEr": next(ciders)}
+
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", metrics)
+    caption_eval.main(["--checkpoint-dir", str(tmp_path), "--features-dir", str(features), "--split", "train",
+                       "--beam-size", "1,2,3", "--length-penalty", "0,1", "--max-new-tokens", "5", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    newest = tmp_path / "model_000004.pt"
+    assert f"checkpoint {newest} (step 4; the newest in {tmp_path}, which has no best.pt)" in printed
+    assert "split train of COCO 2017's split (not Karpathy's): 4 images, 5 references per image" in printed
+    assert "5 decodings, cpu, float32" in printed
+    # every row, greedy once, the scores x100 in the order CIDEr-D, BLEU-4, METEOR, ROUGE-L, the best one marked
+    assert read_table(printed) == [(1, "-", [30.0, 10.0, 20.0, 30.0], False), (2, "0", [80.0, 10.0, 20.0, 30.0], True),
+                                   (2, "1", [50.0, 10.0, 20.0, 30.0], False), (3, "0", [20.0, 10.0, 20.0, 30.0], False),
+                                   (3, "1", [60.0, 10.0, 20.0, 30.0], False)]
+
+    results = json.loads((tmp_path / "model_000004_train_sweep.json").read_text())
+    assert results["best"] == {"beam": 2, "length_penalty": 0.0}
+    assert results["images"] == 4 and results["references_per_image"] == {"min": 5, "mean": 5.0, "max": 5}
+    split = coco.load_split(features, "train")
+    decodings = [(1, None), (2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+    assert [(row["beam"], row["length_penalty"]) for row in results["rows"]] == decodings
+    for row, predictions, (beam_size, length_penalty) in zip(results["rows"], scored, decodings):
+        expected = caption_eval.caption_images(model, split, 64, beam_size, 5, "cpu", "float32", length_penalty)
+        assert [c["caption"] for c in row["captions"]] == list(predictions.values()) == expected
+        assert [c["image_id"] for c in row["captions"]] == [1, 2, 3, 4]
