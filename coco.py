@@ -18,11 +18,12 @@ On disk, per split (train, val; or train, val, test with Karpathy's split):
     coco_features/meta.json                CLIP model and weights, n_tokens, width, splits, skipped images
     coco_features/{split}_features.npy     (N, 50, 768) float16, memory-mapped; row i is image i of the index
     coco_features/{split}_index.json       per row: image_ids, files, captions, tokens (GPT-2, no <|endoftext|>)
-    coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 unreadable image (skipped)
+    coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 missing or unreadable (skipped)
 
 Extraction is resumable: the status file is rewritten after every batch, so a killed run continues where it
-stopped, and a finished split is left alone. A corrupt image is reported by name and left out (load_split
-never serves its row); it is never filled with zeros.
+stopped, and a finished split is left alone. A missing or corrupt image is reported by name and left out
+(load_split never serves its row); it is never filled with zeros. A damaged feature file (cut short, say) is
+named and left as it is: neither coco.py nor load_split goes on from it.
 
 From Python:
 
@@ -144,14 +145,24 @@ def download_coco(coco_dir):
 # Captions and splits
 
 
+def require(path, kind, hint=""):
+    """FileNotFoundError naming path unless it is a `kind` ('file' or 'folder'). A folder where a file should
+    be, or the other way round, is said as such: "no such file" would send the user looking for it."""
+    if (os.path.isdir if kind == "folder" else os.path.isfile)(path):
+        return
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{path}: is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
+    raise FileNotFoundError(f"{path}: no such {kind}{hint}")
+
+
 def read_captions(coco_dir, split):
     """annotations/captions_{split}.json (the official schema) -> [(image_id, image path, [captions])] sorted by
     image id. split: 'train2017' or 'val2017'."""
     path = os.path.join(coco_dir, "annotations", f"captions_{split}.json")
     image_dir = os.path.join(coco_dir, split)
-    for needed, exists in ((path, os.path.isfile), (image_dir, os.path.isdir)):
-        if not exists(needed):
-            raise FileNotFoundError(f"{needed}: not found (pass --download to fetch COCO 2017 into --coco-dir)")
+    hint = " (pass --download to fetch COCO 2017 into --coco-dir)"
+    require(path, "file", hint)
+    require(image_dir, "folder", hint)
     try:
         with open(path) as f:
             annotations = json.load(f)
@@ -168,8 +179,7 @@ def read_captions(coco_dir, split):
 def read_karpathy_splits(karpathy_json):
     """Karpathy's dataset_coco.json -> {cocoid: 'train' | 'val' | 'test'}. His 'restval' (the 2014 val images he
     did not hold out) is training data, as in every paper that uses his split."""
-    if not os.path.isfile(karpathy_json):
-        raise FileNotFoundError(f"{karpathy_json}: no such file")
+    require(karpathy_json, "file")
     try:
         with open(karpathy_json) as f:
             images = json.load(f)["images"]
@@ -211,7 +221,8 @@ def load_clip(model_name, pretrained, device):
         raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models())")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"{pretrained}: no such weights file, nor a tag of {model_name} (its tags: "
+        what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
+        raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
                                 f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
     if pretrained == "none":
         torch.manual_seed(0)  # open_clip builds on the CPU first, so the weights are the same on every device
@@ -250,7 +261,7 @@ def image_features(clip_model, images):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
-    part on a GPU machine. An unreadable file (missing, truncated, not an image) gives None."""
+    part on a GPU machine. A file that cannot be used gives, instead of its pixels, the reason why."""
 
     def __init__(self, paths, preprocess):
         self.paths, self.preprocess = paths, preprocess
@@ -259,18 +270,22 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
+        if not os.path.isfile(self.paths[i]):
+            return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
         try:
             with Image.open(self.paths[i]) as image:
                 return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            return i, None
+        except Image.DecompressionBombError:
+            return i, "too large to decode safely"
+        except (OSError, SyntaxError, ValueError):
+            return i, "not a readable image"
 
 
 def collate_images(items):
-    """[(position, pixels or None)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
-    positions of the unreadable ones). Bad images leave the batch here, so they are never encoded."""
-    good = [(i, pixels) for i, pixels in items if pixels is not None]
-    bad = [i for i, pixels in items if pixels is None]
+    """[(position, pixels or why not)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
+    [(position, why not)] of the others). Bad images leave the batch here, so they are never encoded."""
+    good = [(i, pixels) for i, pixels in items if torch.is_tensor(pixels)]
+    bad = [(i, reason) for i, reason in items if not torch.is_tensor(reason)]
     pixels = torch.stack([pixels for _, pixels in good]) if good else None
     return [i for i, _ in good], pixels, bad
 
@@ -284,6 +299,61 @@ TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
 def split_file(out_dir, split, kind):
     """kind: 'features' (.npy), 'index' (.json) or 'status' (.npy)."""
     return os.path.join(out_dir, f"{split}_{kind}.{'json' if kind == 'index' else 'npy'}")
+
+
+def damaged(path, split, reason):
+    """The error for a split file that is not what coco.py wrote, naming it and the way out. Re-running alone
+    would not help: coco.py continues from these very files."""
+    return ValueError(f"{path}: damaged ({reason}); delete {os.path.join(os.path.dirname(path), split)}_* and run "
+                      f"coco.py again to encode the {split} images anew")
+
+
+def read_index(path, split):
+    """{split}_index.json -> {'image_ids', 'files', 'captions', 'tokens'}: lists of one length, one item per row."""
+    try:
+        with open(path, "rb") as f:
+            index = json.load(f)
+    except ValueError as e:  # bad JSON, bad UTF-8
+        raise damaged(path, split, f"not JSON: {e}") from None
+    keys = ("image_ids", "files", "captions", "tokens")
+    if not (isinstance(index, dict) and all(isinstance(index.get(key), list) for key in keys)
+            and len({len(index[key]) for key in keys}) == 1):
+        raise damaged(path, split, f"not lists of {', '.join(keys)} of one length")
+    return index
+
+
+def read_status(path, split):
+    """{split}_status.npy -> (N,) int8: TODO, DONE or SKIPPED per row."""
+    try:
+        status = np.load(path)
+    except (ValueError, EOFError):  # cut short, empty, or not .npy at all (numpy then talks of pickles)
+        raise damaged(path, split, "cut short, or not a .npy file") from None
+    if status.dtype != np.int8 or status.ndim != 1 or not np.isin(status, (TODO, DONE, SKIPPED)).all():
+        raise damaged(path, split, "not one state (-1, 0 or 1) per image")
+    return status
+
+
+def read_features(path, split, mode="r"):
+    """{split}_features.npy -> (N, n_tokens, width) float16, memory-mapped in `mode`. It is opened read-only
+    first whatever the mode: numpy's "r+" extends a file that was cut short with zeros, without a word, and
+    those zeros would be served as the features of images marked encoded."""
+    try:
+        features = np.load(path, mmap_mode="r")
+    except (ValueError, EOFError):
+        raise damaged(path, split, "cut short, or not a .npy file") from None
+    if features.dtype != np.float16 or features.ndim != 3:
+        raise damaged(path, split, f"{features.dtype} of shape {features.shape}, not (images, tokens, width) float16")
+    return features if mode == "r" else np.load(path, mmap_mode=mode)
+
+
+def check_rows(features_path, split, features, status, n_images):
+    """The three files of a split agree on its number of images. They differ for a moment while a --limit run
+    is grown (grow_split), and for good if that was interrupted and the larger --limit is not run again."""
+    if not len(features) == len(status) == n_images:
+        raise ValueError(f"{features_path}: {len(features)} rows, but {len(status)} statuses and {n_images} images "
+                         f"in the index (a run with a larger --limit, interrupted?); run coco.py again with that "
+                         f"--limit, or delete {os.path.join(os.path.dirname(features_path), split)}_* to encode "
+                         f"the {split} images anew")
 
 
 def write_json(path, obj):
@@ -324,7 +394,7 @@ def grow_split(split, images, out_dir, n_old):
     features and status, the new ones are to do. Interrupted, it simply runs again: the index, rewritten last,
     names the old images until everything else is in place."""
     features_path, status_path = split_file(out_dir, split, "features"), split_file(out_dir, split, "status")
-    old = np.load(features_path, mmap_mode="r")
+    old = read_features(features_path, split)
     new = np.lib.format.open_memmap(features_path + ".tmp", mode="w+", dtype=np.float16,
                                     shape=(len(images), *old.shape[1:]))
     for start in range(0, n_old, 4096):  # a slice at a time: a split's features can be larger than memory
@@ -334,7 +404,7 @@ def grow_split(split, images, out_dir, n_old):
     del new, old
     os.replace(features_path + ".tmp", features_path)
     status = np.full(len(images), TODO, dtype=np.int8)
-    status[:n_old] = np.load(status_path)[:n_old]
+    status[:n_old] = read_status(status_path, split)[:n_old]
     write_status(status_path, status)
     write_index(out_dir, split, images)
 
@@ -346,19 +416,20 @@ def open_split(split, images, out_dir, feature_shape):
     if not os.path.exists(index_path):
         create_split(split, images, out_dir, feature_shape)
     else:
-        with open(index_path) as f:
-            old_ids = json.load(f)["image_ids"]
+        old_ids = read_index(index_path, split)["image_ids"]
         if image_ids[:len(old_ids)] != old_ids:
             raise ValueError(f"{index_path}: made for {len(old_ids)} other images (another --coco-dir or "
                              f"--karpathy-json, or a smaller --limit than before?); choose another --out-dir")
         if len(image_ids) > len(old_ids):
             print(f"{split}: {len(old_ids)} images here already, growing to {len(image_ids)}")
             grow_split(split, images, out_dir, len(old_ids))
-    features = np.load(features_path, mmap_mode="r+")
+    features = read_features(features_path, split, mode="r+")
+    status = read_status(split_file(out_dir, split, "status"), split)
+    check_rows(features_path, split, features, status, len(images))
     if features.shape[1:] != tuple(feature_shape):
         raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this CLIP gives "
                          f"{tuple(feature_shape)}; choose another --out-dir")
-    return features, np.load(split_file(out_dir, split, "status"))
+    return features, status
 
 
 def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape, batch_size=256, num_workers=0,
@@ -374,9 +445,9 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate_images, pin_memory=device.startswith("cuda"))
         for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
-            for row in todo[bad]:
-                tqdm.write(f"coco.py: {images[row][1]}: not a readable image, skipped", file=sys.stderr)
-            status[todo[bad]] = SKIPPED
+            for position, reason in bad:
+                tqdm.write(f"coco.py: {images[todo[position]][1]}: {reason}, skipped", file=sys.stderr)
+            status[todo[[position for position, _ in bad]]] = SKIPPED
             if positions:
                 rows = todo[positions]
                 feats = image_features(clip_model, pixels.to(device))  # (B, n_tokens, width)
@@ -386,7 +457,8 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
             write_status(split_file(out_dir, split, "status"), status)
     skipped = [os.path.basename(images[row][1]) for row in np.flatnonzero(status == SKIPPED)]
     if skipped:
-        print(f"{split}: {len(skipped)} unreadable images left out (listed in meta.json): {', '.join(skipped[:5])}"
+        print(f"{split}: {len(skipped)} missing or unreadable images left out (listed in meta.json): "
+              f"{', '.join(skipped[:5])}"
               f"{', ...' if len(skipped) > 5 else ''}")
     return skipped
 
@@ -432,18 +504,14 @@ def load_split(features_dir, split):
     index_path, status_path, features_path = (split_file(features_dir, split, kind)
                                               for kind in ("index", "status", "features"))
     for path in (index_path, status_path, features_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (write it with: python coco.py --out-dir {features_dir})")
-    status = np.load(status_path)
+        require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
+    status = read_status(status_path, split)
     if (status == TODO).any():
         raise ValueError(f"{status_path}: {int((status == TODO).sum())} of {len(status)} images not encoded yet; "
                          f"run coco.py again to finish")
-    with open(index_path) as f:
-        index = json.load(f)
-    features = np.load(features_path, mmap_mode="r")
-    if not len(features) == len(status) == len(index["image_ids"]):
-        raise ValueError(f"{features_path}: {len(features)} rows, but {len(status)} statuses and "
-                         f"{len(index['image_ids'])} images in the index (an interrupted run?); run coco.py again")
+    index = read_index(index_path, split)
+    features = read_features(features_path, split)
+    check_rows(features_path, split, features, status, len(index["image_ids"]))
     rows = np.flatnonzero(status == DONE)
     pick = lambda values: [values[row] for row in rows]
     return Split(features, rows, np.array(pick(index["image_ids"]), dtype=np.int64), pick(index["files"]),
@@ -453,10 +521,17 @@ def load_split(features_dir, split):
 def read_meta(features_dir):
     """-> {'clip_model', 'clip_pretrained', 'n_tokens', 'width', 'splits', 'karpathy_json', 'skipped'}"""
     path = os.path.join(features_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (write it with: python coco.py --out-dir {features_dir})")
-    with open(path) as f:
-        return json.load(f)
+    require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
+    try:
+        with open(path, "rb") as f:
+            meta = json.load(f)
+        if not (isinstance(meta, dict) and all(key in meta for key in ("clip_model", "clip_pretrained", "splits"))):
+            raise ValueError("not the record of a coco.py run")
+    except ValueError as e:  # bad JSON too
+        # the features may well be fine: only the record of the CLIP that made them is lost
+        raise ValueError(f"{path}: damaged ({e}); delete it and run coco.py again with the --clip-model and "
+                         f"--clip-pretrained that made these features") from None
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -477,6 +552,12 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
     args = p.parse_args(argv)
+    for name, least in (("limit", 1), ("batch_size", 1), ("num_workers", 0)):  # --limit -3: all but 3, quietly
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    for name in ("coco_dir", "out_dir"):
+        if os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: is a file, not a folder")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.clip_pretrained != "none" and os.path.isfile(args.clip_pretrained):
@@ -511,10 +592,13 @@ def main(argv=None):
     n_tokens, width = output_shape(clip_model, preprocess, args.device)
     meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "n_tokens": n_tokens,
             "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json, "skipped": skipped}
-    write_json(meta_path, meta)
+    if not os.path.exists(meta_path):  # before any split file: none exists without the record of its CLIP
+        write_json(meta_path, meta)
     for split, images in splits.items():
         meta["skipped"][split] = extract_split(split, images[:args.limit], clip_model, preprocess, args.out_dir,
                                                (n_tokens, width), args.batch_size, args.num_workers, args.device)
+        # only once the split's files have been accepted: a run refused (other images, damaged files) leaves
+        # the record of the earlier run as it was
         write_json(meta_path, meta)
 
 

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import threading
 import zipfile
 
@@ -198,7 +199,8 @@ def test_features_of_another_clip_or_image_set_are_not_mixed(dataset, tmp_path):
         coco.main(["--coco-dir", str(root), "--out-dir", str(clean), "--clip-pretrained", "openai"])
     out = tmp_path / "features"
     coco.main(coco_args(root, out, "--limit", 1))
-    (out / "val_index.json").write_text(json.dumps({"image_ids": [7]}))
+    index = json.loads((out / "val_index.json").read_text())
+    (out / "val_index.json").write_text(json.dumps({**index, "image_ids": [7]}))
     with pytest.raises(ValueError, match="val_index.json: made for 1 other images"):
         coco.main(coco_args(root, out, "--limit", 1))
 
@@ -229,6 +231,104 @@ def test_karpathy_split_keeps_val_and_test_images_out_of_training(dataset, tmp_p
 
 
 # -----------------------------------------------------------------------------
+# Damaged feature files: named, with the way out, by load_split and by coco.py alike; never patched up
+
+
+def without_clip(monkeypatch):
+    """coco.main up to the point where it would encode images: enough to see it refuse, in a fraction of a second."""
+    monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: (None, None))
+    monkeypatch.setattr(coco, "output_shape", lambda clip_model, preprocess, device: (50, 768))
+
+
+def cut(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+DAMAGES = {  # file -> what happens to it (a disk that filled up, a copy cut short, a hand edit)
+    "features cut short": ("train_features.npy", lambda path: cut(path, 20_000)),
+    "features not .npy": ("train_features.npy", lambda path: path.write_bytes(b"garbage" * 100)),
+    "features of another shape": ("train_features.npy", lambda path: np.save(path, np.zeros(6, np.float32))),
+    "status cut short": ("train_status.npy", lambda path: cut(path, 130)),
+    "status not .npy": ("train_status.npy", lambda path: path.write_bytes(b"garbage" * 10)),
+    "status with unknown states": ("train_status.npy", lambda path: np.save(path, np.array([1, 7, 1, 1, 1, 1], np.int8))),
+    "index cut short": ("train_index.json", lambda path: cut(path, 40)),
+    "index not an object": ("train_index.json", lambda path: path.write_text("[1, 2]")),
+    "index without tokens": ("train_index.json", lambda path: path.write_text(json.dumps({"image_ids": [1]}))),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_split_file_is_named_and_left_as_it_is(dataset, tmp_path, monkeypatch, damage):
+    root, clean, _ = dataset
+    out = tmp_path / "features"
+    shutil.copytree(clean, out)
+    name, spoil = DAMAGES[damage]
+    spoil(out / name)
+    before = {file: (out / file).read_bytes() for file in os.listdir(out)}
+    expected = (f"{out / name}: damaged (", f"); delete {out / 'train'}_* and run coco.py again to encode the "
+                                             f"train images anew")
+    with pytest.raises(ValueError) as error:  # what train_caption.py and caption_eval.py call
+        coco.load_split(out, "train")
+    assert str(error.value).startswith(expected[0]) and str(error.value).endswith(expected[1])
+    assert "\n" not in str(error.value)
+    without_clip(monkeypatch)
+    with pytest.raises(ValueError) as error:  # coco.py continuing in that folder
+        coco.main(coco_args(root, out))
+    assert str(error.value).startswith(expected[0]) and str(error.value).endswith(expected[1])
+    # nothing patched up: numpy's "r+" used to extend a cut-short features file with zeros, served as images
+    assert {file: (out / file).read_bytes() for file in os.listdir(out)} == before
+
+
+@pytest.mark.parametrize("damage", ['{"clip_model": "ViT-B', '["not", "a", "record"]'])
+def test_a_damaged_meta_json_is_named_and_left_as_it_is(dataset, tmp_path, monkeypatch, damage):
+    root, clean, _ = dataset
+    out = tmp_path / "features"
+    shutil.copytree(clean, out)
+    (out / "meta.json").write_text(damage)
+    expected = re.escape(f"{out / 'meta.json'}: damaged (") + ".*" + re.escape(
+        "); delete it and run coco.py again with the --clip-model and --clip-pretrained that made these features")
+    with pytest.raises(ValueError, match=f"^{expected}$"):
+        coco.read_meta(out)
+    without_clip(monkeypatch)
+    with pytest.raises(ValueError, match=f"^{expected}$"):
+        coco.main(coco_args(root, out))
+    assert (out / "meta.json").read_text() == damage
+
+
+def test_a_refused_run_leaves_meta_json_as_it_was(dataset, tmp_path, monkeypatch):
+    root, clean, _ = dataset
+    out = tmp_path / "features"
+    shutil.copytree(clean, out)
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [{"cocoid": 1, "split": "test"}, {"cocoid": 2, "split": "train"}]}))
+    before = (out / "meta.json").read_bytes()
+    without_clip(monkeypatch)
+    with pytest.raises(ValueError, match="train_index.json: made for 6 other images"):
+        coco.main(coco_args(root, out, "--karpathy-json", karpathy))
+    assert (out / "meta.json").read_bytes() == before  # still says: COCO 2017's train and val, no Karpathy file
+
+
+def test_a_missing_image_is_called_missing_and_a_broken_one_unreadable(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", [1, 2, 3])
+    images = coco.read_captions(root, "train2017")
+    os.remove(images[0][1])  # a gap in the copy
+    with open(images[1][1], "wb") as f:
+        f.write(b"GIF89a, then nothing")  # a broken image
+    out = tmp_path / "out"
+    out.mkdir()
+    # no CLIP: every readable image is a (2, 4) block of ones
+    monkeypatch.setattr(coco, "image_features", lambda clip_model, pixels: torch.ones(len(pixels), 2, 4))
+    skipped = coco.extract_split("train", images, None, lambda image: torch.zeros(3, 8, 8), str(out), (2, 4))
+    assert skipped == [file_name(1), file_name(2)]
+    err = capsys.readouterr().err
+    assert f"coco.py: {images[0][1]}: no such file, skipped" in err
+    assert f"coco.py: {images[1][1]}: not a readable image, skipped" in err
+    assert np.load(out / "train_status.npy").tolist() == [-1, -1, 1]
+
+
+# -----------------------------------------------------------------------------
 # Errors a user can make: one line, naming the path
 
 
@@ -245,11 +345,11 @@ def test_missing_pieces_are_named(dataset, tmp_path):
     partial = tmp_path / "coco"
     (partial / "annotations").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'annotations' / 'captions_train2017.json'}: "
-                                                          f"not found (pass --download")):
+                                                          f"no such file (pass --download")):
         coco.coco_splits(partial)
     (partial / "annotations" / "captions_train2017.json").write_bytes(
         (root / "annotations" / "captions_train2017.json").read_bytes())
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'train2017'}: not found")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'train2017'}: no such folder (pass --download")):
         coco.coco_splits(partial)
     (partial / "train2017").mkdir()
     (partial / "annotations" / "captions_val2017.json").write_text("{not json")
@@ -264,10 +364,49 @@ def test_missing_pieces_are_named(dataset, tmp_path):
         coco.read_meta(tmp_path)
 
 
+def test_a_folder_where_a_file_should_be_is_said_as_such(dataset, tmp_path):
+    # and the other way round: "no such file" for something that is there sends the user looking for it
+    root, _, _ = dataset
+    (tmp_path / "dataset_coco.json").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'dataset_coco.json'}: is a folder, not a file")):
+        coco.coco_splits(root, str(tmp_path / "dataset_coco.json"))
+    partial = tmp_path / "coco"
+    (partial / "annotations" / "captions_train2017.json").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'annotations' / 'captions_train2017.json'}: "
+                                                          "is a folder, not a file")):
+        coco.coco_splits(partial)
+    shutil.rmtree(partial / "annotations" / "captions_train2017.json")
+    shutil.copy(root / "annotations" / "captions_train2017.json", partial / "annotations")
+    (partial / "train2017").write_text("")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{partial / 'train2017'}: is a file, not a folder")):
+        coco.coco_splits(partial)
+    (tmp_path / "train_index.json").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'train_index.json'}: is a folder, not a file")):
+        coco.load_split(tmp_path, "train")
+
+
+@pytest.mark.parametrize("flag, value, message", [("--limit", "0", "--limit must be at least 1, got 0"),
+                                                  ("--limit", "-3", "--limit must be at least 1, got -3"),
+                                                  ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+                                                  ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
+                                                  ("--coco-dir", "a_file", "--coco-dir a_file: is a file, not a folder"),
+                                                  ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder")])
+def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, value, message):
+    # --limit -3 used to take all images but the last 3, quietly; the others ended in a message without the flag
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        coco.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
 def test_clip_weights_that_cannot_be_found_are_named(tmp_path):
     missing = tmp_path / "ViT-B-32.pt"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: no such weights file")):
         coco.load_clip("ViT-B-32-quickgelu", str(missing), "cpu")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: a folder, not a weights file, nor a tag")):
+        coco.load_clip("ViT-B-32-quickgelu", str(tmp_path), "cpu")
     with pytest.raises(ValueError, match="ViT-Q-99: not an open_clip model name"):
         coco.load_clip("ViT-Q-99", "none", "cpu")
     broken = tmp_path / "broken.pt"
