@@ -30,10 +30,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import coco
 from model import EOT_TOKEN, GPT, is_cross_attn_param
-from training import (all_reduce_sum, append_log, autocast, check_finite, check_resume_step, checkpoint_path,
-                      cleanup_distributed, cosine_lr, default_dtype, gather_objects, load_on_every_rank,
-                      non_negative_int, positive_float, positive_int, resume_path, rng_state, save_checkpoint,
-                      set_rng_state, setup_distributed, start_log, take_out_dir, wait_for_each_other)
+from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
+                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype,
+                      gather_objects, load_on_every_rank, non_negative_int, positive_float, positive_int,
+                      prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                      start_log, take_out_dir, wait_for_each_other)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -183,7 +184,7 @@ def wrap_model(raw_model, use_compile, d):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--features-dir", default="coco_features", help="what coco.py wrote")
     p.add_argument("--init", default="gpt2", help="the language model to start from: gpt2, gpt2-medium, ... (HF hub), "
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
@@ -207,21 +208,22 @@ def parse_args(argv=None):
     p.add_argument("--lm-lr", type=positive_float, default=2e-5,
                    help="peak learning rate of GPT-2's own weights, when they train (--unfreeze, --unfreeze-after)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=500)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut")
     p.add_argument("--unfreeze", action="store_true", help="train the whole decoder, not only cross-attention")
     p.add_argument("--unfreeze-after", type=positive_int, help="train only cross-attention until this step, then everything")
     p.add_argument("--eval-every", type=non_negative_int, default=500, help="val loss and example captions every N steps")
     p.add_argument("--val-images", type=positive_int, default=1000, help="val loss over all captions of this many val images")
     p.add_argument("--save-every", type=positive_int, default=2000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=positive_int, help="keep only the newest N checkpoints (default: all)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
     args = p.parse_args(argv)
@@ -292,9 +294,10 @@ def main(args):
               + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
     model = wrap_model(raw_model, use_compile, d)
 
+    stop, timer, saved = StopSignal(), StepTimer(max_steps), None  # SIGTERM / Ctrl-C end the run with a save
     for step in range(start_step, max_steps + 1):
         last = step == max_steps
-        stopping = step == args.stop_at
+        stopping = step == args.stop_at or stop.requested(d)
         if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and not args.unfreeze:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
             model = wrap_model(raw_model, use_compile, d)
@@ -315,11 +318,14 @@ def main(args):
         if step > start_step and (step % args.save_every == 0 or last or stopping):
             rng = gather_objects(rng_state(d.device), d)  # one state per rank
             if d.master:
+                saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
                                  "rng": rng, "args": vars(args),
                                  "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
-                                checkpoint_path(args.out_dir, step))
+                                saved)
+                if args.keep_last:
+                    prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
             wait_for_each_other(d)
         if last or stopping:
             break
@@ -354,16 +360,18 @@ def main(args):
         if d.master:
             epoch = (step + 1) * args.total_batch_size / n_pairs
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f}")
+                  f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f} | "
+                  f"eta {timer.eta(step, dt)}")
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     cleanup_distributed(d)
+    return stop.close(step, saved, d)
 
 
 if __name__ == "__main__":
     args = parse_args()
     try:
-        main(args)
+        sys.exit(main(args))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"train_caption.py: error: {e}")

@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from training import (all_reduce_sum, append_log, autocast, check_finite, check_resume_step, checkpoint_path,
-                      cleanup_distributed, cosine_lr, default_dtype, gather_objects, load_on_every_rank,
-                      non_negative_int, peak_flops, positive_float, positive_int, resume_path, rng_state,
-                      save_checkpoint, set_rng_state, setup_distributed, start_log, take_out_dir, wait_for_each_other)
+from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
+                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype,
+                      gather_objects, load_on_every_rank, non_negative_int, peak_flops, positive_float, positive_int,
+                      prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
+                      start_log, take_out_dir, wait_for_each_other, warn)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -213,7 +214,7 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
     p.add_argument("--out-dir", default="log", help="checkpoints and log.txt go here")
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="size preset (gpt2 = 124M)")
@@ -228,10 +229,11 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=positive_int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
     p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint, leaving the "
                                                "schedule as it is (for job time limits; then --resume auto)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=715)
-    p.add_argument("--max-lr", type=positive_float, default=6e-4)
-    p.add_argument("--min-lr", type=float, default=6e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=715,
+                   help="linear warmup steps (GPT-3's 375M warmup tokens / 2**19 tokens per step)")
+    p.add_argument("--max-lr", type=positive_float, default=6e-4, help="peak learning rate, after warmup")
+    p.add_argument("--min-lr", type=float, default=6e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--eval-every", type=non_negative_int, default=250, help="val loss every N steps (0: only at the end)")
     p.add_argument("--val-tokens", type=positive_int, default=10485760, help="val loss over this many tokens (20 x 2**19)")
@@ -240,12 +242,13 @@ def parse_args(argv=None):
     p.add_argument("--hellaswag-limit", type=positive_int, help="score only the first N HellaSwag examples")
     p.add_argument("--sample-every", type=non_negative_int, default=250, help="print text samples every N steps (0: never)")
     p.add_argument("--save-every", type=positive_int, default=5000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=positive_int, help="keep only the newest N checkpoints (default: all)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
     args = p.parse_args(argv)
@@ -256,6 +259,28 @@ def parse_args(argv=None):
     if args.stop_at is not None and args.stop_at > args.max_steps:
         p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
     return args
+
+
+def print_plan(args, model, train_loader, d, dtype, use_compile, grad_accum_steps, resume_from, start_step):
+    """What the run will do, before it spends hours doing it; and what in it is almost always a mistake."""
+    train_tokens = int(train_loader.n_windows.sum()) * args.seq_len
+    tokens = args.max_steps * args.total_batch_size
+    epochs = tokens / train_tokens
+    print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
+          f"{model.num_params() / 1e6:.1f}M parameters"
+          + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+    print(f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x {d.world_size} ranks x "
+          f"{grad_accum_steps} accumulation steps | {args.max_steps:,} steps = {tokens:,} tokens = {epochs:.2f} "
+          f"epochs of {train_tokens:,} | lr warmup to {args.max_lr:g} in {args.warmup_steps} steps, cosine to "
+          f"{args.min_lr:g} | checkpoints and log.txt in {args.out_dir}")
+    if args.warmup_steps >= args.max_steps:
+        warn(f"--warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the whole run is warmup")
+    if args.eval_every > args.max_steps:
+        warn(f"--eval-every {args.eval_every} > --max-steps {args.max_steps}: a val loss only at the end")
+    if args.save_every > args.max_steps:
+        warn(f"--save-every {args.save_every} > --max-steps {args.max_steps}: a checkpoint only at the end")
+    if epochs > 1:
+        warn(f"{epochs:.2f} epochs: the run sees its training data more than once")
 
 
 def build_model(args, resume_from, d):
@@ -311,10 +336,7 @@ def main(args):
         del checkpoint  # its tensors are copied into the model and optimizer
     if d.master:
         start_log(os.path.join(args.out_dir, "log.txt"), start_step if resume_from else None)
-        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
-              f"{raw_model.num_params() / 1e6:.1f}M parameters | {args.total_batch_size:,} tokens/step = "
-              f"{B} x {T} x {d.world_size} ranks x {grad_accum_steps} accumulation steps"
-              + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+        print_plan(args, raw_model, train_loader, d, dtype, use_compile, grad_accum_steps, resume_from, start_step)
 
     # The compiled (and DDP-wrapped) model trains and computes the val loss, whose shapes never change.
     # HellaSwag and sampling use raw_model: their shapes vary, and feeding those to the compiled model is
@@ -326,9 +348,11 @@ def main(args):
     peak = peak_flops(d.device)
     flops_per_step_per_gpu = raw_model.flops_per_token(T) * args.total_batch_size / d.world_size
 
+    stop, timer, saved = StopSignal(), StepTimer(args.max_steps), None  # SIGTERM / Ctrl-C end the run with a save
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps  # the schedule is done: evaluate and save the final model
-        stopping = step == args.stop_at  # this run ends here (the run continues with --resume)
+        # this run ends here (the run continues with --resume): --stop-at, or a signal
+        stopping = step == args.stop_at or stop.requested(d)
         # --- evaluation: at step 0, every N steps, and after the last update
         if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
             val_loss = validation_loss(model, val_data, B, T, d, dtype)
@@ -347,10 +371,12 @@ def main(args):
             # `step` updates are done; resuming starts the loop at this step
             rng = gather_objects(rng_state(d.device), d)  # one state per rank
             if d.master:
+                saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(),
-                                 "loader": train_loader.state_dict(), "rng": rng, "args": vars(args)},
-                                checkpoint_path(args.out_dir, step))
+                                 "loader": train_loader.state_dict(), "rng": rng, "args": vars(args)}, saved)
+                if args.keep_last:
+                    prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
             wait_for_each_other(d)
         if last or stopping:
             break
@@ -394,16 +420,18 @@ def main(args):
         if d.master:
             mfu = f"{flops_per_step_per_gpu / dt / peak * 100:.1f}%" if peak else "n/a"
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu}")
+                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu} | "
+                  f"eta {timer.eta(step, dt)}")
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     cleanup_distributed(d)
+    return stop.close(step, saved, d)
 
 
 if __name__ == "__main__":
     args = parse_args()
     try:
-        main(args)
+        sys.exit(main(args))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"train_gpt2.py: error: {e}")

@@ -10,7 +10,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -420,6 +422,94 @@ def take_out_dir(out_dir, d):
 
     master_decides(take, d)
     return lock
+
+
+def prune_checkpoints(out_dir, keep_last, keep=()):
+    """--keep-last N: after a successful save, delete all but the N newest checkpoints (a 124M checkpoint with
+    its optimizer is ~1.5 GB). The newest is always kept, and so is any path in `keep` (one the user named)."""
+    found = checkpoints(out_dir)
+    keep = {os.path.abspath(p) for p in keep if p}
+    for path in found[:-max(1, keep_last)]:
+        if os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# Stopping cleanly
+
+
+class StopSignal:
+    """SIGTERM or Ctrl-C ends the run at the next step with a checkpoint, rather than where it stands.
+
+    Clusters send SIGTERM at a job's time limit and on preemption (SLURM, Kubernetes, scancel); torchrun
+    forwards it to its workers and kills them 30 s later, so the save has to fit in that. The handler only
+    notes the signal. The loop asks requested() once a step, and the ranks agree (one rank's signal stops
+    all), so no rank is left waiting in a collective the others have left. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received, self.stopping = None, False
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: now
+        self.received = signum
+
+    def requested(self, d):
+        self.stopping = self.received is not None
+        if d.ddp:
+            flag = torch.tensor([float(self.stopping)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)  # on the CPU: no wait for the GPU
+            self.stopping = flag.item() > 0
+        return self.stopping
+
+    def close(self, step, saved, d):
+        """Put the previous handlers back and say how the run ended. -> the exit status: 0, or after SIGTERM
+        128 + 15, as if the signal had ended it (the job did not finish; schedulers may requeue it)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if not self.stopping:
+            return 0
+        if d.master:
+            name = signal.Signals(self.received).name if self.received else "a signal to another rank"
+            what = f"saved {saved}; continue with --resume auto" if saved else "nothing new to save"
+            print(f"stopped at step {step} ({name}), {what}", file=sys.stderr)
+        return 0 if self.received == signal.SIGINT else 128 + signal.SIGTERM
+
+
+# -----------------------------------------------------------------------------
+# Saying what a run will do
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the script's docstring as written and shows every option's default (but not "None": the
+    help of such an option says what happens without it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def duration(seconds):
+    """1h02m, 3m05s, 12s: for the ETA."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class StepTimer:
+    """dt of each step, and an ETA from their moving average (the first, compiling, steps fall out of it)."""
+
+    def __init__(self, max_steps):
+        self.max_steps, self.average = max_steps, None
+
+    def eta(self, step, dt):
+        self.average = dt if self.average is None else 0.9 * self.average + 0.1 * dt
+        return duration((self.max_steps - step - 1) * self.average)
 
 
 # -----------------------------------------------------------------------------

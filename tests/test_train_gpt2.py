@@ -384,3 +384,49 @@ def test_what_a_run_cannot_use_is_refused_with_one_line(tmp_path):
     os.remove(os.path.join(data, "edufineweb_train_000003.npy"))
     result = run(args + ["--out-dir", tmp_path / "out", "--resume", "auto", "--max-steps", "4"], check=False)
     assert_one_line_error(result, "data order does not match", "shard edufineweb_train_000003.npy missing")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, nproc):
+    """What a cluster does at a job's time limit: SIGTERM mid-run (to torchrun, which forwards it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from scripts import ROOT
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "40", "--eval-every", "0"]
+    run(args + ["--out-dir", tmp_path / "straight"], nproc=nproc)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       f"--nproc_per_node={nproc}"]
+    job = subprocess.Popen(launcher + ["train_gpt2.py"] + [str(a) for a in args + ["--out-dir", tmp_path / "cut"]],
+                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "cut" / "log.txt"
+    while not (log.exists() and "3 train" in log.read_text()):
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode != 0
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and stopped[0].endswith(".pt; continue with --resume auto"), stderr[-2000:]
+    step = int(stopped[0].split()[3])
+    assert 3 < step < 40 and os.path.exists(tmp_path / "cut" / f"model_{step:06d}.pt")
+    run(args + ["--out-dir", tmp_path / "cut", "--resume", "auto"], nproc=nproc)
+    assert read_log(tmp_path / "cut", "train") == read_log(tmp_path / "straight", "train")
+
+
+def test_the_run_says_its_plan_and_warns_of_likely_mistakes(tmp_path, capsys):
+    import train_gpt2
+    data = write_shards(tmp_path / "data", tokens=200)  # 3 x 12 windows of 16 tokens = 576 training tokens
+    train_gpt2.main(train_gpt2.parse_args(TINY + ["--data-dir", data, "--out-dir", str(tmp_path / "out"),
+                                                  "--max-steps", "5", "--warmup-steps", "6", "--eval-every", "0",
+                                                  "--save-every", "10"]))
+    out, err = capsys.readouterr()
+    assert ("128 tokens/step = 2 x 16 x 1 ranks x 4 accumulation steps | 5 steps = 640 tokens = 1.11 epochs of "
+            "576 | lr warmup to 0.001 in 6 steps, cosine to 6e-05 | checkpoints and log.txt in") in out
+    assert err.splitlines() == ["warning: --warmup-steps 6 >= --max-steps 5: the whole run is warmup",
+                                "warning: --save-every 10 > --max-steps 5: a checkpoint only at the end",
+                                "warning: 1.11 epochs: the run sees its training data more than once"]
+    assert " | eta " in out.splitlines()[-2]
