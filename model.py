@@ -1,9 +1,10 @@
 """
 GPT-2, written out by hand, with optional cross-attention so the same decoder can caption images.
 
-Read it top to bottom: self-attention, MLP, cross-attention, the block that holds them, the config, the
-model, then loading weights (OpenAI's GPT-2 and our own checkpoints) and generation (KV cache, sampling,
-beam search).
+Read it top to bottom: self-attention, MLP, the block that holds them, the config and the model (its
+forward pass and loss) are GPT-2, and a reader can stop there. Then come loading weights
+(OpenAI's GPT-2, Hugging Face folders, our own checkpoints), generation (KV cache, sampling, beam search)
+and the cross-attention layer the captioner adds.
 
 With `cross_attn_every=0` this is exactly GPT-2: parameter names follow OpenAI/Hugging Face
 (`transformer.h.0.attn.c_attn.weight`, ...), so their weights load directly and give the same logits.
@@ -27,7 +28,7 @@ GPT2_VOCAB_SIZE = 50257  # tokens in GPT-2's BPE vocabulary
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends every caption
 
 # -----------------------------------------------------------------------------
-# The three kinds of layer
+# The layers of GPT-2
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,38 +80,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-class CrossAttention(nn.Module):
-    """Text queries attend to image tokens. No causal mask: every caption position may look at every patch."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_q = nn.Linear(config.n_embd, config.n_embd)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained,
-        # so a pretrained LM keeps its logits bit for bit when cross-attention is bolted on. Unlike a tanh
-        # gate starting at 0 (which moves by ~lr per Adam step and opens slowly), these weights all learn.
-        self.c_proj.ZERO_INIT = True
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-
-    def image_keys_values(self, image_embs):
-        B, N, C = image_embs.size()  # N image tokens, already projected to n_embd
-        k, v = self.c_kv(image_embs).split(C, dim=2)
-        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, N, hs)
-        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
-        return k, v
-
-    def forward(self, x, image_kv):
-        B, T, C = x.size()
-        k, v = image_kv
-        q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), [x + xattn(ln(x), image)], x + mlp(ln(x))."""
 
@@ -118,7 +87,7 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
-        if cross_attn:
+        if cross_attn:  # a captioner's block (CrossAttention is defined after the model: GPT-2 comes first)
             self.ln_x = nn.LayerNorm(config.n_embd)
             self.xattn = CrossAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
@@ -440,6 +409,46 @@ class GPT(nn.Module):
         for b in improved:
             best_score[b] = top_score[b]
             best_tokens[b] = beams[b, top_beam[b]].tolist()
+
+
+# -----------------------------------------------------------------------------
+# Cross-attention: what the captioner adds to GPT-2
+
+
+class CrossAttention(nn.Module):
+    """Text queries attend to image tokens. No causal mask: every caption position may look at every patch."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_q = nn.Linear(config.n_embd, config.n_embd)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained,
+        # so a pretrained LM keeps its logits bit for bit when cross-attention is bolted on. Unlike a tanh
+        # gate starting at 0 (which moves by ~lr per Adam step and opens slowly), these weights all learn.
+        self.c_proj.ZERO_INIT = True
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def image_keys_values(self, image_embs):
+        B, N, C = image_embs.size()  # N image tokens, already projected to n_embd
+        k, v = self.c_kv(image_embs).split(C, dim=2)
+        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, N, hs)
+        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, image_kv):
+        B, T, C = x.size()
+        k, v = image_kv
+        q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and the KV cache, used by GPT.generate and GPT.beam_search
 
 
 def check_sampling(temperature, top_k, top_p):
