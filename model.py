@@ -2,7 +2,7 @@
 GPT-2, written out by hand, with optional cross-attention so the same decoder can caption images.
 
 Read it top to bottom: self-attention, MLP, the block that holds them, the config and the model (its
-forward pass and loss) are GPT-2, and a reader can stop there. Then come loading weights
+forward pass and loss) are GPT-2, and a reader can stop there. Then come loading and saving weights
 (OpenAI's GPT-2, Hugging Face folders, our own checkpoints), generation (KV cache, sampling, beam search)
 and the cross-attention layer the captioner adds.
 
@@ -267,7 +267,7 @@ class GPT(nn.Module):
         return 6 * self.num_params() + attention
 
     # -------------------------------------------------------------------------
-    # Loading weights
+    # Loading and saving weights
 
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
@@ -287,6 +287,26 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_weights(_convert_gpt2_weights(load_file(weights_path), config), weights_path)
         return model
+
+    def save_pretrained(self, folder, language_model_only=False):
+        """The mirror of from_pretrained: write folder/config.json and folder/model.safetensors in Hugging
+        Face's GPT-2 format (its parameter names and Conv1D layouts), which transformers'
+        GPT2LMHeadModel.from_pretrained loads, and so the tools built on it (lm-evaluation-harness, the hub).
+        Written with safetensors and json alone: transformers is not needed here.
+        Hugging Face's GPT-2 has no cross-attention, so a captioner is refused unless language_model_only=True,
+        which writes its text decoder and leaves the cross-attention layers and image projection out."""
+        if self.config.cross_attn_every > 0 and not language_model_only:
+            raise ValueError("this model has cross-attention layers, which Hugging Face's GPT-2 has no place for; "
+                             "pass language_model_only=True to save its language model without them")
+        if self.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise ValueError(f"vocab_size {self.config.vocab_size}: Hugging Face's GPT-2 has {GPT2_VOCAB_SIZE} tokens")
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(_hf_gpt2_config(self.config), f, indent=2)
+        # "format": "pt" tells transformers these are PyTorch tensors (it refuses a file without the tag)
+        save_file(_to_hf_gpt2_weights(self.state_dict()), os.path.join(folder, "model.safetensors"),
+                  metadata={"format": "pt"})
 
     @classmethod
     def from_checkpoint(cls, path, kind=None, **overrides):
@@ -524,7 +544,7 @@ class KVCache:
 
 CHECKPOINT_KINDS = ("lm", "caption")  # written by train_gpt2.py and train_caption.py
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store their weights as (in, out); nn.Linear
-# stores (out, in), so these four are transposed on the way in
+# stores (out, in), so these four are transposed on the way in, and back on the way out
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -564,6 +584,52 @@ def _convert_gpt2_weights(hf_state_dict, config):
     state_dict["transformer.wte.weight"] = torch.cat([wte, padding])
     state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
     return state_dict
+
+
+def _to_hf_gpt2_weights(state_dict):
+    """Ours -> Hugging Face GPT-2 names/layouts, the inverse of _convert_gpt2_weights: the Conv1D weights
+    transposed back to (in, out), the vocabulary cut to GPT-2's 50257 rows (the padding rows are no tokens),
+    lm_head left out (it is wte: transformers ties the two again on loading, as tie_word_embeddings says),
+    and the captioner's cross-attention parameters left out."""
+    hf_state_dict = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" or is_cross_attn_param(name):
+            continue
+        if name.endswith(_CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if name == "transformer.wte.weight":
+            tensor = tensor[:GPT2_VOCAB_SIZE]
+        # safetensors writes each tensor's own memory: a contiguous CPU copy, shared with no other tensor
+        hf_state_dict[name] = tensor.detach().cpu().contiguous().clone()
+    return hf_state_dict
+
+
+def _hf_gpt2_config(config):
+    """Our config -> the config.json of a Hugging Face GPT-2 (the fields of transformers' GPT2Config that
+    describe this architecture; the rest keep transformers' defaults)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": GPT2_VOCAB_SIZE,  # the real tokens: our padding rows are not written
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd, our MLP's width
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU (our MLP's)
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which we use
+        "resid_pdrop": config.dropout,  # our one dropout rate is used in all three places
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,  # GPT._init_weights's std, for anyone training the export further
+        "scale_attn_weights": True,  # scores / sqrt(head size), as F.scaled_dot_product_attention does
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,  # lm_head is wte
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "use_cache": True,
+    }
 
 
 def load_checkpoint(path, kind=None):

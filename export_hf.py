@@ -1,0 +1,120 @@
+"""
+Export a checkpoint in Hugging Face's GPT-2 format, for the tools that read it (transformers,
+lm-evaluation-harness, the Hugging Face hub).
+
+    python export_hf.py log/model_019073.pt out/gpt2-fineweb
+    lm_eval --model hf --model_args pretrained=out/gpt2-fineweb --tasks hellaswag
+
+The folder gets what GPT.save_pretrained writes, config.json and model.safetensors (transformers' parameter
+names and layouts, written with safetensors: transformers is not needed here), and GPT-2's tokenizer:
+vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe, the very files tiktoken's "gpt2" encoding
+is built from, copied from tiktoken's cache. If the cache does not have them, the command says so and the
+folder has no tokenizer: the matching one is transformers' AutoTokenizer.from_pretrained("gpt2")
+(for lm_eval: --model_args pretrained=out/gpt2-fineweb,tokenizer=gpt2).
+
+A caption checkpoint (train_caption.py) is exported as its language model: the cross-attention layers and
+the image projection are left out, since Hugging Face's GPT-2 has no place for them, and the command says
+so. What is left is a text-only GPT-2; after the default caption training, which freezes GPT-2, it is the
+language model the captioner started from.
+
+`GPT.from_pretrained(folder)` reads the export back.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from model import GPT, is_cross_attn_param
+
+# Hugging Face's name for each of GPT-2's two BPE files -> (the URL tiktoken downloads it from, its SHA-256,
+# which tiktoken checks too). tiktoken caches a download under the SHA-1 of its URL.
+GPT2_TOKENIZER_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def tiktoken_cache_dir():
+    """Where tiktoken keeps its downloads: the same three places, in the same order, tiktoken looks in."""
+    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def cached_tokenizer_files():
+    """{Hugging Face name: path in tiktoken's cache} of GPT-2's BPE files, or None unless both are there, intact."""
+    found = {}
+    for name, (url, sha256) in GPT2_TOKENIZER_FILES.items():
+        path = os.path.join(tiktoken_cache_dir(), hashlib.sha1(url.encode()).hexdigest())
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                return None  # a partial or damaged download: tiktoken itself would fetch it again
+        found[name] = path
+    return found
+
+
+def write_tokenizer(folder, block_size):
+    """Copy GPT-2's tokenizer files into folder, with the tokenizer_config.json that tells transformers how to
+    read them. -> False if tiktoken's cache does not have them."""
+    files = cached_tokenizer_files()
+    if files is None:
+        return False
+    for name, path in files.items():
+        shutil.copyfile(path, os.path.join(folder, name))
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": block_size,  # the longest sequence the model takes
+        # GPT-2 has one special token, <|endoftext|>: it begins and ends documents, and is all there is for unknown
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_prefix_space": False,
+    }
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return True
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a .pt checkpoint of train_gpt2.py, or of train_caption.py (its language model)")
+    p.add_argument("out_dir", help="the folder to write (made if missing; files already there are replaced)")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"{args.out_dir}: is a file, not a folder")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, _ = GPT.from_checkpoint(args.checkpoint)
+    if model.config.cross_attn_every > 0:
+        left_out = sum(p.numel() for name, p in model.named_parameters() if is_cross_attn_param(name))
+        print(f"export_hf.py: note: {args.checkpoint} is a captioner: its language model is exported; its cross-"
+              f"attention layers and image projection ({left_out:,} parameters) are left out, Hugging Face's GPT-2 "
+              f"has no place for them", file=sys.stderr)
+    model.save_pretrained(args.out_dir, language_model_only=True)
+    print(f"{args.out_dir}: config.json, model.safetensors (transformers.GPT2LMHeadModel.from_pretrained reads them)")
+    if write_tokenizer(args.out_dir, model.config.block_size):
+        print(f"{args.out_dir}: vocab.json, merges.txt, tokenizer_config.json (GPT-2's tokenizer, from tiktoken's cache)")
+    else:
+        print(f"export_hf.py: note: GPT-2's tokenizer files are not in tiktoken's cache ({tiktoken_cache_dir()}), so "
+              f"{args.out_dir} has no tokenizer; the matching one is AutoTokenizer.from_pretrained(\"gpt2\") (lm_eval: "
+              f"--model_args pretrained={args.out_dir},tokenizer=gpt2)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:  # the user's to fix: one line, naming the file
+        sys.exit(f"export_hf.py: {e}")

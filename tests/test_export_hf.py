@@ -1,0 +1,145 @@
+"""export_hf.py and GPT.save_pretrained: a checkpoint of ours, exported, is the same model in transformers (same
+logits, same greedy tokens) and comes back through GPT.from_pretrained with the same weights; a captioner
+exports its language model and says what it left out; GPT-2's tokenizer goes along when tiktoken has it."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import tiktoken
+import torch
+import transformers  # test-only: the independent reader of the export
+
+import export_hf
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, GPTConfig
+from scripts import ROOT
+
+
+def trained_looking(config):
+    """A model whose every weight is off its initial value, so a missed transpose, bias or LayerNorm shows."""
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save_checkpoint(model, path, kind):
+    torch.save({"kind": kind, "model": model.state_dict(), "config": asdict(model.config), "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny language-model checkpoint and its export, made by the command-line entry point."""
+    folder = tmp_path_factory.mktemp("export")
+    model = trained_looking(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    checkpoint = save_checkpoint(model, folder / "model_000010.pt", "lm")
+    assert export_hf.main([str(checkpoint), str(folder / "hf")]) == 0
+    return model, folder / "hf"
+
+
+def test_transformers_gives_the_same_logits_and_greedy_tokens(exported):
+    ours, folder = exported
+    hf, loading = transformers.GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing, unexpected or mismatched weights
+    hf.eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 64))  # every position up to block_size
+    with torch.no_grad():
+        expected = hf(idx).logits
+        logits, _ = ours(idx)
+    assert expected.shape == (2, 64, GPT2_VOCAB_SIZE)  # the padding rows are cut off
+    assert (logits[..., :GPT2_VOCAB_SIZE] - expected).abs().max().item() <= 1e-4
+
+    prompt = torch.randint(0, EOT_TOKEN, (1, 5))
+    theirs = hf.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=EOT_TOKEN,
+                         attention_mask=torch.ones_like(prompt))
+    mine = ours.generate(prompt, max_new_tokens=30, temperature=0)  # stops at <|endoftext|>; theirs goes on
+    assert mine.size(1) > prompt.size(1) + 5 and torch.equal(mine, theirs[:, :mine.size(1)])
+
+
+def test_from_pretrained_reads_the_export_back_weight_for_weight(exported):
+    ours, folder = exported
+    back = GPT.from_pretrained(str(folder))
+    assert back.config == ours.config
+    original, loaded = ours.state_dict(), back.state_dict()
+    assert original.keys() == loaded.keys()
+    for name, tensor in original.items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):  # the padding rows are not exported: zeros
+            assert torch.equal(loaded[name][:GPT2_VOCAB_SIZE], tensor[:GPT2_VOCAB_SIZE])
+            assert not loaded[name][GPT2_VOCAB_SIZE:].any()
+        else:
+            assert torch.equal(loaded[name], tensor), name
+
+
+def test_config_describes_gpt2(exported):
+    ours, folder = exported
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
+    assert (config["n_positions"], config["n_layer"], config["n_head"], config["n_embd"]) == (64, 2, 2, 64)
+    assert config["vocab_size"] == GPT2_VOCAB_SIZE and ours.config.vocab_size == 50304  # padding cut off
+    assert config["activation_function"] == "gelu_new" and config["n_inner"] is None
+
+
+def test_tokenizer_files_come_from_tiktoken_and_encode_alike(exported):
+    _, folder = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tiktoken.get_encoding("gpt2")
+    for text in ["Hello, I'm a language model,", " A man is sitting on a roof. he", "café  \n\n 2024 <|endoftext|>"]:
+        assert tokenizer(text)["input_ids"] == enc.encode(text, allowed_special="all"), text
+    assert tokenizer.eos_token_id == EOT_TOKEN and tokenizer.model_max_length == 64
+
+
+def test_without_tiktoken_files_the_export_names_the_matching_tokenizer(exported, tmp_path, monkeypatch, capsys):
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert export_hf.main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "vocab.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+    assert 'AutoTokenizer.from_pretrained("gpt2")' in capsys.readouterr().err
+
+
+def test_captioner_exports_its_language_model_and_says_so(tmp_path, capsys):
+    captioner = trained_looking(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, cross_attn_every=2,
+                                          n_embd_img=32))
+    with pytest.raises(ValueError, match="cross-attention"):  # from Python, leaving layers out is asked for
+        captioner.save_pretrained(tmp_path / "refused")
+    checkpoint = save_checkpoint(captioner, tmp_path / "caption.pt", "caption")
+    assert export_hf.main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    assert "cross-attention layers and image projection" in capsys.readouterr().err
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, GPT2_VOCAB_SIZE, (1, 16))
+    with torch.no_grad():  # the export is the captioner with no image: its language model
+        difference = hf(idx).logits - captioner(idx)[0][..., :GPT2_VOCAB_SIZE]
+    assert difference.abs().max().item() <= 1e-4
+
+
+def test_help_states_what_happens_to_a_captioner(capsys):
+    with pytest.raises(SystemExit):
+        export_hf.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "A caption checkpoint (train_caption.py) is exported as its language model: the cross-attention " \
+           "layers and the image projection are left out" in help_text
+
+
+def test_export_runs_without_transformers(exported, tmp_path):
+    """transformers is a test-only dependency: the export is written with safetensors and json alone."""
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    blocked = ("import sys; sys.modules['transformers'] = None  # any `import transformers` now fails\n"
+               "import export_hf; sys.exit(export_hf.main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", blocked, str(checkpoint), str(tmp_path / "hf")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_bad_paths_are_named(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        export_hf.main([str(tmp_path / "nope.pt"), str(tmp_path / "hf")])
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit):
+        export_hf.parse_args([str(tmp_path / "nope.pt"), str(tmp_path / "taken")])
+    assert "taken: is a file, not a folder" in capsys.readouterr().err
