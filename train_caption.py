@@ -28,11 +28,12 @@ import tiktoken
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import caption_eval
 import coco
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype,
-                      gather_objects, load_on_every_rank, non_negative_int, positive_float, positive_int,
+                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
+                      gather_objects, grad_scaler, load_on_every_rank, non_negative_int, positive_float, positive_int,
                       prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                       start_log, take_out_dir, wait_for_each_other)
 
@@ -170,6 +171,22 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
         optimizer.add_param_group({"params": params, "weight_decay": decay, "lr_scale": lm_lr_scale})
 
 
+def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
+    """CIDEr-D on a fixed few hundred val images (greedy), logged beside the val loss. The val loss keeps
+    falling after the captions stop improving, so the checkpoint a paper would report is picked by the metric
+    it reports: best.pt is rewritten (atomically) only when CIDEr-D improves. -> the best CIDEr-D so far."""
+    cider = caption_eval.cider_d(model, val_data, d.device, dtype, n_images=args.eval_cider_images)
+    improved = cider > best_cider
+    print(f"step {step:5d} | val CIDEr-D {cider * 100:.1f} ({args.eval_cider_images} images)"
+          + (" | new best: best.pt" if improved else f" | best {best_cider * 100:.1f}"))
+    append_log(args.out_dir, f"{step} cider {cider:.4f}")
+    if improved:
+        save_checkpoint({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": step,
+                         "cider": cider, "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
+                        os.path.join(args.out_dir, caption_eval.BEST_CHECKPOINT))
+    return max(cider, best_cider)
+
+
 def wrap_model(raw_model, use_compile, d):
     """The model the training step calls: compiled, and under torchrun wrapped in DDP. DDP only syncs the
     parameters that required gradients when it was built, so unfreezing re-wraps."""
@@ -216,12 +233,16 @@ def parse_args(argv=None):
     p.add_argument("--unfreeze-after", type=positive_int, help="train only cross-attention until this step, then everything")
     p.add_argument("--eval-every", type=non_negative_int, default=500, help="val loss and example captions every N steps")
     p.add_argument("--val-images", type=positive_int, default=1000, help="val loss over all captions of this many val images")
+    p.add_argument("--eval-cider-images", type=non_negative_int, default=500,
+                   help="at each eval, CIDEr-D of greedy captions of this many val images; best.pt keeps the best "
+                        "checkpoint by it (0: neither)")
     p.add_argument("--save-every", type=positive_int, default=2000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=positive_int, help="keep only the newest N checkpoints (default: all)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
@@ -271,13 +292,15 @@ def main(args):
     set_trainable(raw_model, args.unfreeze)
     lm_lr_scale = args.lm_lr / args.lr
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type, lm_lr_scale=lm_lr_scale)
-    start_step = 0
+    scaler = grad_scaler(d, dtype)
+    start_step, best_cider = 0, float("-inf")
     if checkpoint is not None:
-        start_step = checkpoint["step"]
+        start_step, best_cider = checkpoint["step"], checkpoint["best_cider"]
         check_resume_step(start_step, max_steps, args.stop_at, resume_from)
         if args.unfreeze_after is not None and start_step >= args.unfreeze_after and not args.unfreeze:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], d, args.seed)
         del checkpoint
@@ -311,6 +334,8 @@ def main(args):
             if d.master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+                if args.eval_cider_images > 0:
+                    best_cider = keep_best(raw_model, val_data, d, dtype, args, meta, step, best_cider)
                 with open(os.path.join(args.out_dir, "samples.txt"), "a") as f:
                     for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
                         print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
@@ -321,7 +346,7 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                                 "rng": rng, "args": vars(args),
+                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng, "args": vars(args),
                                  "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
                                 saved)
                 if args.keep_last:
@@ -346,22 +371,24 @@ def main(args):
             # would change with the split). DDP averages the ranks' gradients: x world_size undoes that.
             loss = loss * (y != -1).sum() / n_tokens
             loss_accum += loss.detach()
-            (loss * d.world_size).backward()
+            scaler.scale(loss * d.world_size).backward()
         all_reduce_sum(loss_accum, d)
+        scaler.unscale_(optimizer)  # fp16: the true gradients, before they are clipped
         trainable = [p for p in raw_model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir)  # waits for the GPU
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)  # waits for the GPU
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # GPT-2's own weights, when they train, at --lm-lr / --lr of it
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), except in fp16 when a gradient overflowed: then skipped
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         if d.master:
             epoch = (step + 1) * args.total_batch_size / n_pairs
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
                   f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f} | "
-                  f"eta {timer.eta(step, dt)}")
+                  f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 

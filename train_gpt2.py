@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype,
+                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
+                      grad_scaler,
                       gather_objects, load_on_every_rank, non_negative_int, peak_flops, positive_float, positive_int,
                       prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
                       start_log, take_out_dir, wait_for_each_other, warn)
@@ -246,7 +247,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
@@ -326,9 +328,11 @@ def main(args):
     if T > raw_model.config.block_size:
         raise ValueError(f"--seq-len {T} exceeds the model's block_size {raw_model.config.block_size}")
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
+    scaler = grad_scaler(d, dtype)
     start_step = 0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], d, args.seed)
         start_step = checkpoint["step"]
@@ -374,7 +378,8 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(),
-                                 "loader": train_loader.state_dict(), "rng": rng, "args": vars(args)}, saved)
+                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                                 "args": vars(args)}, saved)
                 if args.keep_last:
                     prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
             wait_for_each_other(d)
@@ -402,17 +407,19 @@ def main(args):
             # the summed gradient the gradient of the mean over the whole batch (DDP then averages the ranks)
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
-            loss.backward()
+            scaler.scale(loss).backward()
         all_reduce_sum(loss_accum, d)
         loss_accum /= d.world_size
+        scaler.unscale_(optimizer)  # the true gradients, before they are clipped
         # clip the global gradient norm (one bad batch cannot throw the weights far); the norm before
         # clipping is worth watching: its spikes come before loss spikes
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir)  # waits for the GPU
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)  # waits for the GPU
         lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), except in fp16 when a gradient overflowed: then skipped
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # the step's one wait for the GPU is in check_finite; it also waited for the previous step's update,
         # so in a steady run dt is one whole step
@@ -421,7 +428,7 @@ def main(args):
             mfu = f"{flops_per_step_per_gpu / dt / peak * 100:.1f}%" if peak else "n/a"
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
                   f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu} | "
-                  f"eta {timer.eta(step, dt)}")
+                  f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 

@@ -129,11 +129,27 @@ def autocast(device_type, dtype):
 
 def default_dtype(device):
     """bfloat16 on GPUs that compute it natively (compute capability 8.0 and up: A100, H100, RTX 30xx/40xx),
-    float32 elsewhere. Asked of the device in use ("cuda:3"), not of GPU 0. torch.cuda.is_bf16_supported()
-    also says yes on a V100 or T4, which only emulate bf16, slower than float32."""
-    if device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "bfloat16"
+    float16 on older GPUs (V100, T4), float32 elsewhere. Asked of the device in use ("cuda:3"), not of GPU 0.
+    torch.cuda.is_bf16_supported() also says yes on a V100 or T4, which only emulate bf16, slower than fp32."""
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     return "float32"
+
+
+def grad_scaler(d, dtype):
+    """Loss scaling, for float16 only. fp16's range ends at 65504 and its smallest normal number is 6e-5, so
+    small gradients underflow to zero: the loss is multiplied by a large scale before backward and the
+    gradients divided by it before the update. When a gradient overflows (inf), the step is skipped and the
+    scale halved; it doubles again after 2000 good steps. bf16 has fp32's range and needs none of this: the
+    scaler is then switched off and each of its calls does nothing (or just the plain optimizer step)."""
+    return torch.amp.GradScaler(d.device_type, enabled=dtype == "float16")
+
+
+def fp16_note(scaler, norm):
+    """' | fp16 scale 65536' for the step line, and that the step was skipped when it was."""
+    if not scaler.is_enabled():
+        return ""
+    return f" | fp16 scale {scaler.get_scale():g}" + ("" if math.isfinite(norm) else " (overflow: step skipped)")
 
 
 # -----------------------------------------------------------------------------
@@ -327,12 +343,14 @@ def set_rng_state(states, d, seed):
         torch.cuda.set_rng_state(state["cuda"], d.device)
 
 
-def check_finite(loss, norm, step, out_dir):
+def check_finite(loss, norm, step, out_dir, scaler=None):
     """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
     poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
-    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host)."""
+    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host). With fp16
+    loss scaling an overflowing gradient is expected now and then: the scaler skips that step itself."""
     loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
-    if not (math.isfinite(loss) and math.isfinite(norm)):
+    norm_may_overflow = scaler is not None and scaler.is_enabled()
+    if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
         last = latest_checkpoint(out_dir) or "none written yet"
         raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}: stopping before the update, "
                                  f"saving nothing (last checkpoint: {last}). Try a lower learning rate.")

@@ -265,3 +265,30 @@ def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
                "--lr", 1e-3, "--lm-lr", 1e-4, "--unfreeze", "--eval-every", 0, "--val-images", 1, "--device", "cpu")
     saved = torch.load(tmp_path / "out" / "model_000001.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["lr"] for g in saved] == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])  # warmup step 1 of 2
+
+
+def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeypatch, capsys):
+    import caption_eval
+    import train_caption
+    _, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    ciders = iter([0.1, 0.3, 0.2, 0.3, 0.25])  # step 0, 1, 2, 3 and the end (4)
+    written = []
+    real_cider = caption_eval.cider_d
+    monkeypatch.setattr(caption_eval, "cider_d", lambda *a, **k: real_cider(*a, **k) * 0 + next(ciders))
+    real_save = train_caption.save_checkpoint
+    monkeypatch.setattr(train_caption, "save_checkpoint",
+                        lambda checkpoint, path: (written.append((os.path.basename(path), checkpoint["step"])),
+                                                  real_save(checkpoint, path)))
+    out = tmp_path / "out"
+    train_caption.main(train_caption.parse_args([
+        "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(out),
+        "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "4", "--eval-every", "1", "--save-every", "10",
+        "--val-images", "1", "--eval-cider-images", "2", "--device", "cpu"]))
+    assert [w for w in written if w[0] == "best.pt"] == [("best.pt", 0), ("best.pt", 1)]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["kind"] == "caption" and best["step"] == 1 and best["cider"] == 0.3
+    assert read_log(out, "cider") == {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.3, 4: 0.25}
+    assert "val CIDEr-D 30.0 (2 images) | new best: best.pt" in capsys.readouterr().out
+    # the best so far travels with the periodic checkpoint, so a resumed run keeps comparing with it
+    assert torch.load(out / "model_000004.pt", weights_only=True)["best_cider"] == 0.3

@@ -430,3 +430,23 @@ def test_the_run_says_its_plan_and_warns_of_likely_mistakes(tmp_path, capsys):
                                 "warning: --save-every 10 > --max-steps 5: a checkpoint only at the end",
                                 "warning: 1.11 epochs: the run sees its training data more than once"]
     assert " | eta " in out.splitlines()[-2]
+
+
+def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """fp16 for GPUs without bf16, tried on the CPU: the scaler's state is in the checkpoint, and a step whose
+    gradients overflow is skipped (the scale halves) rather than stopping the run."""
+    import functools
+    import train_gpt2
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "4", "--eval-every", "0", "--dtype", "float16"]
+    run(args + ["--out-dir", tmp_path / "straight"])
+    run(args + ["--out-dir", tmp_path / "split", "--stop-at", "2"])
+    assert "scaler" in torch.load(tmp_path / "split" / "model_000002.pt", weights_only=True)
+    run(args + ["--out-dir", tmp_path / "split", "--resume", "auto"])
+    assert read_log(tmp_path / "split", "train") == read_log(tmp_path / "straight", "train")
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 120))
+    train_gpt2.main(train_gpt2.parse_args(args + ["--max-steps", "2", "--out-dir", str(tmp_path / "overflow")]))
+    steps = [line for line in capsys.readouterr().out.splitlines() if " | loss " in line]
+    assert steps[0].endswith(f"fp16 scale {2.0 ** 119:g} (overflow: step skipped)")  # halved, for the next step
+    assert len(steps) == 2  # and the run went on

@@ -10,12 +10,12 @@ import training
 from training import Distributed, rng_state, save_checkpoint, set_rng_state, start_log
 
 
-def test_default_dtype_asks_the_device_in_use_and_refuses_emulated_bf16(monkeypatch):
+def test_default_dtype_asks_the_device_in_use_and_takes_fp16_where_bf16_is_emulated(monkeypatch):
     asked = []
     capability = {"cuda:2": (7, 0), "cuda:3": (9, 0)}  # a V100 (bf16 only emulated) and an H100
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability[device])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what it says of a V100
-    assert training.default_dtype("cuda:2") == "float32"
+    assert training.default_dtype("cuda:2") == "float16"  # with loss scaling
     assert training.default_dtype("cuda:3") == "bfloat16"
     assert training.default_dtype("cpu") == "float32"
     assert asked == ["cuda:2", "cuda:3"]
