@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import caption_eval
 import coco
 from model import EOT_TOKEN, GPT, is_cross_attn_param
-from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
+from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
                       gather_objects, grad_scaler, load_on_every_rank, non_negative_int, positive_float, positive_int,
                       prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
@@ -174,7 +174,7 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
 def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
     """CIDEr-D on a fixed few hundred val images (greedy), logged beside the val loss. The val loss keeps
     falling after the captions stop improving, so the checkpoint a paper would report is picked by the metric
-    it reports: best.pt is rewritten (atomically) only when CIDEr-D improves. -> the best CIDEr-D so far."""
+    it reports: best.pt is rewritten (atomically) only when CIDEr-D improves. -> (CIDEr-D, best so far)."""
     cider = caption_eval.cider_d(model, val_data, d.device, dtype, n_images=args.eval_cider_images)
     improved = cider > best_cider
     print(f"step {step:5d} | val CIDEr-D {cider * 100:.1f} ({args.eval_cider_images} images)"
@@ -184,7 +184,7 @@ def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
         save_checkpoint({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": step,
                          "cider": cider, "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
                         os.path.join(args.out_dir, caption_eval.BEST_CHECKPOINT))
-    return max(cider, best_cider)
+    return cider, max(cider, best_cider)
 
 
 def wrap_model(raw_model, use_compile, d):
@@ -245,6 +245,8 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="the new layers' initialisation and the data order")
+    p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
+    p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
     args = p.parse_args(argv)
@@ -294,6 +296,8 @@ def main(args):
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type, lm_lr_scale=lm_lr_scale)
     scaler = grad_scaler(d, dtype)
     start_step, best_cider = 0, float("-inf")
+    tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
+                      run_id=checkpoint.get("wandb_id") if checkpoint is not None else None)
     if checkpoint is not None:
         start_step, best_cider = checkpoint["step"], checkpoint["best_cider"]
         check_resume_step(start_step, max_steps, args.stop_at, resume_from)
@@ -334,8 +338,10 @@ def main(args):
             if d.master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+                tracker.log(step, val_loss=val_loss)
                 if args.eval_cider_images > 0:
-                    best_cider = keep_best(raw_model, val_data, d, dtype, args, meta, step, best_cider)
+                    cider, best_cider = keep_best(raw_model, val_data, d, dtype, args, meta, step, best_cider)
+                    tracker.log(step, val_cider=cider)
                 with open(os.path.join(args.out_dir, "samples.txt"), "a") as f:
                     for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
                         print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
@@ -346,7 +352,7 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng, "args": vars(args),
+                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng, "wandb_id": tracker.run_id, "args": vars(args),
                                  "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
                                 saved)
                 if args.keep_last:
@@ -390,8 +396,11 @@ def main(args):
                   f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value, images_per_sec=args.total_batch_size / dt,
+                        epoch=epoch)
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
+    tracker.finish()
     cleanup_distributed(d)
     return stop.close(step, saved, d)
 

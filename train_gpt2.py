@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from training import (HelpFormatter, StepTimer, StopSignal, all_reduce_sum, append_log, autocast, check_finite,
+from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
                       grad_scaler,
                       gather_objects, load_on_every_rank, non_negative_int, peak_flops, positive_float, positive_int,
@@ -251,6 +251,8 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="weights' initialisation and the data order")
+    p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
+    p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
     args = p.parse_args(argv)
@@ -330,6 +332,8 @@ def main(args):
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
     scaler = grad_scaler(d, dtype)
     start_step = 0
+    tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
+                      run_id=checkpoint.get("wandb_id") if checkpoint is not None else None)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -363,12 +367,14 @@ def main(args):
             if d.master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+                tracker.log(step, val_loss=val_loss)
         if not stopping and hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
             correct, correct_norm, total = hellaswag.evaluate(raw_model, hellaswag_examples, d.device, d.rank,
                                                               d.world_size, autocast_dtype=dtype)
             if d.master:
                 print(f"step {step:5d} | HellaSwag acc_norm {correct_norm / total:.4f} ({correct_norm}/{total})")
                 append_log(args.out_dir, f"{step} hella {correct_norm / total:.4f}")
+                tracker.log(step, hellaswag=correct_norm / total)
         if not stopping and d.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
             print_samples(raw_model, enc, d)
         if step > start_step and (step % args.save_every == 0 or last or stopping):
@@ -378,7 +384,7 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(),
-                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng, "wandb_id": tracker.run_id,
                                  "args": vars(args)}, saved)
                 if args.keep_last:
                     prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
@@ -425,13 +431,16 @@ def main(args):
         # so in a steady run dt is one whole step
         dt = time.time() - t0
         if d.master:
-            mfu = f"{flops_per_step_per_gpu / dt / peak * 100:.1f}%" if peak else "n/a"
+            mfu = flops_per_step_per_gpu / dt / peak * 100 if peak else None
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {mfu} | "
+                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {f'{mfu:.1f}%' if mfu else 'n/a'} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=args.total_batch_size / dt,
+                        mfu=mfu)
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
+    tracker.finish()
     cleanup_distributed(d)
     return stop.close(step, saved, d)
 

@@ -531,6 +531,39 @@ class StepTimer:
 
 
 # -----------------------------------------------------------------------------
+# Weights & Biases, if asked for
+
+
+class Tracker:
+    """Optional Weights & Biases logging (--wandb-project), as nanoGPT does it: the run's flags once, then the
+    numbers of each step. Rank 0 only. wandb is imported only when asked for; it is not a requirement.
+    A resumed run continues the same wandb run: its id travels in the checkpoints (tracker.run_id)."""
+
+    def __init__(self, project, run_name, config, d, run_id=None):
+        self.run = None
+        if project is None or not d.master:
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb-project: wandb is not installed (pip install wandb)") from None
+        self.run = wandb.init(project=project, name=run_name, config=config, id=run_id,
+                              resume="allow" if run_id else None)
+
+    @property
+    def run_id(self):
+        return self.run.id if self.run else None
+
+    def log(self, step, **values):
+        if self.run:
+            self.run.log(values, step=step)
+
+    def finish(self):
+        if self.run:
+            self.run.finish()
+
+
+# -----------------------------------------------------------------------------
 # Command-line values
 
 

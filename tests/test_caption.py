@@ -268,8 +268,12 @@ def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
 
 
 def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeypatch, capsys):
+    import sys
     import caption_eval
     import train_caption
+    from test_train_gpt2 import FakeWandb
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     _, features, _ = dataset
     tiny_lm_checkpoint(tmp_path / "lm.pt")
     ciders = iter([0.1, 0.3, 0.2, 0.3, 0.25])  # step 0, 1, 2, 3 and the end (4)
@@ -284,7 +288,7 @@ def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeyp
     train_caption.main(train_caption.parse_args([
         "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(out),
         "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "4", "--eval-every", "1", "--save-every", "10",
-        "--val-images", "1", "--eval-cider-images", "2", "--device", "cpu"]))
+        "--val-images", "1", "--eval-cider-images", "2", "--device", "cpu", "--wandb-project", "captions"]))
     assert [w for w in written if w[0] == "best.pt"] == [("best.pt", 0), ("best.pt", 1)]
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["kind"] == "caption" and best["step"] == 1 and best["cider"] == 0.3
@@ -292,3 +296,6 @@ def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeyp
     assert "val CIDEr-D 30.0 (2 images) | new best: best.pt" in capsys.readouterr().out
     # the best so far travels with the periodic checkpoint, so a resumed run keeps comparing with it
     assert torch.load(out / "model_000004.pt", weights_only=True)["best_cider"] == 0.3
+    # and wandb got the same numbers
+    assert [values["val_cider"] for _, values in wandb.logged if "val_cider" in values] == [0.1, 0.3, 0.2, 0.3, 0.25]
+    assert [step for step, values in wandb.logged if "train_loss" in values] == [0, 1, 2, 3]

@@ -450,3 +450,58 @@ def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(tmp
     steps = [line for line in capsys.readouterr().out.splitlines() if " | loss " in line]
     assert steps[0].endswith(f"fp16 scale {2.0 ** 119:g} (overflow: step skipped)")  # halved, for the next step
     assert len(steps) == 2  # and the run went on
+
+
+class FakeWandb:
+    """Stands in for the wandb module: records what the run gives it."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], False
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        self.id = "run-abc"
+        return self
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_the_config_once_and_each_step_s_numbers(tmp_path, monkeypatch):
+    import sys
+    import train_gpt2
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "3", "--eval-every", "2", "--wandb-project", "gpt2-tests",
+                   "--wandb-run", "tiny"]
+    train_gpt2.main(train_gpt2.parse_args(args + ["--out-dir", str(tmp_path / "out"), "--stop-at", "2"]))
+    assert len(wandb.inits) == 1 and wandb.inits[0]["project"] == "gpt2-tests" and wandb.inits[0]["name"] == "tiny"
+    assert wandb.inits[0]["config"]["max_lr"] == 1e-3 and wandb.finished
+    train_steps = [(step, values) for step, values in wandb.logged if "train_loss" in values]
+    assert [step for step, _ in train_steps] == [0, 1]
+    assert set(train_steps[0][1]) == {"train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
+    assert train_steps[0][1]["train_loss"] == pytest.approx(read_log(tmp_path / "out", "train")[0], abs=1e-6)
+    assert [step for step, values in wandb.logged if "val_loss" in values] == [0]
+    # resuming continues the same wandb run
+    train_gpt2.main(train_gpt2.parse_args(args + ["--out-dir", str(tmp_path / "out"), "--resume", "auto"]))
+    assert wandb.inits[1]["id"] == "run-abc" and wandb.inits[1]["resume"] == "allow"
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="--wandb-project: wandb is not installed"):
+        train_gpt2.main(train_gpt2.parse_args(args + ["--out-dir", str(tmp_path / "other")]))
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    """The real wandb, offline (WANDB_MODE=offline): the run starts, logs and finishes with the training run."""
+    data = write_shards(tmp_path / "data")
+    result = run_script("train_gpt2.py", *TINY, "--data-dir", data, "--max-steps", "2", "--out-dir", tmp_path / "out",
+                        "--wandb-project", "gpt2-tests", env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                                                              "WANDB_SILENT": "true"})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), result.stderr[-2000:]
+    run_id = torch.load(tmp_path / "out" / "model_000002.pt", weights_only=True)["wandb_id"]
+    assert runs[0].name.endswith(run_id)
