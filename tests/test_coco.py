@@ -3,8 +3,9 @@ randomly initialised CLIP ViT-B/32 (--clip-pretrained none: the same seed-0 weig
 
 What is promised: the stored features are CLIP's 50 tokens after ln_post, row-aligned with ids and captions;
 broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
-val/test images never reach training; downloads resume and are verified; user errors are one line naming a path;
---device cuda:N is made the current device before CLIP is loaded."""
+val/test images never reach training; downloads resume and are verified; damaged feature files are named and
+never patched up; user errors are one line naming a path; --device cuda:N is made the current device before CLIP
+is loaded."""
 import http.server
 import json
 import os
