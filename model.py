@@ -18,6 +18,7 @@ import json
 import math
 import os
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -449,6 +450,7 @@ class CrossAttention(nn.Module):
         self.c_proj.ZERO_INIT = True
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.recorded = None  # a list inside recording_cross_attention(): the attention weights go there
 
     def image_keys_values(self, image_embs):
         B, N, C = image_embs.size()  # N image tokens, already projected to n_embd
@@ -461,10 +463,37 @@ class CrossAttention(nn.Module):
         B, T, C = x.size()
         k, v = image_kv
         q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.recorded is not None:  # only when asked: SDPA's fused kernels never form the weights
+            self.recorded.append(attention_weights(q, k))
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+def attention_weights(q, k):
+    """The weights scaled_dot_product_attention gives the values, made explicit: softmax(q k^T / sqrt(hs)),
+    in float32. q (B, nh, T, hs), k (B, nh, N, hs) -> (B, nh, T, N), each row summing to 1 over the N keys.
+    (Without dropout: with it, SDPA also zeroes some weights at random while training.)"""
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, N)
+    return F.softmax(scores, dim=-1)
+
+
+@contextmanager
+def recording_cross_attention(model):
+    """with recording_cross_attention(model) as weights: every forward pass inside appends each cross-attention
+    layer's attention weights to the list `weights`, in block order: one (B, nh, T, N_img) float32 tensor per
+    layer and pass, computed from the very q and k the layer uses (see attention_weights). Outside the block
+    they are never computed: training and generation do not need them. (sample.py draws them.)"""
+    weights = []
+    layers = [block.xattn for block in model.transformer.h if hasattr(block, "xattn")]
+    for layer in layers:
+        layer.recorded = weights
+    try:
+        yield weights
+    finally:
+        for layer in layers:
+            layer.recorded = None
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers  # test-only: the independent reference, installed by requirements-dev.txt
 
-from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint, recording_cross_attention
 
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions): not only 124M's proportions
@@ -107,6 +107,40 @@ def tiny_captioner(seed=0):
             if hasattr(block, "xattn"):
                 block.xattn.c_proj.weight.normal_(0, 0.5)
     return model
+
+
+def test_recorded_cross_attention_is_the_one_sdpa_used():
+    """SDPA returns no weights: recording_cross_attention computes them from the same q and k. Multiplied by the
+    values they give back what SDPA handed the output projection, and each sums to 1 over the image tokens."""
+    model = tiny_captioner()
+    values, outputs = [], []
+    for block in model.transformer.h:
+        if hasattr(block, "xattn"):
+            block.xattn.register_forward_pre_hook(lambda module, args: values.append(args[1][1]))  # image_kv's v
+            # c_proj's input is SDPA's output, the heads side by side: (B, T, C)
+            block.xattn.c_proj.register_forward_pre_hook(lambda module, args: outputs.append(args[0]))
+    idx, images = torch.randint(0, EOT_TOKEN, (2, 6)), torch.randn(2, 7, 48)
+    with torch.no_grad(), recording_cross_attention(model) as weights:
+        model(idx, image_feats=images)
+    assert len(weights) == len(values) == len(outputs) == 2  # blocks 1 and 3
+    for w, v, y in zip(weights, values, outputs):
+        B, nh, T, N = w.shape
+        assert (B, nh, T, N) == (2, 4, 6, 7)
+        assert torch.allclose(w.sum(dim=-1), torch.ones(B, nh, T), atol=1e-6)
+        assert torch.allclose((w @ v).transpose(1, 2).reshape(B, T, -1), y, atol=1e-6)
+
+
+def test_attention_weights_are_computed_only_while_recording(monkeypatch):
+    """Training and generation never form the (T, N_img) weights: SDPA's fused kernels are left to do their job."""
+    import model as model_module
+    model = tiny_captioner()
+    idx, images = torch.randint(0, EOT_TOKEN, (2, 6)), torch.randn(2, 7, 48)
+    with recording_cross_attention(model):
+        pass  # switched on and off again
+    monkeypatch.setattr(model_module, "attention_weights", lambda q, k: pytest.fail("weights computed unasked"))
+    _, loss = model(idx, targets=idx, image_feats=images)
+    loss.backward()
+    model.generate(idx, 3, temperature=0, image_feats=images)
 
 
 @pytest.mark.parametrize("with_image", [False, True])
