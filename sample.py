@@ -4,6 +4,7 @@ Captions for images, or text from a prompt.
     python sample.py --image dog.jpg cat.png                     # newest checkpoint in log_caption/, beam search
     python sample.py --image dog.jpg --checkpoint log_caption/model_020000.pt --beam 5
     python sample.py --image dog.jpg --temperature 0.8 --top-p 0.9 --num-samples 3
+    python sample.py --image dog.jpg --attention-map dog_attention.png   # where each word looked (matplotlib)
     python sample.py --prompt "Hello, I'm a language model," --checkpoint log/model_019073.pt
     python sample.py --prompt "Hello, I'm a language model," --pretrained gpt2 --num-samples 4
 
@@ -12,6 +13,8 @@ From Python:
     from sample import Captioner
     captioner = Captioner.from_checkpoint("log_caption/model_020000.pt")
     captioner.caption(["dog.jpg", "cat.png"])        # -> ['a dog running on the grass', ...]
+    captions, attention = captioner.caption(["dog.jpg"], return_attention=True)
+    attention[0].words, attention[0].patches         # -> ['a', 'dog', ...], (n_words, 7, 7) arrays
 
 An image is encoded by the CLIP model recorded in the checkpoint (the one its training features came from),
 then the decoder writes the caption after an <|endoftext|> prompt, cross-attending to the image's 50 tokens.
@@ -19,19 +22,28 @@ then the decoder writes the caption after an <|endoftext|> prompt, cross-attendi
 Decoding: captions use beam search by default (--beam, 3 beams; 1 is greedy decoding). --temperature,
 --top-k or --top-p sample instead, and text is always sampled (temperature 1 unless given). Temperature 0 means
 greedy decoding everywhere: the likeliest token at every step.
+
+Attention maps: for each word of the caption, its cross-attention over the image's patches, averaged over
+heads and cross-attention layers, laid over the image. CLIP ViT-B/32 cuts the 224 x 224 centre square it sees
+into 7 x 7 patches of 32 pixels (ViT-L/14: 16 x 16 of 14); its first token, CLS, stands for the whole image
+and has no place on the grid, so its share of the attention is written in each word's title.
 """
 
 import argparse
 import math
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 
+import numpy as np
 import tiktoken
 import torch
 from PIL import Image
+from torch.nn import functional as F
 
 import coco
-from model import EOT_TOKEN, GPT, check_sampling
+from model import EOT_TOKEN, GPT, check_sampling, recording_cross_attention
 from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
 
 
@@ -72,21 +84,25 @@ class Captioner:
 
     @torch.no_grad()
     def caption(self, images, beam_size=None, max_new_tokens=30, temperature=None, top_k=None, top_p=None,
-                generator=None):
+                generator=None, return_attention=False):
         """images: paths or PIL images -> one caption each. By default beam search (beam_size 3; 1 is greedy)
         finds the likeliest caption; a temperature (0: greedy), top_k or top_p samples one instead. Options
-        out of range, or asking for both, raise ValueError."""
+        out of range, or asking for both, raise ValueError. return_attention=True: -> (captions, one
+        CaptionAttention each), where each word of each caption looked."""
         choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)  # checked before the slow part
         images = list(images)
         if not images:
-            return []
+            return ([], []) if return_attention else []
         image_feats = self.encode(torch.stack([self.pixels(image) for image in images]))
-        return self.caption_features(image_feats, beam_size, max_new_tokens, temperature, top_k, top_p, generator)
+        return self.caption_features(image_feats, beam_size, max_new_tokens, temperature, top_k, top_p, generator,
+                                     return_attention)
 
     @torch.no_grad()
     def caption_features(self, image_feats, beam_size=None, max_new_tokens=30, temperature=None, top_k=None,
-                         top_p=None, generator=None):
+                         top_p=None, generator=None, return_attention=False):
         """image_feats (B, N_img, width) from encode() -> B captions; the options are caption()'s."""
+        if return_attention:
+            patch_grid_side(image_feats.size(1))  # an image that cannot be drawn fails before decoding
         beam_size, temperature = choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=self.device)
         with autocast(self.device_type, self.dtype):
@@ -97,7 +113,54 @@ class Captioner:
                 out = self.model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, image_feats=image_feats, generator=generator)
                 token_lists = [until_end_of_text(row[1:]) for row in out.tolist()]
-        return [self.enc.decode(tokens).strip() for tokens in token_lists]
+        captions = [self.enc.decode(tokens).strip() for tokens in token_lists]
+        return (captions, self.attention(image_feats, token_lists)) if return_attention else captions
+
+    @torch.no_grad()
+    def attention(self, image_feats, token_lists):
+        """Where each token of each caption looked: image_feats (B, N_img, width) and B captions as token lists
+        -> B CaptionAttention. Each caption goes through the decoder once more, whole, after its <|endoftext|>
+        prompt: the position that holds token t-1 is the query that chose token t, and causal attention shows it
+        exactly what it saw while decoding. So these are the weights decoding used, however it decoded: greedy,
+        sampled, or beam search (whose beams are reordered at every step, so that recording them along the way
+        would mean following each beam's ancestry back)."""
+        rows = [[EOT_TOKEN] + tokens[:-1] for tokens in token_lists]  # an empty caption still has its prompt
+        width = max(len(row) for row in rows)
+        # padded on the right: causal attention keeps the padding out of every position read below
+        idx = torch.tensor([row + [EOT_TOKEN] * (width - len(row)) for row in rows], device=self.device)
+        with autocast(self.device_type, self.dtype), recording_cross_attention(self.model) as layers:
+            self.model.hidden_states(idx, image_feats)
+        weights = torch.stack(layers).mean(dim=(0, 2)).cpu()  # (layers, B, nh, T, N) -> (B, T, N)
+        side = patch_grid_side(weights.size(-1))
+        return [CaptionAttention(words=[self.enc.decode([token]).strip() for token in tokens],
+                                 # CLIP's tokens: CLS, then the patches row by row from the top left
+                                 patches=weights[b, :len(tokens), 1:].reshape(len(tokens), side, side).numpy(),
+                                 cls=weights[b, :len(tokens), 0].numpy(),
+                                 heads=self.model.config.n_head, layers=len(layers))
+                for b, tokens in enumerate(token_lists)]
+
+
+@dataclass
+class CaptionAttention:
+    """Where the words of one caption looked. words[t] is the text of the caption's token t (one token per word
+    mostly; a rare word is two or more). patches[t] (rows, cols) is token t's share of attention on each patch
+    of the image, row 0 at the top, column 0 on the left, as the image is shown; cls[t] its share on CLIP's CLS
+    token. They add up to 1: patches[t].sum() + cls[t] == 1. Averaged over `heads` heads and `layers`
+    cross-attention layers."""
+    words: list
+    patches: np.ndarray  # (n_words, rows, cols)
+    cls: np.ndarray  # (n_words,)
+    heads: int
+    layers: int
+
+
+def patch_grid_side(n_image_tokens):
+    """CLIP ViT's tokens are CLS + a square grid of patches: 50 -> 7 (ViT-B/32), 257 -> 16 (ViT-L/14)."""
+    side = math.isqrt(max(n_image_tokens - 1, 0))
+    if side < 1 or side * side != n_image_tokens - 1:
+        raise ValueError(f"{n_image_tokens} image tokens are not a CLS token + a square grid of patches: no map to "
+                         f"draw (CLIP ViT-B/32 has 1 + 7 x 7)")
+    return side
 
 
 def choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p):
@@ -150,6 +213,74 @@ def open_image(path, size=None):
 
 
 # -----------------------------------------------------------------------------
+# Pictures of the attention (matplotlib, imported only here)
+
+
+def clip_view(image, size):
+    """The part of the image CLIP sees, at the size it sees it: its preprocessing scales the short side to `size`
+    and crops the centre square, and the patch grid covers that square, not the whole photo."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.convert("RGB").crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+def upsample(grid, size):
+    """(rows, cols) attention -> (size, size), bilinear, so it can lie over the image: row 0 stays at the top."""
+    grid = torch.as_tensor(grid, dtype=torch.float32)[None, None]  # (1, 1, rows, cols)
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def as_title(text):
+    return text.replace("$", r"\$")  # matplotlib would read $...$ as mathematics
+
+
+def attention_figure(image, caption, attention, size=224):
+    """-> a matplotlib Figure: the image as CLIP saw it, titled with the caption, then one panel per word with its
+    attention laid over the image, titled with the word and the CLS token's share. One colour scale for all."""
+    from matplotlib.figure import Figure
+    view = clip_view(image, size)
+    n = len(attention.words)
+    columns = min(6, n + 1)
+    rows = math.ceil((n + 1) / columns)
+    figure = Figure(figsize=(2.3 * columns, 2.5 * rows + 0.5), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes:
+        ax.axis("off")
+    axes[0].imshow(view)
+    axes[0].set_title(as_title(textwrap.fill(caption, 28)), fontsize=8)
+    top = float(attention.patches.max()) if n else 1.0
+    grey = view.convert("L")  # under the heat map in grey, so that its colours are the attention's alone
+    for ax, word, grid, cls in zip(axes[1:], attention.words, attention.patches, attention.cls):
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(upsample(grid, size), cmap="inferno", alpha=0.6, vmin=0.0, vmax=top)
+        ax.set_title(f"{as_title(word)}\nCLS {cls:.0%}", fontsize=9)
+    grid_rows, grid_cols = attention.patches.shape[1:]
+    layers = f"{attention.layers} cross-attention layer{'s' if attention.layers != 1 else ''}"
+    note = (f"Attention of each word over the {grid_rows}x{grid_cols} patches, averaged over {attention.heads} heads "
+            f"and {layers} (bright: most). CLS: the share on CLIP's whole-image token")
+    figure.suptitle(textwrap.fill(note, 17 * columns), fontsize=9)  # about 17 characters fit in a panel
+    return figure
+
+
+def attention_map_paths(path, images):
+    """--attention-map PATH -> {image: figure file}. One image: PATH. Several: PATH with each image's name added
+    (maps.png -> maps_dog.png, maps_cat.png), and its place in the list too where two images share a name."""
+    if len(set(images)) == 1:
+        return {images[0]: path}
+    root, extension = os.path.splitext(path)
+    names = [os.path.splitext(os.path.basename(image))[0] for image in images]
+    return {image: f"{root}_{name}{extension}" if names.count(name) == 1 else f"{root}_{i}_{name}{extension}"
+            for i, (image, name) in enumerate(zip(images, names), start=1)}
+
+
+def save_attention_map(captioner, file, caption, attention, path):
+    image = open_image(file, captioner.decode_size)
+    attention_figure(image, caption, attention, clip_input_size(captioner.clip_model)).savefig(path, dpi=100)
+    print(f"sample.py: {file}: attention map in {path}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # The command line
 
 
@@ -161,6 +292,8 @@ def caption_files(args):
                                 f"(train one with train_caption.py)")
     captioner = Captioner.from_checkpoint(path, args.device)
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
+    drawing = args.attention_map is not None
+    map_paths = attention_map_paths(args.attention_map, args.image) if drawing else {}
     failed = 0
     # images are decoded one batch at a time, just before they are captioned: memory holds one batch of
     # CLIP inputs however many files there are
@@ -172,10 +305,13 @@ def caption_files(args):
             continue
         image_feats = captioner.encode(torch.stack(pixels))  # once, for all the samples
         for _ in range(args.num_samples):
-            captions = captioner.caption_features(image_feats, args.beam, args.max_new_tokens, args.temperature,
-                                                  args.top_k, args.top_p, generator)
-            for file, caption in zip(files, captions):
+            result = captioner.caption_features(image_feats, args.beam, args.max_new_tokens, args.temperature,
+                                                args.top_k, args.top_p, generator, return_attention=drawing)
+            captions, attentions = result if drawing else (result, None)
+            for i, (file, caption) in enumerate(zip(files, captions)):
                 print(f"{file}: {caption}")
+                if drawing:
+                    save_attention_map(captioner, file, caption, attentions[i], map_paths[file])
     return 1 if failed else 0
 
 
@@ -275,6 +411,24 @@ def check_device(p, device):
         p.error(f"--device {device}: this machine has {gpus} CUDA GPU{'s' if gpus != 1 else ''}")
 
 
+def check_attention_map(p, args):
+    """--attention-map needs an image, one caption per image and matplotlib: refused now, not after decoding."""
+    if args.attention_map is None:
+        return
+    if args.prompt is not None:
+        p.error("--attention-map is for captions (--image): text has no image to look at")
+    if args.num_samples > 1:
+        p.error(f"--attention-map draws one caption per image; --num-samples {args.num_samples} would draw over it")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        p.error("--attention-map needs matplotlib: pip install matplotlib")
+    extension = os.path.splitext(args.attention_map)[1].lstrip(".").lower()
+    if extension not in Figure().canvas.get_supported_filetypes():
+        p.error(f"--attention-map {args.attention_map}: matplotlib writes .png, .pdf, .svg, ..., not "
+                f"{'.' + extension if extension else 'a file without an extension'}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -293,8 +447,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=count, default=16, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--attention-map", metavar="PATH",
+                   help="with --image: draw where each word of the caption looked, into PATH (.png, .pdf, .svg); "
+                        "several images: PATH_<image name>.png each. Needs matplotlib")
     args = p.parse_args(argv)
     check_device(p, args.device)
+    check_attention_map(p, args)
     if args.prompt is not None and not (args.checkpoint or args.pretrained):
         p.error("--prompt needs --checkpoint PATH or --pretrained NAME")
     if args.image and args.pretrained:

@@ -1,6 +1,8 @@
 """sample.py in-process: option checks (one-line errors, not tracebacks nor empty output), images decoded batch by
 batch and at reduced size, decompression bombs skipped by name, and the device named by --device used for
 everything. CLIP is a small stand-in here; the real one, trained end to end, is in test_caption.py."""
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -10,15 +12,16 @@ from PIL import Image
 
 import coco
 import sample
-from model import GPT, GPTConfig
+from model import EOT_TOKEN, GPT, GPTConfig, recording_cross_attention
+from scripts import ROOT
 
 CLIP_WIDTH = 48
 
 
 class TinyClip(torch.nn.Module):
     """Stands in for open_clip's CLIP (seconds to build, about a second per image on this CPU) with what
-    coco.image_features and sample.py use of it: encode_image, a visual.ln_post over the token sequence, and
-    visual.image_size."""
+    coco.image_features and sample.py use of it: encode_image, a visual.ln_post over the token sequence (a CLS
+    token, then 7 x 7 patches row by row, as in ViT-B/32), and visual.image_size."""
 
     def __init__(self):
         super().__init__()
@@ -29,8 +32,9 @@ class TinyClip(torch.nn.Module):
         self.visual.ln_post = torch.nn.LayerNorm(CLIP_WIDTH)
 
     def encode_image(self, images):
-        tokens = self.visual.patches(images).flatten(2).transpose(1, 2)  # (B, 49, width)
-        return self.visual.ln_post(tokens)[:, 0]
+        patches = self.visual.patches(images).flatten(2).transpose(1, 2)  # (B, 49, width), row by row
+        cls = patches.mean(dim=1, keepdim=True)  # (B, 1, width): a whole-image token, first as in CLIP
+        return self.visual.ln_post(torch.cat([cls, patches], dim=1))[:, 0]
 
 
 class RecordingPreprocess:
@@ -104,6 +108,9 @@ def run(*args):
     (["--prompt", "Hi", "--checkpoint", "lm.pt", "--temperature", "0", "--num-samples", "2"], "--num-samples"),
     (["--prompt", "Hi", "--checkpoint", "lm.pt", "--beam", "3"], "--beam"),  # text is not beam-searched
     (["--image", "a.jpg", "--pretrained", "gpt2"], "--pretrained"),  # was ignored for the newest checkpoint
+    (["--prompt", "Hi", "--checkpoint", "lm.pt", "--attention-map", "m.png"], "--attention-map"),  # no image
+    (["--image", "a.jpg", "--temperature", "1", "--num-samples", "2", "--attention-map", "m.png"], "--attention-map"),
+    (["--image", "a.jpg", "--attention-map", "m.xyz"], "--attention-map"),  # matplotlib cannot write it
 ])
 def test_bad_options_are_refused_in_one_line(argv, culprit, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -256,3 +263,126 @@ def test_text_autocast_gets_the_device_type_and_a_dtype_for_that_gpu(monkeypatch
     monkeypatch.setattr(sample, "default_dtype", lambda device: dtype_asked.append(device) or "bfloat16")
     monkeypatch.setattr(sample, "autocast", lambda device_type, dtype: (device_type, dtype))
     assert sample.autocast_for("cuda:1") == ("cuda", "bfloat16") and dtype_asked == ["cuda:1"]
+
+
+# -----------------------------------------------------------------------------
+# Attention maps
+
+
+def opened_decoder():
+    """tiny_decoder with its zero-initialised cross-attention output opened, so the image matters."""
+    model = tiny_decoder()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            if hasattr(block, "xattn"):
+                block.xattn.c_proj.weight.normal_(0, 0.5)
+    return model
+
+
+def noise_image(width, height, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("decoding", [{"beam_size": 1}, {"beam_size": 3}, {"temperature": 1.0}])
+def test_caption_returns_a_map_per_word_that_sums_to_one(decoding):
+    captioner = sample.Captioner(opened_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    images = [noise_image(64, 48), Image.new("RGB", (40, 40), (200, 30, 30))]
+    options = dict(max_new_tokens=5, **decoding)
+    captions, attention = captioner.caption(images, return_attention=True, generator=torch.Generator().manual_seed(0),
+                                            **options)
+    assert captions == captioner.caption(images, generator=torch.Generator().manual_seed(0), **options)  # unchanged
+    for caption, maps in zip(captions, attention):
+        n = len(maps.words)
+        assert n >= 1 and all(word in caption for word in maps.words)
+        assert maps.patches.shape == (n, 7, 7) and maps.cls.shape == (n,)  # 50 tokens: CLS + 7 x 7
+        np.testing.assert_allclose(maps.patches.sum(axis=(1, 2)) + maps.cls, 1.0, atol=1e-5)
+        assert (maps.heads, maps.layers) == (2, 1)
+
+
+def test_maps_are_the_weights_decoding_used():
+    """The maps come from one pass over the finished caption; recorded step by step while decoding greedily
+    with the KV cache, the weights are the same: causal attention shows position t what it saw at step t."""
+    model = opened_decoder()
+    captioner = sample.Captioner(model, TinyClip(), RecordingPreprocess(), "cpu")
+    image_feats = torch.randn(2, 50, CLIP_WIDTH)
+    with torch.no_grad(), recording_cross_attention(model) as steps:  # one cross-attention layer: one entry a step
+        model.generate(torch.full((2, 1), EOT_TOKEN), 6, temperature=0, image_feats=image_feats)
+    _, attention = captioner.caption_features(image_feats, beam_size=1, max_new_tokens=6, return_attention=True)
+    for b, maps in enumerate(attention):
+        n = len(maps.words)
+        during = torch.stack([step[b, :, -1].mean(dim=0) for step in steps[:n]])  # (n, 50): the head average
+        after = np.concatenate([maps.cls[:, None], maps.patches.reshape(n, -1)], axis=1)
+        assert n >= 1 and np.abs(after - during.numpy()).max() < 1e-5
+
+
+def test_maps_have_the_image_orientation():
+    """Image tokens that are zero but for the patch at row 1, column 5, and queries that only its key can match:
+    the map peaks at (1, 5), not at (5, 1), and so does the picture laid over the image."""
+    row, col = 1, 5
+    model = tiny_decoder()
+    patch = 1 + 7 * row + col  # CLIP's order: CLS, then the patches row by row from the top left
+    image_feats = torch.zeros(1, 50, CLIP_WIDTH)
+    image_feats[0, patch] = torch.randn(CLIP_WIDTH)
+    with torch.no_grad():
+        # with zero biases (their initial value) a zero token embeds to zero and gets a zero key: score 0
+        image_embs = model.transformer.ln_img(model.transformer.img_proj(image_feats))  # (1, 50, n_embd)
+        block = model.transformer.h[1]
+        key = block.xattn.c_kv(image_embs[0, patch])[:model.config.n_embd]  # the patch's key, heads side by side
+        block.xattn.c_q.weight.zero_()
+        block.xattn.c_q.bias.copy_(100 * key)  # every query is that key: a high score there, 0 everywhere else
+    captioner = sample.Captioner(model, TinyClip(), RecordingPreprocess(), "cpu")
+    caption = "a red square"
+    [maps] = captioner.attention(image_feats, [captioner.enc.encode(caption)])  # the maps of a given caption
+    assert maps.words == ["a", "red", "square"]
+    for grid in maps.patches:
+        assert np.unravel_index(grid.argmax(), grid.shape) == (row, col)
+        assert grid[row, col] > 0.5
+    figure = sample.attention_figure(noise_image(300, 200), caption, maps)
+    drawn = figure.axes[1].images[1].get_array()  # the first word's map, as laid over the 224 x 224 view
+    y, x = np.unravel_index(np.argmax(drawn), drawn.shape)
+    assert drawn.shape == (224, 224) and (y // 32, x // 32) == (row, col)  # 32-pixel patches, as in ViT-B/32
+    assert figure.axes[1].get_title() == f"{maps.words[0]}\nCLS {maps.cls[0]:.0%}"
+
+
+def test_attention_maps_are_drawn_for_the_synthetic_captioning_set(checkpoints, clip, tmp_path, capsys):
+    from test_caption import COLOURS, write_coco  # test_caption.py's COCO images: coloured squares
+    caption, _ = checkpoints
+    write_coco(tmp_path, "train2017", COLOURS, first_id=1)
+    images = sorted((tmp_path / "train2017").glob("*.jpg"))
+    assert run("--image", *images, "--checkpoint", caption, "--attention-map", tmp_path / "maps.png") == 0
+    err = capsys.readouterr().err
+    for image in images:  # several images: one figure each, named after it
+        figure = tmp_path / f"maps_{image.stem}.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert f"{image}: attention map in {figure}" in err
+
+
+def test_attention_map_files_are_named_after_the_images():
+    assert sample.attention_map_paths("dog_attention.png", ["dog.jpg"]) == {"dog.jpg": "dog_attention.png"}
+    assert sample.attention_map_paths("out/maps.png", ["a/dog.jpg", "cat.png"]) == {
+        "a/dog.jpg": "out/maps_dog.png", "cat.png": "out/maps_cat.png"}
+    assert sample.attention_map_paths("maps.pdf", ["a/x.jpg", "b/x.jpg", "y.jpg"]) == {  # two called x
+        "a/x.jpg": "maps_1_x.pdf", "b/x.jpg": "maps_2_x.pdf", "y.jpg": "maps_y.pdf"}
+
+
+def test_image_tokens_without_a_square_grid_are_refused():
+    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    with pytest.raises(ValueError, match="49 image tokens are not a CLS token"):  # patches without CLS
+        captioner.caption_features(torch.randn(1, 49, CLIP_WIDTH), beam_size=1, return_attention=True)
+    assert sample.patch_grid_side(257) == 16  # ViT-L/14
+
+
+def test_attention_map_without_matplotlib_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--image", "a.jpg", "--attention-map", "m.png"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--attention-map needs matplotlib: pip install matplotlib")
+
+
+def test_matplotlib_is_imported_only_for_attention_maps():
+    check = "import sys, sample; sample.parse_args(['--image', 'a.jpg']); print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr
