@@ -395,7 +395,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, nproc
     import time
     from scripts import ROOT
     data = write_shards(tmp_path / "data")
-    args = TINY + ["--data-dir", data, "--max-steps", "40", "--eval-every", "0"]
+    args = TINY + ["--data-dir", data, "--max-steps", "16", "--eval-every", "0"]
     run(args + ["--out-dir", tmp_path / "straight"], nproc=nproc)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={nproc}"]
@@ -403,7 +403,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, nproc
                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     log = tmp_path / "cut" / "log.txt"
-    while not (log.exists() and "3 train" in log.read_text()):
+    while not (log.exists() and "2 train" in log.read_text()):
         assert job.poll() is None, job.communicate()
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
@@ -412,7 +412,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, nproc
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped at step")]
     assert len(stopped) == 1 and stopped[0].endswith(".pt; continue with --resume auto"), stderr[-2000:]
     step = int(stopped[0].split()[3])
-    assert 3 < step < 40 and os.path.exists(tmp_path / "cut" / f"model_{step:06d}.pt")
+    assert 2 < step < 16 and os.path.exists(tmp_path / "cut" / f"model_{step:06d}.pt")
     run(args + ["--out-dir", tmp_path / "cut", "--resume", "auto"], nproc=nproc)
     assert read_log(tmp_path / "cut", "train") == read_log(tmp_path / "straight", "train")
 
@@ -438,7 +438,7 @@ def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(tmp
     import functools
     import train_gpt2
     data = write_shards(tmp_path / "data")
-    args = TINY + ["--data-dir", data, "--max-steps", "4", "--eval-every", "0", "--dtype", "float16"]
+    args = TINY + ["--data-dir", data, "--max-steps", "3", "--eval-every", "0", "--dtype", "float16"]
     run(args + ["--out-dir", tmp_path / "straight"])
     run(args + ["--out-dir", tmp_path / "split", "--stop-at", "2"])
     assert "scaler" in torch.load(tmp_path / "split" / "model_000002.pt", weights_only=True)
