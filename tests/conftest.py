@@ -17,3 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A synthetic COCO with CLIP features (test_caption.build_dataset), built once for all the files that use it."""
+    from test_caption import build_dataset
+    return build_dataset(tmp_path_factory.mktemp("coco"))

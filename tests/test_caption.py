@@ -35,9 +35,9 @@ def write_coco(root, split, colours, first_id):
         json.dump({"info": {}, "licenses": [], "images": images, "annotations": annotations}, f)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
+def build_dataset(root):
+    """The synthetic COCO (4 train images, 2 val, one of them truncated) and its CLIP features: the `dataset`
+    fixture, built once per test session by conftest.py for every test file that captions."""
     write_coco(root, "train2017", COLOURS, first_id=1)
     write_coco(root, "val2017", dict(list(COLOURS.items())[:2]), first_id=100)
     with open(root / "val2017" / "000000000101.jpg", "r+b") as f:  # a truncated JPEG

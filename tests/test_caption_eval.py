@@ -16,7 +16,6 @@ import torch
 import caption_eval
 import coco
 from model import EOT_TOKEN, GPT, GPTConfig
-from test_caption import dataset  # noqa: F401  (the synthetic COCO: a pytest fixture, built once per module)
 
 needs_metrics = pytest.mark.skipif(caption_eval.shutil.which("java") is None or
                                    importlib.util.find_spec("pycocoevalcap") is None,
