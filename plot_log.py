@@ -1,10 +1,15 @@
 """
-Plot a training log: train/val loss and HellaSwag accuracy, beside OpenAI GPT-2 124M's numbers.
+Plot training logs: one panel per thing they logged (train loss, val loss, HellaSwag, CIDEr-D), one line per log.
 
-    python plot_log.py log/log.txt                 # writes log/log.png
-    python plot_log.py log/log.txt --out run.png
+    python plot_log.py log/log.txt                                   # writes log/log.png
+    python plot_log.py log/log.txt --reference gpt2                  # with OpenAI GPT-2 124M's numbers
+    python plot_log.py log_adamw/log.txt log_muon/log.txt --out adamw_vs_muon.png
+    python plot_log.py a/log.txt b/log.txt --labels "lr 6e-4,lr 1.8e-3" --out lr.png
 
-log.txt lines are '{step} train|val|hella {value}', as train_gpt2.py and train_caption.py write them.
+log.txt lines are '{step} train|val|hella|cider {value}', as train_gpt2.py and train_caption.py write them.
+A panel is drawn only when some log has its lines. Each log is labelled by its folder's name unless --labels
+names them. GPT-2's numbers were measured on FineWeb-Edu and HellaSwag, so they are drawn only when asked for:
+on another corpus they mean nothing.
 Needs matplotlib (pip install matplotlib), which training itself does not.
 """
 
@@ -15,6 +20,14 @@ import sys
 # OpenAI GPT-2 124M, measured by build-nanogpt on the FineWeb-Edu val shard and on HellaSwag val (acc_norm)
 GPT2_124M_VAL_LOSS = 3.2924
 GPT2_124M_HELLASWAG = 0.2945
+
+# log kind -> (panel title, GPT-2 124M's number for --reference gpt2, or None), in the order the panels appear
+PANELS = {
+    "train": ("train loss", None),
+    "val": ("val loss", GPT2_124M_VAL_LOSS),
+    "hella": ("HellaSwag acc_norm", GPT2_124M_HELLASWAG),
+    "cider": ("val CIDEr-D", None),
+}
 
 
 def read_log(path):
@@ -33,46 +46,58 @@ def read_log(path):
     return series
 
 
-def plot(series, out_path):
+def build_figure(runs, reference=None):
+    """runs: [(label, series from read_log)] -> a matplotlib Figure, one panel per kind some run logged.
+    A run keeps its colour in every panel, so a run without HellaSwag lines does not shift the others' colours."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
-    panels = [  # (axes, title, [(series, label, line style)], reference value, reference label)
-        (ax_loss, "loss", [("train", "train loss", "-"), ("val", "val loss", ".-")],
-         GPT2_124M_VAL_LOSS, "OpenAI GPT-2 124M val"),
-        (ax_hella, "HellaSwag", [("hella", "HellaSwag acc_norm", ".-")], GPT2_124M_HELLASWAG, "OpenAI GPT-2 124M"),
-    ]
-    for ax, title, curves, reference, reference_label in panels:
-        for kind, label, style in curves:
-            if kind in series:
-                ax.plot(*series[kind], style, label=label)
-        ax.axhline(reference, color="r", linestyle="--", label=f"{reference_label} ({reference})")
+    kinds = [kind for kind in PANELS if any(kind in series for _, series in runs)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        title, gpt2_value = PANELS[kind]
+        for color, (label, series) in enumerate(runs):
+            if kind in series:  # train loss every step: a plain line; evaluations are sparse: mark each point
+                ax.plot(*series[kind], "-" if kind == "train" else ".-", color=f"C{color}", label=label)
+        if reference == "gpt2" and gpt2_value is not None:
+            ax.axhline(gpt2_value, color="k", linestyle="--", label=f"OpenAI GPT-2 124M ({gpt2_value})")
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    return fig
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log", help="a log.txt written by a training script")
-    parser.add_argument("--out", help="PNG to write (default: the log's name with .png)")
+    parser.add_argument("logs", nargs="+", metavar="log", help="log.txt files written by the training scripts")
+    parser.add_argument("--labels", help="comma-separated legend labels, one per log (default: each log's folder name)")
+    parser.add_argument("--reference", choices=["gpt2"], help="also draw OpenAI GPT-2 124M's val loss and HellaSwag")
+    parser.add_argument("--out", help="PNG to write (default for one log: its name with .png; needed for several)")
     args = parser.parse_args()
-    if not os.path.isfile(args.log):
-        sys.exit(f"plot_log.py: {args.log}: no such file")
-    try:
-        series = read_log(args.log)
-    except ValueError as e:
-        sys.exit(f"plot_log.py: {e}")
+    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(log)))
+                                                         for log in args.logs]
+    if len(labels) != len(args.logs):
+        parser.error(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
+    if args.out is None and len(args.logs) > 1:
+        parser.error("several logs need --out PNG")
+    runs = []
+    for label, log in zip(labels, args.logs):
+        if not os.path.isfile(log):
+            sys.exit(f"plot_log.py: {log}: no such file")
+        try:
+            runs.append((label, read_log(log)))
+        except ValueError as e:
+            sys.exit(f"plot_log.py: {e}")
+    if not any(kind in series for _, series in runs for kind in PANELS):
+        sys.exit(f"plot_log.py: no train, val, hella or cider lines in {', '.join(args.logs)}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("plot_log.py: needs matplotlib: pip install matplotlib")
-    out = args.out or os.path.splitext(args.log)[0] + ".png"
-    plot(series, out)
+    out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
+    build_figure(runs, args.reference).savefig(out, dpi=100)
     print(f"wrote {out}")
 
 

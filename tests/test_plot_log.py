@@ -1,6 +1,50 @@
-"""plot_log.py reads the training log format and writes a PNG; a malformed line is named."""
+"""plot_log.py reads the training log format and writes a PNG; a malformed line or a missing log is named.
+Several logs share one figure, one line per log in each panel, labelled by folder or --labels; GPT-2's numbers
+appear only with --reference gpt2; a panel appears only when some log has its lines."""
+import sys
+
+import matplotlib.pyplot as plt
+import pytest
+
+import plot_log
 from plot_log import read_log
 from scripts import run_script
+
+ADAMW = "0 train 10.9\n1 train 9.5\n2 train 8.2\n0 val 10.8\n2 val 8.4\n0 hella 0.25\n2 hella 0.26\n"
+MUON = "0 train 10.9\n1 train 9.0\n2 train 7.6\n0 val 10.8\n2 val 7.9\n0 hella 0.25\n2 hella 0.27\n"
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def write_logs(tmp_path, **logs):
+    """name=text -> [tmp_path/name/log.txt], as training runs with --out-dir name leave them."""
+    paths = []
+    for name, text in logs.items():
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "log.txt")
+        paths[-1].write_text(text)
+    return paths
+
+
+def plot_in_process(monkeypatch, *args):
+    """Run plot_log.py's main with these arguments, in this process; -> the figure it saved."""
+    monkeypatch.setattr(sys, "argv", ["plot_log.py", *map(str, args)])
+    plot_log.main()
+    return plt.gcf()
+
+
+def panels(fig):
+    """-> {panel title: [(line label, (xs, ys)), ...]}, legend-less lines included."""
+    return {ax.get_title(): [(line.get_label(), (list(line.get_xdata()), list(line.get_ydata())))
+                             for line in ax.get_lines()] for ax in fig.axes}
+
+
+def legend_texts(ax):
+    return [text.get_text() for text in ax.get_legend().get_texts()]
 
 
 def test_reads_series_and_writes_png(tmp_path):
@@ -21,3 +65,54 @@ def test_malformed_line_is_named(tmp_path):
     result = run_script("plot_log.py", log, check=False)
     assert result.returncode != 0
     assert f"{log}:2:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_several_logs_share_one_figure_labelled_by_folder(tmp_path, monkeypatch):
+    adamw, muon = write_logs(tmp_path, adamw=ADAMW, muon=MUON)
+    out = tmp_path / "compare.png"
+    fig = plot_in_process(monkeypatch, adamw, muon, "--out", out)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert panels(fig) == {
+        "train loss": [("adamw", ([0, 1, 2], [10.9, 9.5, 8.2])), ("muon", ([0, 1, 2], [10.9, 9.0, 7.6]))],
+        "val loss": [("adamw", ([0, 2], [10.8, 8.4])), ("muon", ([0, 2], [10.8, 7.9]))],
+        "HellaSwag acc_norm": [("adamw", ([0, 2], [0.25, 0.26])), ("muon", ([0, 2], [0.25, 0.27]))],
+    }
+    for ax in fig.axes:
+        assert legend_texts(ax) == ["adamw", "muon"]
+        assert ax.get_lines()[0].get_color() != ax.get_lines()[1].get_color()
+    fig = plot_in_process(monkeypatch, adamw, muon, "--labels", "lr 6e-4,lr 1.8e-3", "--out", out)
+    assert all(legend_texts(ax) == ["lr 6e-4", "lr 1.8e-3"] for ax in fig.axes)
+
+
+def test_gpt2_reference_lines_only_when_asked(tmp_path, monkeypatch):
+    log, = write_logs(tmp_path, run=ADAMW)
+    fig = plot_in_process(monkeypatch, log)
+    assert all(label == "run" for lines in panels(fig).values() for label, _ in lines)
+    assert all(legend_texts(ax) == ["run"] for ax in fig.axes)
+
+    fig = plot_in_process(monkeypatch, log, "--reference", "gpt2")
+    references = {title: [ys for label, (_, ys) in lines if label.startswith("OpenAI GPT-2 124M")]
+                  for title, lines in panels(fig).items()}
+    assert references == {"train loss": [], "val loss": [[3.2924, 3.2924]], "HellaSwag acc_norm": [[0.2945, 0.2945]]}
+    assert legend_texts(fig.axes[1]) == ["run", "OpenAI GPT-2 124M (3.2924)"]
+
+
+def test_panels_only_for_what_was_logged(tmp_path, monkeypatch):
+    """No empty HellaSwag panel for a run without it (a caption run, or --hellaswag-every 0); CIDEr-D gets its own."""
+    pretrain, caption = write_logs(tmp_path, pretrain="0 train 10.9\n0 val 10.8\n",
+                                   caption="0 train 4.1\n0 val 4.0\n0 cider 0.31\n5 cider 0.45\n")
+    fig = plot_in_process(monkeypatch, pretrain)
+    assert [ax.get_title() for ax in fig.axes] == ["train loss", "val loss"]
+    fig = plot_in_process(monkeypatch, pretrain, caption, "--out", tmp_path / "both.png")
+    assert [ax.get_title() for ax in fig.axes] == ["train loss", "val loss", "val CIDEr-D"]
+    assert panels(fig)["val CIDEr-D"] == [("caption", ([0, 5], [0.31, 0.45]))]
+
+
+def test_missing_log_is_named(tmp_path):
+    log, = write_logs(tmp_path, run=ADAMW)
+    missing = tmp_path / "other" / "log.txt"
+    result = run_script("plot_log.py", log, missing, "--out", tmp_path / "compare.png", check=False)
+    assert result.returncode != 0
+    assert f"{missing}: no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "compare.png").exists()
