@@ -9,8 +9,8 @@ features of the image (written once by coco.py), and the decoder learns to write
     python sample.py --image dog.jpg                            # caption with the newest checkpoint
 
 By default only what captioning adds is trained: the cross-attention layers, their LayerNorms and the image
-projection (ClipCap-style: the language model keeps what it knows, and training is cheap). --unfreeze trains
-the whole decoder, --unfreeze-after N only from step N on.
+projection (the language model keeps what it knows, and training is cheap). --train cross+mlp also trains
+GPT-2's MLPs and LayerNorms, --train all the whole decoder; --unfreeze-after N trains all from step N on.
 
 A training sequence is  <|endoftext|> caption <|endoftext|> : the first token is the prompt sample.py also
 starts from, the loss covers the caption tokens and the final <|endoftext|> (so the model learns to stop).
@@ -153,11 +153,21 @@ def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
 # What trains
 
 
-def set_trainable(model, unfreeze):
-    """Freeze GPT-2 and train only the cross-attention path, or (unfreeze) train everything. Frozen
-    parameters get no gradient and are not handed to the optimizer: no memory for their Adam moments."""
+# What --train trains, the three choices of published captioning recipes: only the layers captioning adds
+# (SmallCap), those plus GPT-2's MLPs and LayerNorms (where a transformer keeps most of its knowledge, and
+# its cheapest part to adapt), or everything (ClipCap's fine-tuned variant).
+TRAINABLE = {
+    "cross": is_cross_attn_param,
+    "cross+mlp": lambda name: is_cross_attn_param(name) or ".mlp." in name or ".ln_" in name,
+    "all": lambda name: True,
+}
+
+
+def set_trainable(model, train):
+    """Train what `train` names (a key of TRAINABLE) and freeze the rest. Frozen parameters get no gradient
+    and are not handed to the optimizer: no memory for their Adam moments."""
     for name, p in model.named_parameters():
-        p.requires_grad = unfreeze or is_cross_attn_param(name)
+        p.requires_grad = TRAINABLE[train](name)
 
 
 def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
@@ -229,8 +239,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut")
-    p.add_argument("--unfreeze", action="store_true", help="train the whole decoder, not only cross-attention")
-    p.add_argument("--unfreeze-after", type=positive_int, help="train only cross-attention until this step, then everything")
+    p.add_argument("--train", choices=sorted(TRAINABLE), default="cross",
+                   help="what trains: the cross-attention layers, those and GPT-2's MLPs and LayerNorms, or all")
+    p.add_argument("--unfreeze-after", type=positive_int, help="train what --train names until this step, then everything")
     p.add_argument("--eval-every", type=non_negative_int, default=500, help="val loss and example captions every N steps")
     p.add_argument("--val-images", type=positive_int, default=1000, help="val loss over all captions of this many val images")
     p.add_argument("--eval-cider-images", type=non_negative_int, default=500,
@@ -291,7 +302,7 @@ def main(args):
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
     raw_model.to(d.device)
-    set_trainable(raw_model, args.unfreeze)
+    set_trainable(raw_model, args.train)
     lm_lr_scale = args.lm_lr / args.lr
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type, lm_lr_scale=lm_lr_scale)
     scaler = grad_scaler(d, dtype)
@@ -301,7 +312,7 @@ def main(args):
     if checkpoint is not None:
         start_step, best_cider = checkpoint["step"], checkpoint["best_cider"]
         check_resume_step(start_step, max_steps, args.stop_at, resume_from)
-        if args.unfreeze_after is not None and start_step >= args.unfreeze_after and not args.unfreeze:
+        if args.unfreeze_after is not None and start_step >= args.unfreeze_after and args.train != "all":
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -325,7 +336,7 @@ def main(args):
     for step in range(start_step, max_steps + 1):
         last = step == max_steps
         stopping = step == args.stop_at or stop.requested(d)
-        if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and not args.unfreeze:
+        if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and args.train != "all":
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
             model = wrap_model(raw_model, use_compile, d)
             if d.master:
@@ -336,7 +347,7 @@ def main(args):
             # making torch.compile build new graphs; it shares the compiled model's parameters
             val_loss = validation_loss(raw_model, val_data, val_data_batches, d, dtype)
             if d.master:
-                print(f"step {step:5d} | val loss {val_loss:.4f}")
+                print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
                 tracker.log(step, val_loss=val_loss)
                 if args.eval_cider_images > 0:

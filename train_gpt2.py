@@ -15,6 +15,7 @@ Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}'
 
 import argparse
 import glob
+import math
 import os
 import sys
 import time
@@ -365,7 +366,7 @@ def main(args):
         if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
             val_loss = validation_loss(model, val_data, B, T, d, dtype)
             if d.master:
-                print(f"step {step:5d} | val loss {val_loss:.4f}")
+                print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
                 append_log(args.out_dir, f"{step} val {val_loss:.4f}")
                 tracker.log(step, val_loss=val_loss)
         if not stopping and hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):

@@ -55,7 +55,7 @@ def test_the_whole_path_learns_to_caption(dataset, tmp_path):
     lm_path = tmp_path / "lm.pt"
     torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config), "step": 0}, lm_path)
     out = tmp_path / "caption"
-    run_script("train_caption.py", "--features-dir", features, "--init", lm_path, "--out-dir", out, "--unfreeze",
+    run_script("train_caption.py", "--features-dir", features, "--init", lm_path, "--out-dir", out, "--train", "all",
                "--total-batch-size", 4, "--batch-size", 4, "--max-steps", 120, "--lr", 3e-3, "--min-lr", 3e-4, "--warmup-steps", 10,
                "--eval-every", 60, "--val-images", 1, "--device", "cpu", threads=2)
     checkpoint = out / "model_000120.pt"
@@ -246,12 +246,12 @@ def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
         return [(g["lr_scale"], g["weight_decay"], {is_cross_attn_param(names[id(p)]) for p in g["params"]})
                 for g in optimizer.param_groups]
 
-    set_trainable(captioner, unfreeze=True)
+    set_trainable(captioner, "all")
     from_the_start = captioner.configure_optimizers(0.01, 1e-4, "cpu", lm_lr_scale=0.2)
     expected = [(1.0, 0.01, {True}), (1.0, 0.0, {True}), (0.2, 0.01, {False}), (0.2, 0.0, {False})]
     assert groups(from_the_start) == expected
     assert sum(len(g["params"]) for g in from_the_start.param_groups) == len(list(captioner.parameters()))
-    set_trainable(captioner, unfreeze=False)  # --unfreeze-after: the same groups, in the same order, later
+    set_trainable(captioner, "cross")  # --unfreeze-after: the same groups, in the same order, later
     later = captioner.configure_optimizers(0.01, 1e-4, "cpu", lm_lr_scale=0.2)
     assert groups(later) == expected[:2]
     unfreeze_language_model(captioner, later, 0.01, 0.2)
@@ -262,7 +262,7 @@ def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
     tiny_lm_checkpoint(tmp_path / "lm.pt")
     run_script("train_caption.py", "--features-dir", features, "--init", tmp_path / "lm.pt", "--out-dir",
                tmp_path / "out", "--total-batch-size", 2, "--batch-size", 2, "--max-steps", 1, "--warmup-steps", 2,
-               "--lr", 1e-3, "--lm-lr", 1e-4, "--unfreeze", "--eval-every", 0, "--val-images", 1, "--device", "cpu")
+               "--lr", 1e-3, "--lm-lr", 1e-4, "--train", "all", "--eval-every", 0, "--val-images", 1, "--device", "cpu")
     saved = torch.load(tmp_path / "out" / "model_000001.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["lr"] for g in saved] == pytest.approx([5e-4, 5e-4, 5e-5, 5e-5])  # warmup step 1 of 2
 
@@ -299,3 +299,25 @@ def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeyp
     # and wandb got the same numbers
     assert [values["val_cider"] for _, values in wandb.logged if "val_cider" in values] == [0.1, 0.3, 0.2, 0.3, 0.25]
     assert [step for step, values in wandb.logged if "train_loss" in values] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("train", ["cross+mlp", "all"])
+def test_exactly_what_train_names_changes(dataset, tmp_path, train, capsys):
+    import train_caption
+    from model import is_cross_attn_param
+    _, features, _ = dataset
+    lm = tiny_lm_checkpoint(tmp_path / "lm.pt").state_dict()
+    train_caption.main(train_caption.parse_args([
+        "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "out"),
+        "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "2", "--lr", "1e-3", "--warmup-steps", "1",
+        "--eval-every", "0", "--val-images", "1", "--eval-cider-images", "0", "--device", "cpu", "--train", train]))
+    trained = torch.load(tmp_path / "out" / "model_000002.pt", weights_only=True)["model"]
+    changed = {name for name, tensor in trained.items() if name not in lm or not torch.equal(tensor, lm[name])}
+    gpt2_changed = {name for name in changed if not is_cross_attn_param(name)}
+    if train == "all":
+        assert gpt2_changed == set(lm)  # lm_head.weight too: it is tied to transformer.wte.weight
+    else:
+        assert gpt2_changed == {name for name in lm if ".mlp." in name or ".ln_" in name}
+    assert {name for name in trained if is_cross_attn_param(name)} <= changed
+    n_trainable = sum(t.numel() for name, t in trained.items() if name in changed and name != "lm_head.weight")
+    assert f"{n_trainable / 1e6:.1f}M of" in capsys.readouterr().out
