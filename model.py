@@ -243,12 +243,16 @@ class GPT(nn.Module):
             cache.image_kv = image_kv
         return image_kv
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0,
+                             muon_lr=None):
         """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
         weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts.
         A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
         separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
-        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind."""
+        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind.
+
+        muon_lr: the matrices inside the blocks (attention and MLP projections) go to Muon instead, at this
+        peak rate; the rest stays with AdamW (see muon_and_adamw)."""
         trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         groups = []
         for new_layers, lr_scale in ((True, 1.0), (False, lm_lr_scale)):
@@ -258,6 +262,8 @@ class GPT(nn.Module):
                            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
         # the fused kernel updates all parameters in one launch instead of a loop of small ones
         fused = device_type == "cuda"
+        if muon_lr is not None:
+            return muon_and_adamw(trainable, groups, weight_decay, learning_rate, muon_lr, betas, fused)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)
 
     def flops_per_token(self, seq_len):
@@ -575,6 +581,54 @@ CHECKPOINT_KINDS = ("lm", "caption")  # written by train_gpt2.py and train_capti
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store their weights as (in, out); nn.Linear
 # stores (out, in), so these four are transposed on the way in, and back on the way out
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def muon_and_adamw(trainable, adamw_groups, weight_decay, learning_rate, muon_lr, betas, fused):
+    """Muon for the 2-D weights inside the blocks, AdamW for everything else, stepped as one optimizer.
+
+    Muon (momentum, then Newton-Schulz iterations that make the update matrix nearly orthogonal) suits the
+    hidden layers' matmuls: every direction of a weight matrix gets a comparable step, however skewed the
+    gradient is. It is not meant for the embedding table (a lookup: each row is updated by its own tokens;
+    here it is also the tied lm_head) or for vectors (biases, LayerNorm gains), which AdamW keeps.
+    adjust_lr_fn="match_rms_adamw" scales each update to the size an AdamW update would have (Moonshot's
+    "Muon is Scalable"): Muon's rate and weight decay then mean what AdamW's do. Its groups carry
+    lr_scale = muon_lr / learning_rate, so the one schedule drives both optimizers."""
+    hidden = {id(p) for name, p in trainable if p.dim() == 2 and ".h." in name and "wte" not in name}
+    for group in adamw_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in hidden]
+    adamw = torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
+                              fused=fused)
+    muon = torch.optim.Muon([{"params": [p for _, p in trainable if id(p) in hidden],
+                              "lr_scale": muon_lr / learning_rate}],
+                            lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(adamw, muon)
+
+
+class Optimizers:
+    """Several optimizers used as one: what the training loop (param_groups, step, zero_grad) and checkpoints
+    (state_dict, load_state_dict) ask of an optimizer, and torch.amp.GradScaler too."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
 
 
 def is_cross_attn_param(name):

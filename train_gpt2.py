@@ -215,6 +215,14 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
 # The run
 
 
+# Optimizer recipes. gpt2: build-nanogpt's numbers, GPT-3's for this size (AdamW 6e-4, a cosine to 10% of it;
+# 715 warmup steps = GPT-3's 375M warmup tokens / 2**19 tokens per step): the recipe OpenAI's GPT-2 124M
+# reference numbers (val loss 3.2924 and HellaSwag 0.2945) are compared with. fast: see BENCHMARKS.md.
+RECIPES = {
+    "gpt2": dict(optimizer="adamw", max_lr=6e-4, muon_lr=None, warmup_steps=715, min_lr_ratio=0.1),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
@@ -231,10 +239,14 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=positive_int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
     p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint, leaving the "
                                                "schedule as it is (for job time limits; then --resume auto)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=715,
-                   help="linear warmup steps (GPT-3's 375M warmup tokens / 2**19 tokens per step)")
-    p.add_argument("--max-lr", type=positive_float, default=6e-4, help="peak learning rate, after warmup")
-    p.add_argument("--min-lr", type=float, default=6e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="gpt2",
+                   help="the optimizer settings below, as a set (RECIPES); flags given explicitly override them")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], help="AdamW for everything, or Muon for the "
+                                                                  "blocks' matrices and AdamW for the rest")
+    p.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps")
+    p.add_argument("--max-lr", type=positive_float, help="AdamW's peak learning rate, after warmup")
+    p.add_argument("--muon-lr", type=positive_float, help="Muon's peak learning rate (--optimizer muon)")
+    p.add_argument("--min-lr-ratio", type=float, help="the cosine ends at this fraction of the peak rates (0: at zero)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--eval-every", type=non_negative_int, default=250, help="val loss every N steps (0: only at the end)")
@@ -257,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
     args = p.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():  # what the command line did not set, the recipe does
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     n_embd = args.n_embd or PRESETS[args.model].get("n_embd", GPTConfig.n_embd)
     n_head = args.n_head or PRESETS[args.model].get("n_head", GPTConfig.n_head)
     if n_embd % n_head:
@@ -276,8 +291,10 @@ def print_plan(args, model, train_loader, d, dtype, use_compile, grad_accum_step
           + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
     print(f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x {d.world_size} ranks x "
           f"{grad_accum_steps} accumulation steps | {args.max_steps:,} steps = {tokens:,} tokens = {epochs:.2f} "
-          f"epochs of {train_tokens:,} | lr warmup to {args.max_lr:g} in {args.warmup_steps} steps, cosine to "
-          f"{args.min_lr:g} | checkpoints and log.txt in {args.out_dir}")
+          f"epochs of {train_tokens:,} | checkpoints and log.txt in {args.out_dir}")
+    rates = f"AdamW {args.max_lr:g}" + (f", Muon {args.muon_lr:g}" if args.optimizer == "muon" else "")
+    print(f"recipe {args.recipe}: {args.optimizer}, peak lr {rates}, warmup {args.warmup_steps} steps, cosine to "
+          f"{args.min_lr_ratio:g} x peak")
     if args.warmup_steps >= args.max_steps:
         warn(f"--warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the whole run is warmup")
     if args.eval_every > args.max_steps:
@@ -330,12 +347,16 @@ def main(args):
     raw_model.to(d.device)
     if T > raw_model.config.block_size:
         raise ValueError(f"--seq-len {T} exceeds the model's block_size {raw_model.config.block_size}")
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type,
+                                               muon_lr=args.muon_lr if args.optimizer == "muon" else None)
     scaler = grad_scaler(d, dtype)
     start_step = 0
     tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
                       run_id=checkpoint.get("wandb_id") if checkpoint is not None else None)
     if checkpoint is not None:
+        if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
+            raise ValueError(f"{resume_from}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
+                             f"resumed with --optimizer {args.optimizer}: give the same")
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
@@ -422,9 +443,9 @@ def main(args):
         # clipping is worth watching: its spikes come before loss spikes
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)  # waits for the GPU
-        lr = cosine_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+        lr = cosine_lr(step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # Muon's groups: at --muon-lr / --max-lr of AdamW's rate
         scaler.step(optimizer)  # optimizer.step(), except in fp16 when a gradient overflowed: then skipped
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

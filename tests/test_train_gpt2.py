@@ -425,7 +425,8 @@ def test_the_run_says_its_plan_and_warns_of_likely_mistakes(tmp_path, capsys):
                                                   "--save-every", "10"]))
     out, err = capsys.readouterr()
     assert ("128 tokens/step = 2 x 16 x 1 ranks x 4 accumulation steps | 5 steps = 640 tokens = 1.11 epochs of "
-            "576 | lr warmup to 0.001 in 6 steps, cosine to 6e-05 | checkpoints and log.txt in") in out
+            "576 | checkpoints and log.txt in") in out
+    assert "recipe gpt2: adamw, peak lr AdamW 0.001, warmup 6 steps, cosine to 0.1 x peak" in out
     assert err.splitlines() == ["warning: --warmup-steps 6 >= --max-steps 5: the whole run is warmup",
                                 "warning: --save-every 10 > --max-steps 5: a checkpoint only at the end",
                                 "warning: 1.11 epochs: the run sees its training data more than once"]
@@ -505,3 +506,31 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), result.stderr[-2000:]
     run_id = torch.load(tmp_path / "out" / "model_000002.pt", weights_only=True)["wandb_id"]
     assert runs[0].name.endswith(run_id)
+
+
+def test_muon_ddp_equals_one_process_and_resumes_exactly(tmp_path):
+    """--optimizer muon: Muon for the blocks' matrices, AdamW for the rest; both optimizers' states travel in
+    the checkpoint, and 2 processes train as 1 does."""
+    data = write_uneven_shards(tmp_path / "data")
+    common = TINY + ["--data-dir", data, "--max-steps", "5", "--eval-every", "0", "--save-every", "3",
+                     "--optimizer", "muon", "--muon-lr", "2e-3"]
+    run(common + ["--out-dir", tmp_path / "one"])
+    run(common + ["--out-dir", tmp_path / "two"], nproc=2)
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "one" / "model_000003.pt", tmp_path / "resumed")
+    run(common + ["--out-dir", tmp_path / "resumed", "--resume", "auto"])
+    one, two = read_log(tmp_path / "one", "train"), read_log(tmp_path / "two", "train")
+    resumed = read_log(tmp_path / "resumed", "train")
+    assert sorted(one) == sorted(two) == list(range(5)) and sorted(resumed) == [3, 4]
+    # Muon orthogonalises its update in bfloat16 (torch's Newton-Schulz): gradients summed in another order
+    # (2 ranks vs 1) can round differently there, so the runs agree to 1e-5 rather than AdamW's 1e-6
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+    assert resumed == {step: one[step] for step in (3, 4)}  # a resumed run: exactly the uninterrupted one
+    checkpoint = torch.load(tmp_path / "two" / "model_000005.pt", weights_only=True)
+    adamw, muon = checkpoint["optimizer"]["optimizers"]
+    assert len(muon["state"]) == 2 * 4  # c_attn, c_proj, c_fc, mlp c_proj in each of 2 blocks
+    assert one[4] < one[0]
+    # the optimizer cannot change under a resumed run
+    result = run(common[:-4] + ["--out-dir", tmp_path / "resumed", "--resume", "auto", "--max-steps", "6"], check=False)
+    assert_one_line_error(result, "trained with --optimizer muon, resumed with --optimizer adamw")
