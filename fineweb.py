@@ -13,6 +13,10 @@ shard and check what it got. The first shard is the validation split:
 
     edu_fineweb10B/edufineweb_val_000000.npy, edufineweb_train_000001.npy, edufineweb_train_000002.npy, ...
 
+Shards of --local-files are named after the files instead (wiki_00.jsonl wiki_01.jsonl -> wiki_val_000000.npy,
+...), so a folder says which corpus it holds; --prefix chooses another name. train_gpt2.py reads any name: it
+looks for *_train_*.npy and *_val_*.npy.
+
 The hub dataset is *streamed*: documents are downloaded as they are tokenized, so shards start appearing within
 seconds and the only disk used is the shards themselves (~20 GB for 10B tokens). The alternative, --download,
 first fetches the whole sample-10BT (~30 GB of parquet) and converts it to an uncompressed Arrow cache, larger
@@ -26,20 +30,26 @@ a second run over a finished folder prints "already complete" and exits at once;
 re-run by tokenizing the (deterministic) stream again and writing only the shards that are missing.
 
 Offline clusters: GPT-2's BPE files are fetched by tiktoken on first use; copy them to a folder and point
-TIKTOKEN_CACHE_DIR at it. Set HF_HUB_OFFLINE=1 to stop `datasets` from reaching for the network (then use
---local-files, or --download'ed data already in the Hugging Face cache).
+TIKTOKEN_CACHE_DIR at it. For the documents, either use --local-files, or run `python fineweb.py --download` on a
+connected machine, copy its Hugging Face cache (~/.cache/huggingface) to the cluster and set HF_HUB_OFFLINE=1
+there: `datasets` then reads the cache without reaching for the network (streamed or not).
 """
 
 import argparse
 import glob
 import json
 import os
+import re
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from multiprocessing import Pool
 
 import numpy as np
 import tiktoken
 from datasets import load_dataset
+from huggingface_hub import constants as hub_constants
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -182,14 +192,82 @@ def local_texts(paths, text_field):
 
 
 def hub_texts(dataset, name, split, text_field, download, num_proc):
+    check_hub_reachable(dataset, name)
     try:
         if download:  # everything first, in parallel, into the Hugging Face cache
             rows = load_dataset(dataset, name=name, split=split, num_proc=num_proc)
         else:
             rows = load_dataset(dataset, name=name, split=split, streaming=True)
-    except Exception as e:  # not found, offline, no such config...: the user's to fix
+    except ConnectionError:  # datasets' name for "offline and not cached" and for "hub out of reach"
+        if hub_constants.HF_HUB_OFFLINE:
+            sys.exit(hub_out_of_reach(dataset, name, "HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache"))
+        sys.exit(hub_out_of_reach(dataset, name, "cannot reach the Hugging Face hub"))  # its retries said why
+    except Exception as e:  # not found, no such config...: the user's to fix
         sys.exit(f"fineweb.py: {dataset} ({name}, {split}): cannot open ({str(e).splitlines()[0]})")
     return texts_of(rows, dataset, text_field)
+
+
+def check_hub_reachable(dataset, name):
+    """Without a network, datasets retries for ~25 s, printing each of its 5 retries, before it gives up (measured
+    on a machine whose DNS cannot resolve huggingface.co); a failed name lookup says the same at once. A cache
+    copied here is read once HF_HUB_OFFLINE=1 is set, as the message says. Not checked offline (datasets reads its
+    cache, no network needed) or behind a proxy (the proxy looks names up itself)."""
+    if hub_constants.HF_HUB_OFFLINE or {"https", "all"} & urllib.request.getproxies().keys():
+        return
+    host = urllib.parse.urlparse(hub_constants.ENDPOINT).hostname  # huggingface.co, or the HF_ENDPOINT mirror
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as e:
+        sys.exit(hub_out_of_reach(dataset, name, f"cannot reach the Hugging Face hub ({host}: {e.strerror})"))
+
+
+def hub_out_of_reach(dataset, name, why):
+    """The one line for a hub dataset that cannot be had here, with the two ways around it."""
+    return (f"fineweb.py: {dataset} ({name}): {why}; use --local-files with your own text, or fill the Hugging Face "
+            "cache on a connected machine (python fineweb.py --download), copy it here and set HF_HUB_OFFLINE=1")
+
+
+# -----------------------------------------------------------------------------
+# The shards' name: NAME_val_000000.npy, NAME_train_000001.npy, ...
+
+# train_gpt2.py finds shards by *_train_*.npy and *_val_*.npy; with these words in NAME, one split's pattern would
+# also match the other's shards (my_train_val_000000.npy is *_train_*.npy) and the val shard would be trained on
+SPLIT_WORDS = ("train", "val")
+
+
+def shard_name(args):
+    """--prefix; else the name of the shards already in --out-dir, so that a re-run finds its meta file and
+    continues them; else one taken from the source."""
+    if args.prefix is not None:
+        return args.prefix
+    names = names_in(args.out_dir)
+    if len(names) == 1:
+        return names[0]
+    return name_of_files(args.local_files) if args.local_files else "edufineweb"
+
+
+def names_in(out_dir):
+    """The names of the shards in out_dir (none if it does not exist)."""
+    shards = glob.glob(os.path.join(out_dir, "*_val_*.npy")) + glob.glob(os.path.join(out_dir, "*_train_*.npy"))
+    return sorted({re.sub(r"_(val|train)_\d+\.npy$", "", os.path.basename(p)) for p in shards})
+
+
+def name_of_files(paths):
+    """The words the file names share (docs.jsonl -> docs; wiki_00.jsonl wiki_01.jsonl -> wiki), else those of
+    the first file's folder (corpus/a.txt corpus/b.txt -> corpus), joined by _; train and val are left out."""
+    stems = [words(os.path.splitext(os.path.basename(p))[0]) for p in paths]
+    shared = []
+    for column in zip(*stems):  # word by word from the start, while every file has the same one
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0])
+    folder = words(os.path.basename(os.path.dirname(os.path.abspath(paths[0]))))
+    return "_".join(shared) or "_".join(folder) or "local"
+
+
+def words(text):
+    """The lower-case runs of letters and digits in text, the split words left out: "My-Data.train" -> my, data."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in SPLIT_WORDS]
 
 
 # -----------------------------------------------------------------------------
@@ -261,8 +339,10 @@ def parse_args():
     p.add_argument("--text-field", default="text",
                    help="the field of each row that holds the document (default: %(default)s)")
     p.add_argument("--out-dir", default="edu_fineweb10B", help="folder for the shards (default: %(default)s)")
-    p.add_argument("--prefix", default="edufineweb",
-                   help="shard file names: PREFIX_val_000000.npy, ... (default: %(default)s)")
+    p.add_argument("--prefix", default=None,
+                   help="shard file names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: the name of "
+                        "the shards already in --out-dir; else, for --local-files, the words the file names share "
+                        "(wiki_00.jsonl wiki_01.jsonl -> wiki) or their folder's name; else edufineweb)")
     p.add_argument("--shard-size", type=int, default=10**8,
                    help="tokens per shard, the last one may be shorter (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -279,12 +359,16 @@ def parse_args():
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir {args.out_dir}: is a file, not a folder")
+    if args.prefix is not None and set(SPLIT_WORDS) & set(args.prefix.split("_")):
+        p.error(f"--prefix {args.prefix}: the words 'train' and 'val' would mix up the splits, since train_gpt2.py "
+                "finds shards by *_train_*.npy and *_val_*.npy; choose another")
     return args
 
 
 def main():
     args = parse_args()
     check_local_files(args.local_files)
+    args.prefix = shard_name(args)
 
     # a finished folder is a no-op; a folder made with other settings is not ours to mix into
     settings = run_settings(args)

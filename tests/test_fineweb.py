@@ -2,11 +2,14 @@
 fineweb.py's promises: the shards decode back to <|endoftext|>doc1<|endoftext|>doc2..., every shard but the last
 holds exactly --shard-size tokens, --max-tokens is exact, a finished folder is a no-op to re-run, a killed run
 resumes without a half-written shard ever wearing a final name, and a user's mistake is one line on stderr.
-Local files only: no network.
+Shards of local files are named after them and train_gpt2.py finds them; a re-run keeps the name of the shards
+it continues. A hub dataset out of reach is one line saying what to do, at once.
+Local files only, and the hub tests never reach it: no network.
 """
 import glob
 import json
 import os
+import socket
 import sys
 
 import numpy as np
@@ -80,8 +83,8 @@ def test_cli_shards_decode_back_to_the_documents(cli_run):
     docs, _, out_dir = cli_run
     paths, shards = read_shards(out_dir)
     names = [os.path.basename(p) for p in paths]
-    assert names[0] == "edufineweb_val_000000.npy"
-    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(names))]
+    assert names[0] == "docs_val_000000.npy"  # named after docs.jsonl
+    assert names[1:] == [f"docs_train_{i:06d}.npy" for i in range(1, len(names))]
     tokens = np.concatenate(shards).tolist()
     assert enc.decode(tokens) == "".join(EOT + d for d in docs)
     assert tokens.count(enc.eot_token) == len(docs)  # the separator text inside a document stayed text
@@ -125,6 +128,68 @@ def test_several_files_are_read_in_order(tmp_path):
     fineweb.tokenize_to_shards(fineweb.local_texts([first, second], "text"), str(tmp_path), num_proc=2)
     _, shards = read_shards(str(tmp_path))
     assert np.concatenate(shards).tolist() == expected_tokens(DOCS)
+
+
+# -----------------------------------------------------------------------------
+# Names: shards of local files are named after them
+
+
+@pytest.mark.parametrize("files, name", [
+    (["docs.jsonl"], "docs"),
+    (["My Data-2024.parquet"], "my_data_2024"),
+    (["wiki_00.jsonl", "wiki_01.jsonl"], "wiki"),  # the words they share
+    (["corpus/a.txt", "corpus/b.txt"], "corpus"),  # nothing shared: their folder
+    (["news/data_train.jsonl", "news/data_val.jsonl"], "data"),
+    (["Web Text/train.jsonl"], "web_text"),  # train and val are left out, see SPLIT_WORDS
+])
+def test_local_files_name_their_shards(files, name):
+    assert fineweb.name_of_files(files) == name
+
+
+def test_train_gpt2_reads_the_named_shards(tmp_path):
+    import train_gpt2
+    paths = [write_jsonl(tmp_path / f"wiki_{i:02d}.jsonl", DOCS) for i in range(2)]
+    out_dir = str(tmp_path / "shards")
+    run_script("fineweb.py", "--local-files", *paths, "--out-dir", out_dir, "--shard-size", 50, "--num-proc", 1)
+    val = [os.path.basename(p) for p in train_gpt2.find_shards(out_dir, "val")]
+    train = [os.path.basename(p) for p in train_gpt2.find_shards(out_dir, "train")]
+    assert val == ["wiki_val_000000.npy"]
+    assert train == [f"wiki_train_{i:06d}.npy" for i in range(1, len(train) + 1)] and len(train) >= 2
+
+
+def test_split_words_in_a_chosen_name_are_refused(tmp_path, monkeypatch, capsys):
+    """my_train_val_000000.npy would match train_gpt2.py's *_train_*.npy: the val shard would be trained on."""
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(tmp_path / "out"), "--prefix", "my_train")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fineweb.py: error: --prefix my_train: the words 'train' and 'val' would mix up the splits, since "
+        "train_gpt2.py finds shards by *_train_*.npy and *_val_*.npy; choose another")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_rerun_keeps_the_name_of_the_shards_it_continues(tmp_path, monkeypatch, capsys):
+    """A folder made under another name (by --prefix, or edufineweb before shards were named after their files)
+    is continued under that name, not joined by a second copy of the corpus that train_gpt2.py would read too."""
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS * 2)
+    out_dir = str(tmp_path / "out")
+    args = ["--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "50", "--num-proc", "1"]
+    run_main(monkeypatch, *args, "--prefix", "mycorpus")
+    files = sorted(os.listdir(out_dir))
+
+    run_main(monkeypatch, *args)  # no --prefix: docs.jsonl would say "docs"
+    assert "already complete" in capsys.readouterr().out
+    assert sorted(os.listdir(out_dir)) == files
+
+    os.remove(os.path.join(out_dir, "mycorpus_train_000002.npy"))  # killed while writing shard 2
+    meta_file = os.path.join(out_dir, "mycorpus_meta.json")
+    with open(meta_file) as f:
+        settings = json.load(f)["settings"]
+    with open(meta_file, "w") as f:
+        json.dump({"settings": settings, "complete": False}, f)
+    run_main(monkeypatch, *args)
+    assert "resuming" in capsys.readouterr().out
+    assert sorted(os.listdir(out_dir)) == files
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +245,7 @@ def test_killed_run_resumes_and_rewrites_only_missing_shards(tmp_path, monkeypat
     os.remove(paths[2])
     with open(paths[2] + ".tmp", "wb") as f:
         f.write(b"half a shard")
-    meta_file = os.path.join(out_dir, "edufineweb_meta.json")
+    meta_file = os.path.join(out_dir, "docs_meta.json")  # the name taken from docs.jsonl, the same on the re-run
     with open(meta_file) as f:
         meta = json.load(f)
     with open(meta_file, "w") as f:
@@ -301,7 +366,7 @@ def test_a_damaged_meta_file_is_named_and_the_shards_are_kept(tmp_path, monkeypa
     jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     out_dir = str(tmp_path / "out")
     run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--num-proc", "1")
-    meta_file = os.path.join(out_dir, "edufineweb_meta.json")
+    meta_file = os.path.join(out_dir, "docs_meta.json")
     with open(meta_file, "w") as f:
         f.write(damage)
     _, before = read_shards(out_dir)
@@ -314,3 +379,61 @@ def test_a_damaged_meta_file_is_named_and_the_shards_are_kept(tmp_path, monkeypa
     assert all(np.array_equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)
     with open(meta_file) as f:
         assert f.read() == damage
+
+
+# -----------------------------------------------------------------------------
+# The hub out of reach: one line saying what to do, without waiting out datasets' retries
+
+WHAT_TO_DO = ("; use --local-files with your own text, or fill the Hugging Face cache on a connected machine "
+              "(python fineweb.py --download), copy it here and set HF_HUB_OFFLINE=1")
+
+
+def test_offline_without_the_dataset_in_the_cache(tmp_path):
+    empty = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    result = run_script("fineweb.py", "--out-dir", tmp_path / "out", check=False, timeout=120, env=empty)
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("fineweb.py: HuggingFaceFW/fineweb-edu (sample-10BT): HF_HUB_OFFLINE=1 and it "
+                                     "is not in the Hugging Face cache" + WHAT_TO_DO)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """fineweb.py as if HF_HUB_OFFLINE were unset and no proxy set, but with load_dataset replaced: nothing here
+    may reach the network. Returns a function to choose what load_dataset does."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def load_dataset_does(what):
+        def fake_load_dataset(*args, **kwargs):
+            raise what
+        monkeypatch.setattr(fineweb, "load_dataset", fake_load_dataset)
+    return load_dataset_does
+
+
+def test_no_network_is_said_at_once(tmp_path, monkeypatch, online):
+    def no_dns(host, port, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    online(AssertionError("load_dataset was called: it would retry for ~25 s"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--out-dir", str(tmp_path / "out"), "--dataset", "someone/corpus", "--name", "small")
+    assert exit_info.value.code == ("fineweb.py: someone/corpus (small): cannot reach the Hugging Face hub "
+                                    "(huggingface.co: Name or service not known)" + WHAT_TO_DO)
+
+
+@pytest.mark.parametrize("error, message", [
+    (ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)"),
+     "fineweb.py: someone/corpus (small): cannot reach the Hugging Face hub" + WHAT_TO_DO),
+    (ValueError("BuilderConfig 'small' not found.\nAvailable: ['default']"),  # not the network's fault
+     "fineweb.py: someone/corpus (small, train): cannot open (BuilderConfig 'small' not found.)"),
+])
+def test_the_hub_failing_after_its_retries(tmp_path, monkeypatch, online, error, message):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])  # the name resolves (or a proxy does it)
+    online(error)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--out-dir", str(tmp_path / "out"), "--dataset", "someone/corpus", "--name", "small")
+    assert exit_info.value.code == message
