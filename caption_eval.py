@@ -5,6 +5,7 @@ Caption every image of a split and score the captions with the standard COCO cap
     python caption_eval.py --split val --beam-size 1,3,5 --length-penalty 0,0.5,1   # a table: which decoding?
     python caption_eval.py --features-dir coco_features_karpathy --split test --beam-size 3   # papers' numbers
     python caption_eval.py --checkpoint model.pt --limit 500 --beam-size 1 --no-meteor      # a quick look
+    python caption_eval.py --split val --gallery val.html --gallery-order worst   # where does the model fail?
 
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D against all (about five) references of each image, computed by
 pycocoevalcap exactly as the official COCO evaluation (`COCOEvalCap`) does: captions and references go through
@@ -27,9 +28,17 @@ has no length penalty and is captioned once.
 
 Writes a JSON (default: next to the checkpoint) with the metrics, the settings, and every caption in the COCO
 results format [{"image_id": 42, "caption": "a dog on a beach"}, ...]; after a sweep, one such entry per row.
+
+--gallery PAGE.html writes one self-contained web page: for --gallery-images images, the picture, the caption
+and its references side by side, with the image's own CIDEr-D; --gallery-order worst puts the lowest first.
+After a sweep it shows the captions of the best row. The pictures come from the COCO folder coco.py read
+(--coco-dir): its features record only the file names.
 """
 
 import argparse
+import base64
+import html
+import io
 import json
 import math
 import os
@@ -41,6 +50,7 @@ import sys
 import numpy as np
 import tiktoken
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import coco
@@ -89,17 +99,8 @@ def coco_metrics(predictions, references, meteor=True, spice=False):
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    if predictions.keys() != references.keys():
-        raise ValueError(f"predictions for {len(predictions)} images, references for {len(references)}: "
-                         f"they must be for the same images")
-    # Stanford's PTB tokenizer, lower-cased, punctuation dropped: "A man's T-shirt." -> "a man 's t-shirt".
-    # Both sides go through it, so "Dog." in a caption matches "dog" in a reference. The scorers take
-    # {image_id: [tokenized strings]}, one string for the prediction.
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in references})
+    gts, res = ptb_tokenize(predictions, references)
     scores = {}
     # BLEU-n: corpus-level, clipped n-gram precisions up to n, geometric mean, and a brevity penalty against
     # the reference length closest to each prediction's ('closest', as the COCO server computes it)
@@ -117,6 +118,30 @@ def coco_metrics(predictions, references, meteor=True, spice=False):
     if spice:
         scores.update(spice_score(gts, res))
     return {name: float(scores[name]) for name in METRICS + ["SPICE"] if name in scores}
+
+
+def ptb_tokenize(predictions, references):
+    """-> (gts, res), what pycocoevalcap's scorers take: {image_id: [tokenized references]} and
+    {image_id: [tokenized prediction]}, both through Stanford's PTB tokenizer (a Java program), lower-cased,
+    punctuation dropped: "A man's T-shirt." -> "a man 's t-shirt". Both sides go through it, so "Dog." in a
+    caption matches "dog" in a reference."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    if predictions.keys() != references.keys():
+        raise ValueError(f"predictions for {len(predictions)} images, references for {len(references)}: "
+                         f"they must be for the same images")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in references})
+    return gts, res
+
+
+def cider_d_per_image(predictions, references):
+    """-> {image_id: CIDEr-D of its caption}, as coco_metrics computes the split's: same tokenizer, and the IDF
+    from all the images given, so their mean is coco_metrics' CIDEr. The gallery shows these."""
+    from pycocoevalcap.cider.cider import Cider
+    gts, res = ptb_tokenize(predictions, references)
+    _, scores = Cider().compute_score(gts, res)  # in the order of gts' keys
+    return {image_id: float(score) for image_id, score in zip(gts, scores)}
 
 
 def spice_score(gts, res):
@@ -238,6 +263,100 @@ def decodings(beam_sizes, length_penalties):
     return combinations
 
 # -----------------------------------------------------------------------------
+# The gallery: one web page to look at the captions
+
+
+# coco.py reads the pictures from these folders of its --coco-dir; Karpathy's splits take from both
+IMAGE_FOLDERS = ("train2017", "val2017")
+GALLERY_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; }
+th { text-align: left; padding: 6px 10px; border-bottom: 2px solid #888; }
+td { vertical-align: top; padding: 10px; border-bottom: 1px solid #ccc; }
+td.picture { width: 260px; }
+.file { color: #777; font-size: 0.8em; }
+.missing { width: 240px; padding: 40px 8px; background: #eee; color: #a00; text-align: center; }
+.caption { font-size: 1.15em; font-weight: bold; }
+.cider { color: #555; margin-top: 0.4em; }
+ol { margin: 0; padding-left: 1.4em; }
+"""
+
+
+def find_image(coco_dir, file_name):
+    """The path of one of coco.py's images, or None if it is no longer there. The features record only its file
+    name (e.g. '000000000042.jpg'), not the folder it was read from."""
+    for folder in IMAGE_FOLDERS:
+        path = os.path.join(coco_dir, folder, file_name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def thumbnail_uri(path, size):
+    """An image file -> a data: URI of a JPEG at most `size` pixels wide and high. Embedded rather than linked,
+    so the page is one file that still shows its pictures when copied off the cluster or mailed. Thumbnails
+    keep it small: 256 pixels made 18 to 26 KB of base64 from three 512- to 720-pixel photos (one is
+    matplotlib's grace_hopper.jpg), about 1 MB for 50 images; COCO's own JPEGs (val2017: 778 MB for 5,000
+    images, 155 KB each) would make 10 MB."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")  # decodes: a truncated file fails here, with OSError
+    image.thumbnail((size, size))  # keeps the aspect ratio
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii")
+
+
+def picture_cell(coco_dir, file_name, size):
+    """The image, or its name and why it is not shown: a gallery with a gap beats no gallery."""
+    name = html.escape(file_name)
+    path = find_image(coco_dir, file_name)
+    if path is None:
+        folders = " or ".join(html.escape(os.path.join(coco_dir, folder)) for folder in IMAGE_FOLDERS)
+        return f'<div class="missing">{name}: missing (not in {folders})</div>'
+    try:
+        uri = thumbnail_uri(path, size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
+        return f'<div class="missing">{name}: unreadable ({html.escape(str(e))})</div>'
+    return f'<img src="{uri}" alt="{name}"><div class="file">{name}</div>'
+
+
+def gallery_images(image_ids, cider_per_image, order, n_images):
+    """Which images (positions in the split) the gallery shows, in its order: the first n_images of the split, or
+    the n_images with the lowest CIDEr-D, lowest first (equal ones in the split's order)."""
+    positions = range(len(image_ids))
+    if order == "worst":
+        positions = sorted(positions, key=lambda i: cider_per_image[int(image_ids[i])])  # sorted() is stable
+    return list(positions)[:n_images]
+
+
+def gallery_page(split, row, cider_per_image, header, order, n_images, coco_dir, thumbnail_size=256):
+    """-> the HTML of the gallery: the header lines (plain text), then one table row per image: picture,
+    generated caption with its CIDEr-D, references. row: one of caption_and_score's rows. Every text is
+    escaped: captions, references and paths are data, not markup."""
+    captions = {entry["image_id"]: entry["caption"] for entry in row["captions"]}
+    shown = gallery_images(split.image_ids, cider_per_image, order, n_images)
+    if order == "worst":
+        header = header + [f"the {len(shown)} images of {len(split)} with the lowest CIDEr-D, lowest first"]
+    else:
+        header = header + [f"the first {len(shown)} images of {len(split)}, in the split's order"]
+    lines = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+             f"<title>{html.escape(header[0])}</title><style>{GALLERY_STYLE}</style></head><body>",
+             f"<h1>{html.escape(header[0])}</h1>"]
+    lines += [f"<p>{html.escape(line)}</p>" for line in header[1:]]
+    lines.append("<table><tr><th>image</th><th>generated caption</th><th>references</th></tr>")
+    for i in shown:
+        image_id = int(split.image_ids[i])
+        references = "".join(f"<li>{html.escape(reference)}</li>" for reference in split.captions[i])
+        lines.append(f'<tr id="image-{image_id}">'
+                     f'<td class="picture">{picture_cell(coco_dir, split.files[i], thumbnail_size)}</td>'
+                     f'<td><div class="caption">{html.escape(captions[image_id])}</div>'
+                     f'<div class="cider">CIDEr-D {100 * cider_per_image[image_id]:.1f}</div></td>'
+                     f"<td><ol>{references}</ol></td></tr>")
+    lines.append("</table></body></html>")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # The command line
 
 
@@ -270,8 +389,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
     p.add_argument("--out", help="results JSON (default beside the checkpoint: CHECKPOINT_SPLIT_beamK.json, "
                                  "or CHECKPOINT_SPLIT_sweep.json for several decodings)")
+    p.add_argument("--gallery", help="also write this web page: images, captions, references, CIDEr-D each")
+    p.add_argument("--gallery-images", type=int, default=50, help="how many images the gallery shows (default 50)")
+    p.add_argument("--gallery-order", choices=["split", "worst"], default="split",
+                   help="the split's order, or the lowest CIDEr-D first")
+    p.add_argument("--coco-dir", default="coco", help="the COCO folder coco.py read: the gallery's pictures")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_new_tokens", "limit"):
+    for name in ("batch_size", "max_new_tokens", "limit", "gallery_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.beam_size) < 1:
@@ -365,11 +489,15 @@ def print_table(rows, best):
         print(f"{row['beam']:4d} {penalty:>7s} {cells}" + ("   <- best CIDEr-D" if i == best else ""))
 
 
-def write_json(path, obj):
+def write_text(path, text):
     """Write to a temporary file, then rename: a crash never leaves half a results file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def caption_and_score(model, split, combinations, args, dtype):
@@ -403,6 +531,25 @@ def report(rows, settings, out):
     print(f"wrote {out}")
 
 
+def write_gallery(path, rows, split, checkpoint_path, split_line, args):
+    """The gallery of the best row's captions (the only row's, without a sweep), each with its own CIDEr-D."""
+    best = best_row(rows)
+    row = rows[best]
+    references = dict(zip((int(i) for i in split.image_ids), split.captions))
+    predictions = {entry["image_id"]: entry["caption"] for entry in row["captions"]}
+    cider_per_image = cider_d_per_image(predictions, references)
+    decoding = describe_decoding(row["beam"], row["length_penalty"])
+    if len(rows) > 1:
+        decoding += f": the best CIDEr-D of {len(rows)} decodings"
+    metrics = ", ".join(f"{TABLE_COLUMNS.get(name, name)} {100 * value:.1f}" for name, value in row["metrics"].items())
+    header = [f"{args.split} captions of {checkpoint_path}", split_line, decoding,
+              f"{metrics} (x100, as papers print them); beside each caption its image's CIDEr-D: their mean over "
+              f"the split is the CIDEr-D here"]
+    write_text(path, gallery_page(split, row, cider_per_image, header, args.gallery_order, args.gallery_images,
+                                  args.coco_dir))
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     # everything that could stop the run at the end is checked at the start, before the captioning hours
@@ -410,9 +557,13 @@ def main(argv=None):
     checkpoint_path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
     combinations = decodings(args.beam_size, args.length_penalty)
     out = args.out or default_out(checkpoint_path, args.split, combinations)
-    out_dir = os.path.dirname(out) or "."
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"{out_dir}: no such folder (for --out {out})")
+    for path, flag in ((out, "--out"), (args.gallery, "--gallery")):
+        folder = os.path.dirname(path or "") or "."
+        if path and not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no such folder (for {flag} {path})")
+    if args.gallery and not os.path.isdir(args.coco_dir):  # a gallery without pictures still shows the captions
+        print(f"caption_eval.py: {args.coco_dir}: no such folder (--coco-dir); the gallery will name its images "
+              f"without showing them", file=sys.stderr)
     use_device(args.device)
 
     model, checkpoint = GPT.from_checkpoint(checkpoint_path, kind="caption")
@@ -428,7 +579,8 @@ def main(argv=None):
         split = split.first(args.limit)
     references = references_per_image(split)
     dtype = default_dtype(args.device)  # asked of the GPU in use, not of GPU 0
-    print(describe_split(args.split, meta, len(split), n_in_split, references))
+    split_line = describe_split(args.split, meta, len(split), n_in_split, references)
+    print(split_line)
     decoding = f"{len(combinations)} decodings" if len(combinations) > 1 else describe_decoding(*combinations[0])
     print(f"{decoding}, {args.device}, {dtype}")
 
@@ -438,6 +590,8 @@ def main(argv=None):
                 "karpathy_json": meta.get("karpathy_json"), "images": len(split),
                 "references_per_image": references, "max_new_tokens": args.max_new_tokens}
     report(rows, settings, out)
+    if args.gallery:
+        write_gallery(args.gallery, rows, split, checkpoint_path, split_line, args)
 
 
 if __name__ == "__main__":

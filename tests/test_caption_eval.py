@@ -1,9 +1,14 @@
 """caption_eval.py: the COCO metrics agree with values worked out by hand and by an independent BLEU; captioning
 is batched beam search / greedy decoding, on the GPU --device names; a missing Java stops everything before
-any captioning."""
+any captioning; --gallery writes a self-contained page of pictures, captions, references and per-image CIDEr-D."""
+import base64
+import html
 import importlib.util
+import io
 import json
 import math
+import re
+import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -12,6 +17,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from PIL import Image
 
 import caption_eval
 import coco
@@ -204,6 +210,20 @@ def test_training_cider_d_equals_the_official_one_on_ordinary_captions():
     assert official > 0.5 and caption_eval.cider_d_score(predictions, references) == pytest.approx(official, abs=1e-9)
 
 
+@needs_metrics
+def test_per_image_cider_d_averages_to_the_splits():
+    predictions = {7: "A dog runs on the beach.", 8: "Two people riding bicycles.", 9: "A cat."}
+    references = {
+        7: ["A dog is running on the beach.", "A brown dog runs along the sandy beach.", "Dog on a beach."],
+        8: ["Two people are riding bikes down a street.", "Two cyclists on a road."],
+        9: ["A cat sleeping on a couch.", "A grey cat lies on the sofa.", "The cat is asleep."],
+    }
+    per_image = caption_eval.cider_d_per_image(predictions, references)
+    assert list(per_image) == [7, 8, 9] and per_image[7] > per_image[8] > 0  # the dog caption is the closest
+    split = caption_eval.coco_metrics(predictions, references, meteor=False)["CIDEr"]
+    assert np.mean(list(per_image.values())) == pytest.approx(split, abs=1e-9)
+
+
 def test_cider_d_scores_greedy_captions_of_the_first_images_and_keeps_the_mode(monkeypatch):
     monkeypatch.setattr(caption_eval.shutil, "which", lambda name: None)
     model, features = tiny_captioner(), random_features(5)
@@ -369,7 +389,8 @@ def test_list_arguments_and_their_one_line_errors(capsys):
     assert caption_eval.parse_args(["--beam", "5", "--device", "cpu"]).beam_size == [5]  # the old name still works
     for argv, error in ((["--beam-size", "1,x"], "1,x: not a comma-separated list of ints"),
                         (["--beam-size", "3,0"], "--beam-size 0: must be at least 1"),
-                        (["--length-penalty", "1,nan"], "--length-penalty: must be finite numbers")):
+                        (["--length-penalty", "1,nan"], "--length-penalty: must be finite numbers"),
+                        (["--gallery-images", "0"], "--gallery-images must be at least 1")):
         with pytest.raises(SystemExit):
             caption_eval.parse_args(argv)
         assert error in capsys.readouterr().err
@@ -438,3 +459,64 @@ def test_sweep_on_the_synthetic_coco_captions_once_per_decoding_and_prints_one_t
         expected = caption_eval.caption_images(model, split, 64, beam_size, 5, "cpu", "float32", length_penalty)
         assert [c["caption"] for c in row["captions"]] == list(predictions.values()) == expected
         assert [c["image_id"] for c in row["captions"]] == [1, 2, 3, 4]
+
+# -----------------------------------------------------------------------------
+# The gallery
+
+
+def gallery_rows(page):
+    """A gallery page -> {image_id: the HTML of its table row}, in the page's order."""
+    return {int(image_id): row for image_id, row in re.findall(r'<tr id="image-(\d+)">(.*?)</tr>', page)}
+
+
+def test_gallery_shows_the_best_rows_captions_beside_pictures_and_references(dataset, monkeypatch, tmp_path, capsys):
+    root, features, _ = dataset
+    # the pictures come from a copy of the synthetic COCO without image 3 (the session's copy stays whole)
+    shutil.copytree(root / "train2017", tmp_path / "coco" / "train2017")
+    (tmp_path / "coco" / "train2017" / "000000000003.jpg").unlink()
+    save_tiny_checkpoint(tmp_path / "model.pt", n_embd_img=768, clip_pretrained="none")
+    # stand-ins: captions that are markup, one set per decoding; beam 2 scores best; known per-image CIDEr-D
+    monkeypatch.setattr(caption_eval, "caption_images",
+                        lambda model, features, batch_size, beam_size, *args: [
+                            f"<b>picture {i}</b> & beam {beam_size}" for i in range(len(features))])
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {
+        "CIDEr": 0.8 if "beam 2" in predictions[1] else 0.3})
+    per_image, scored = {1: 0.9, 2: 0.1, 3: 0.5, 4: 0.3}, []
+    monkeypatch.setattr(caption_eval, "cider_d_per_image",
+                        lambda predictions, references: scored.append(predictions) or per_image)
+    common = ["--checkpoint", tmp_path / "model.pt", "--features-dir", features, "--split", "train",
+              "--beam-size", "1,2", "--coco-dir", tmp_path / "coco", "--device", "cpu"]
+    caption_eval.main([str(a) for a in common + ["--gallery", tmp_path / "gallery.html"]])
+    assert f"wrote {tmp_path / 'gallery.html'}" in capsys.readouterr().out
+    page = (tmp_path / "gallery.html").read_text()
+
+    # the header names the decoding whose captions these are: the best of the sweep
+    assert "<p>beam 2, length penalty 1: the best CIDEr-D of 2 decodings</p>" in page
+    assert scored == [{i + 1: f"<b>picture {i}</b> & beam 2" for i in range(4)}]
+    # every image in the split's order, its caption escaped (no markup of ours), its references and its CIDEr-D x100
+    rows = gallery_rows(page)
+    assert list(rows) == [1, 2, 3, 4] and "<b>" not in page
+    split = coco.load_split(features, "train")
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 230, 20)]  # test_caption.COLOURS
+    for i, (image_id, row) in enumerate(rows.items()):
+        assert f'<div class="caption">&lt;b&gt;picture {i}&lt;/b&gt; &amp; beam 2</div>' in row
+        assert f"CIDEr-D {100 * per_image[image_id]:.1f}" in row
+        assert row.count(f"<li>{html.escape(split.captions[i][0])}</li>") == len(split.captions[i]) == 5
+        if image_id == 3:  # named and said missing, not shown
+            assert "000000000003.jpg: missing" in row and "<img" not in row
+            continue
+        # the picture itself, in the page: a JPEG of the image (128 x 96, not enlarged) with its colour
+        jpeg = re.search(r'<img src="data:image/jpeg;base64,([^"]+)"', row).group(1)
+        thumbnail = Image.open(io.BytesIO(base64.b64decode(jpeg)))
+        assert thumbnail.format == "JPEG" and thumbnail.size == (128, 96)
+        assert np.abs(np.array(thumbnail.getpixel((5, 5))) - colours[i]).max() < 30
+
+    # worst first: the 3 lowest CIDEr-D of the 4, lowest first; a big image becomes a 256-pixel thumbnail
+    caption_eval.main([str(a) for a in common + ["--gallery", tmp_path / "worst.html", "--gallery-order", "worst",
+                                                 "--gallery-images", 3]])
+    page = (tmp_path / "worst.html").read_text()
+    assert list(gallery_rows(page)) == [2, 4, 3] and "<p>the 3 images of 4 with the lowest CIDEr-D" in page
+    Image.new("RGB", (1024, 512), "white").save(tmp_path / "big.jpg")
+    uri = caption_eval.thumbnail_uri(tmp_path / "big.jpg", 256)
+    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (256, 128)
