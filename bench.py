@@ -10,6 +10,7 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py clip --batch-size 64                                   # CLIP feature extraction, images/s
     python bench.py nanogpt                                                # our train_gpt2.py vs build-nanogpt's
     python bench.py gpu                                                    # all of the GPU record but nanogpt
+    python bench.py recipe --data-dir data/shakespeare                     # AdamW vs Muon, rates, floors: val loss per token
 
 MFU (model FLOPs utilisation) = the FLOPs the model needs per second / what the device could do: against the
 datasheet's dense bf16 peak, and against a large bf16 matmul measured on the same device (the practical ceiling).
@@ -31,6 +32,7 @@ open_clip_torch is not installed.
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -541,8 +543,75 @@ def bench_nanogpt(args):
 # -----------------------------------------------------------------------------
 
 
+def recipe_arms(args):
+    """(optimizer, peak rate, floor) of every run: each optimizer at each rate, each with each floor."""
+    return [(optimizer, lr, floor) for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs))
+            for lr in lrs for floor in args.floors]
+
+
+def recipe_command(args, arm, out_dir):
+    """train_gpt2.py as a user runs it, for one arm. Muon's arms give the AdamW part (embeddings, vectors) the
+    same rate: with match_rms_adamw both rates mean the same thing."""
+    optimizer, lr, floor = arm
+    return [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--data-dir", args.data_dir, "--out-dir", out_dir,
+            "--model", args.model, "--n-layer", str(args.n_layer), "--n-head", str(args.n_head), "--n-embd",
+            str(args.n_embd), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+            "--total-batch-size", str(args.total_batch_size), "--max-steps", str(args.steps),
+            "--warmup-steps", str(args.warmup_steps), "--optimizer", optimizer, "--max-lr", str(lr),
+            "--muon-lr", str(lr), "--min-lr-ratio", str(floor), "--eval-every", str(args.eval_every),
+            "--val-tokens", str(args.val_tokens), "--hellaswag-every", "0", "--sample-every", "0",
+            "--save-every", str(args.steps), "--keep-last", "1", "--device", args.device, "--seed", "1337"]
+
+
+def tokens_to_reach(curve, target, tokens_per_step):
+    """Tokens of training after which the val loss is first <= target (None if never)."""
+    return next((step * tokens_per_step for step, loss in sorted(curve.items()) if loss <= target), None)
+
+
+def bench_recipe(args):
+    """Which optimizer settings reach a val loss in the fewest tokens. Every arm trains the same model on the
+    same data, in the same order, from the same initial weights, for the same tokens, through train_gpt2.py;
+    the val loss every --eval-every steps is its curve. The reference is build-nanogpt's recipe (AdamW 6e-4,
+    floor 0.1): the tokens it needs to reach its own final val loss, over the tokens each arm needs, is that
+    arm's speed-up; ms/step beside it says what Newton-Schulz costs in time."""
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"{args.data_dir}: no such data folder (fineweb.py --local-files ... --out-dir it)")
+    curves, ms_per_step = {}, {}
+    with tempfile.TemporaryDirectory() as work:
+        for arm in recipe_arms(args):
+            out_dir = os.path.join(work, "_".join(map(str, arm)))
+            output = run_script(recipe_command(args, arm, out_dir), ROOT, f"train_gpt2.py {arm}", {})
+            with open(os.path.join(out_dir, "log.txt")) as f:
+                curves[arm] = {int(step): float(v) for step, kind, v in (line.split() for line in f) if kind == "val"}
+            dts = [float(dt) for dt in re.findall(r"\| dt ([\d.]+)ms", output)][2:]  # past the first steps
+            ms_per_step[arm] = sorted(dts)[len(dts) // 2] if dts else float("nan")
+            print(f"{arm[0]} lr {arm[1]:g} floor {arm[2]:g}: final val {curves[arm][args.steps]:.4f}, "
+                  f"{ms_per_step[arm]:.0f} ms/step", flush=True)
+    reference = ("adamw", 6e-4, 0.1)
+    if reference not in curves:
+        raise ValueError("the reference arm (adamw, 6e-4, floor 0.1) must be among the arms")
+    target = curves[reference][args.steps]
+    reference_tokens = tokens_to_reach(curves[reference], target, args.total_batch_size)
+    rows = []
+    for arm, curve in curves.items():
+        tokens = tokens_to_reach(curve, target, args.total_batch_size)
+        speedup = f"{reference_tokens / tokens:.2f}x" if tokens else "never"
+        rows.append((arm[0], f"{arm[1]:g}", f"{arm[2]:g}", f"{curve[args.steps]:.4f}", f"{tokens:,}" if tokens else "-",
+                     speedup, f"{ms_per_step[arm]:.0f}"))
+    print_table(f"val loss after {args.steps} steps x {args.total_batch_size:,} tokens; target = the reference's "
+                f"final {target:.4f}", ["optimizer", "peak lr", "floor", "final val", "tokens to target",
+                                        "speed-up", "ms/step"], rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
+                       "curves": [{"optimizer": a[0], "lr": a[1], "floor": a[2], "val": curve, "ms_per_step": ms_per_step[a]}
+                                  for a, curve in curves.items()]}, f, indent=1)
+        print(f"curves written to {args.out}")
+
+
 BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "hellaswag": bench_hellaswag,
-              "tokenize": bench_tokenize, "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt}
+              "tokenize": bench_tokenize, "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt,
+              "recipe": bench_recipe}
 DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "hellaswag": 16, "clip": 64,
                       "nanogpt": 64}  # nanogpt: build-nanogpt's own B
 
@@ -585,6 +654,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
     p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    recipe = p.add_argument_group("recipe", "the optimizer comparison (defaults: a size this 2-core CPU runs)")
+    recipe.add_argument("--data-dir", default="data/shakespeare", help="tokenized real text (fineweb.py --local-files)")
+    recipe.add_argument("--n-layer", type=int, default=4)
+    recipe.add_argument("--n-head", type=int, default=4)
+    recipe.add_argument("--n-embd", type=int, default=128)
+    recipe.add_argument("--adamw-lrs", type=float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
+    recipe.add_argument("--muon-lrs", type=float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
+    recipe.add_argument("--floors", type=float, nargs="+", default=[0.1, 0.0], help="--min-lr-ratio values")
+    recipe.add_argument("--warmup-steps", type=int, default=30)
+    recipe.add_argument("--eval-every", type=int, default=25)
+    recipe.add_argument("--val-tokens", type=int, default=16384)
+    recipe.add_argument("--out", help="write every arm's val curve to this JSON file")
     args = p.parse_args(argv)
     args.device = default_device() if args.device == "auto" else args.device
     cuda = args.device.startswith("cuda")

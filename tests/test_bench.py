@@ -108,3 +108,20 @@ def test_cuda_only_attention_kernels_are_refused_on_the_cpu():
         with pytest.raises(ValueError, match=f"--sdpa-backend {backend}: a CUDA kernel, not available on cpu"):
             bench.main(["train", "--device", "cpu", "--sdpa-backend", backend])
     bench.check_sdpa_backend("flash", "cpu", ["float32"])  # the CPU has a float32 flash kernel
+
+
+def test_recipe_arms_and_tokens_to_reach_the_reference():
+    import argparse
+    import bench
+    args = argparse.Namespace(adamw_lrs=[6e-4, 1.8e-3], muon_lrs=[1e-3], floors=[0.1, 0.0])
+    assert bench.recipe_arms(args) == [("adamw", 6e-4, 0.1), ("adamw", 6e-4, 0.0), ("adamw", 1.8e-3, 0.1),
+                                       ("adamw", 1.8e-3, 0.0), ("muon", 1e-3, 0.1), ("muon", 1e-3, 0.0)]
+    curve = {0: 10.9, 25: 7.0, 50: 6.1, 75: 5.9}
+    assert bench.tokens_to_reach(curve, 6.1, 512) == 50 * 512
+    assert bench.tokens_to_reach(curve, 5.0, 512) is None
+    command = bench.recipe_command(argparse.Namespace(
+        data_dir="d", model="gpt2", n_layer=4, n_head=4, n_embd=128, seq_len=64, batch_size=8, total_batch_size=512,
+        steps=300, warmup_steps=30, eval_every=25, val_tokens=4096, device="cpu"), ("muon", 1e-3, 0.0), "out")
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert flags["--optimizer"] == "muon" and flags["--muon-lr"] == flags["--max-lr"] == "0.001"
+    assert flags["--min-lr-ratio"] == "0.0" and flags["--seed"] == "1337" and flags["--max-steps"] == "300"
