@@ -177,7 +177,8 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad = True
-    for params, decay in (([p for p in frozen if p.dim() >= 2], weight_decay), ([p for p in frozen if p.dim() < 2], 0.0)):
+    matrices, vectors = [p for p in frozen if p.dim() >= 2], [p for p in frozen if p.dim() < 2]
+    for params, decay in ((matrices, weight_decay), (vectors, 0.0)):
         optimizer.add_param_group({"params": params, "weight_decay": decay, "lr_scale": lm_lr_scale})
 
 
@@ -216,7 +217,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default="gpt2", help="the language model to start from: gpt2, gpt2-medium, ... (HF hub), "
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
     p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
-    p.add_argument("--cross-attn-every", type=positive_int, default=2, help="a cross-attention layer in every k-th block")
+    p.add_argument("--cross-attn-every", type=positive_int, default=2,
+                   help="a cross-attention layer in every k-th block")
     # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
     # ~3M image-caption pairs, ~11,600 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
     # (~5.9M pairs, GPT-2 fine-tuned too), SmallCap, which like our default trains only cross-attention,
@@ -228,7 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_float, default=5,
                    help="caption-epochs: passes over all image-caption pairs (COCO train2017: ~591K)")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint (then --resume auto)")
+    p.add_argument("--stop-at", type=positive_int,
+                   help="end this run after this step, with a checkpoint (then --resume auto)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of the new layers")
     # Pretrained weights are fine-tuned far more gently than new layers are trained: ClipCap fine-tuned GPT-2 at
     # 2e-5, BLIP its decoder at 1e-5. Both schedules follow the same cosine, scaled.
@@ -241,9 +244,12 @@ def parse_args(argv=None):
     p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut")
     p.add_argument("--train", choices=sorted(TRAINABLE), default="cross",
                    help="what trains: the cross-attention layers, those and GPT-2's MLPs and LayerNorms, or all")
-    p.add_argument("--unfreeze-after", type=positive_int, help="train what --train names until this step, then everything")
-    p.add_argument("--eval-every", type=non_negative_int, default=500, help="val loss and example captions every N steps")
-    p.add_argument("--val-images", type=positive_int, default=1000, help="val loss over all captions of this many val images")
+    p.add_argument("--unfreeze-after", type=positive_int,
+                   help="train what --train names until this step, then everything")
+    p.add_argument("--eval-every", type=non_negative_int, default=500,
+                   help="val loss and example captions every N steps")
+    p.add_argument("--val-images", type=positive_int, default=1000,
+                   help="val loss over all captions of this many val images")
     p.add_argument("--eval-cider-images", type=non_negative_int, default=500,
                    help="at each eval, CIDEr-D of greedy captions of this many val images; best.pt keeps the best "
                         "checkpoint by it (0: neither)")
@@ -253,7 +259,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
+                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
+                        "float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
@@ -304,6 +311,7 @@ def main(args):
     raw_model.to(d.device)
     set_trainable(raw_model, args.train)
     lm_lr_scale = args.lm_lr / args.lr
+    unfreezes = args.unfreeze_after is not None and args.train != "all"  # the rest of GPT-2 joins at that step
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, d.device_type, lm_lr_scale=lm_lr_scale)
     scaler = grad_scaler(d, dtype)
     start_step, best_cider = 0, float("-inf")
@@ -312,7 +320,7 @@ def main(args):
     if checkpoint is not None:
         start_step, best_cider = checkpoint["step"], checkpoint["best_cider"]
         check_resume_step(start_step, max_steps, args.stop_at, resume_from)
-        if args.unfreeze_after is not None and start_step >= args.unfreeze_after and args.train != "all":
+        if unfreezes and start_step >= args.unfreeze_after:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -323,8 +331,8 @@ def main(args):
         for name in ("log.txt", "samples.txt"):
             start_log(os.path.join(args.out_dir, name), start_step if resume_from else None)
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | {len(train_data.image_ids):,} "
-              f"train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M "
+        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
+              f"{len(train_data.image_ids):,} train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M "
               f"parameters train | CLIP {meta['clip_model']} ({meta['clip_pretrained']})")
         print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
               f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
@@ -336,7 +344,7 @@ def main(args):
     for step in range(start_step, max_steps + 1):
         last = step == max_steps
         stopping = step == args.stop_at or stop.requested(d)
-        if args.unfreeze_after is not None and step == args.unfreeze_after and step > start_step and args.train != "all":
+        if unfreezes and step == args.unfreeze_after and step > start_step:
             unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
             model = wrap_model(raw_model, use_compile, d)
             if d.master:
@@ -363,7 +371,8 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng, "wandb_id": tracker.run_id, "args": vars(args),
+                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng,
+                                 "wandb_id": tracker.run_id, "args": vars(args),
                                  "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
                                 saved)
                 if args.keep_last:
@@ -407,8 +416,8 @@ def main(args):
                   f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
-            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value, images_per_sec=args.total_batch_size / dt,
-                        epoch=epoch)
+            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
+                        images_per_sec=args.total_batch_size / dt, epoch=epoch)
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     tracker.finish()

@@ -236,7 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64, help="micro-batch size B per process")
     p.add_argument("--seq-len", type=positive_int, default=1024, help="sequence length T")
     p.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step (2**19)")
-    p.add_argument("--max-steps", type=positive_int, default=19073, help="steps of the schedule (19073 x 2**19 = 10B tokens)")
+    p.add_argument("--max-steps", type=positive_int, default=19073,
+                   help="steps of the schedule (19073 x 2**19 = 10B tokens)")
     p.add_argument("--stop-at", type=positive_int, help="end this run after this step, with a checkpoint, leaving the "
                                                "schedule as it is (for job time limits; then --resume auto)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="gpt2",
@@ -249,19 +250,23 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, help="the cosine ends at this fraction of the peak rates (0: at zero)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
-    p.add_argument("--eval-every", type=non_negative_int, default=250, help="val loss every N steps (0: only at the end)")
-    p.add_argument("--val-tokens", type=positive_int, default=10485760, help="val loss over this many tokens (20 x 2**19)")
+    p.add_argument("--eval-every", type=non_negative_int, default=250,
+                   help="val loss every N steps (0: only at the end)")
+    p.add_argument("--val-tokens", type=positive_int, default=10485760,
+                   help="val loss over this many tokens (20 x 2**19)")
     p.add_argument("--hellaswag-every", type=non_negative_int, default=250, help="HellaSwag every N steps (0: never)")
     p.add_argument("--hellaswag-data", help="a local hellaswag_val.jsonl (default: downloaded once)")
     p.add_argument("--hellaswag-limit", type=positive_int, help="score only the first N HellaSwag examples")
-    p.add_argument("--sample-every", type=non_negative_int, default=250, help="print text samples every N steps (0: never)")
+    p.add_argument("--sample-every", type=non_negative_int, default=250,
+                   help="print text samples every N steps (0: never)")
     p.add_argument("--save-every", type=positive_int, default=5000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep-last", type=positive_int, help="keep only the newest N checkpoints (default: all)")
     p.add_argument("--resume", help="'auto' (newest checkpoint in --out-dir, if any) or a checkpoint path")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; float32 elsewhere)")
+                   help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
+                        "float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=int, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
@@ -406,8 +411,8 @@ def main(args):
                 saved = checkpoint_path(args.out_dir, step)
                 save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                  "step": step, "optimizer": optimizer.state_dict(),
-                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng, "wandb_id": tracker.run_id,
-                                 "args": vars(args)}, saved)
+                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+                                 "wandb_id": tracker.run_id, "args": vars(args)}, saved)
                 if args.keep_last:
                     prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
             wait_for_each_other(d)
@@ -455,11 +460,12 @@ def main(args):
         if d.master:
             mfu = flops_per_step_per_gpu / dt / peak * 100 if peak else None
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | MFU {f'{mfu:.1f}%' if mfu else 'n/a'} | "
+                  f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | "
+                  f"MFU {f'{mfu:.1f}%' if mfu else 'n/a'} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
-            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=args.total_batch_size / dt,
-                        mfu=mfu)
+            tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
+                        tokens_per_sec=args.total_batch_size / dt, mfu=mfu)
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     tracker.finish()
