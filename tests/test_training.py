@@ -213,3 +213,15 @@ def test_keep_last_deletes_old_checkpoints_but_never_the_newest_or_a_named_one(t
     assert sorted(os.listdir(tmp_path)) == ["model_000001.pt", "model_000004.pt", "model_000005.pt"]
     training.prune_checkpoints(str(tmp_path), 1)
     assert os.listdir(tmp_path) == ["model_000005.pt"]
+
+
+def test_a_stalled_peer_ends_the_run_after_dist_timeout_on_the_cpu_too(monkeypatch):
+    """gloo's own default is 30 minutes; --dist-timeout (minutes) replaces it, so one stopped rank (SIGSTOP, a
+    hung node) ends the job instead of holding it."""
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: "cpu group")
+    training.setup_distributed("cpu", timeout_minutes=0.5)
+    assert calls == [{"backend": "gloo", "timeout": calls[0]["timeout"]}] and calls[0]["timeout"].total_seconds() == 30
