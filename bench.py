@@ -4,6 +4,7 @@ Speed measurements. Prints tables; asserts nothing (the tests check correctness,
     python bench.py train --model gpt2 --batch-size 16 --seq-len 1024      # tokens/s and MFU, eager vs compile, fp32 vs bf16
     python bench.py caption --batch-size 32                                # caption training step, images/s
     python bench.py sample --model gpt2 --new-tokens 64 256                # KV cache vs recomputing the prefix
+    python bench.py generate --model gpt2                                  # ours eager / compiled vs transformers' generate
     python bench.py hellaswag --model gpt2                                 # HellaSwag scoring, 1 vs 16 examples/forward
     python bench.py tokenize                                               # fineweb.py's tokenizer vs a plain pool
     python bench.py loader --shards 2 8                                    # loader memory vs number of shards
@@ -240,6 +241,121 @@ def bench_sample(args):
     seconds = timed(lambda: captioner.beam_search(start, images, beam_size=3, max_new_tokens=20), device, 1, 1)
     print_table(f"beam search (beam 3, up to 20 tokens) on {device_name(device)}", ["model", "images", "captions/s"],
                 [[args.model, args.batch_size, f"{args.batch_size / seconds:,.1f}"]])
+
+
+# -----------------------------------------------------------------------------
+# Generation against transformers' generate
+
+GENERATE_PROMPT_TOKENS = 16
+
+
+def bench_generate(args):
+    """Greedy decoding of the same random weights by ours (eager, then with the compiled decode step) and by
+    transformers' generate, each batch size x number of new tokens, the three alternating --repeats times
+    (medians reported); every run's tokens are checked against ours eager. A step makes one token per row:
+    the first 100 steps include the prompt's, the last 100 show whether a step slows down as the cache fills."""
+    try:
+        import transformers  # the reference implementation: a test-only dependency
+    except ImportError:
+        raise ImportError("bench.py generate compares with transformers: pip install -r requirements-dev.txt") from None
+    device = args.device
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**PRESETS[args.model])).to(device).eval()
+    longest = GENERATE_PROMPT_TOKENS + max(args.new_tokens)
+    if longest > model.config.block_size:
+        raise ValueError(f"--new-tokens {max(args.new_tokens)} + a {GENERATE_PROMPT_TOKENS}-token prompt exceed "
+                         f"{args.model}'s block_size {model.config.block_size}")
+    with tempfile.TemporaryDirectory() as folder:  # the same weights, through our Hugging Face export
+        model.save_pretrained(folder)
+        reference = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    compiled_step = model.compile_decode_step()  # used only when switched on below; compiles on first use
+    bandwidth = memory_bandwidth(device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"{args.model}, float32 | measured memory bandwidth {bandwidth / 1e9:.0f} GB/s: reading the weights "
+          f"({weight_bytes / 1e6:.0f} MB) once per step takes at least {weight_bytes / bandwidth * 1000:.1f} ms")
+
+    def ours(prompt, n, use_compile):
+        model.compiled_step = compiled_step if use_compile else None
+        return step_times(model.generate_tokens(prompt, n, temperature=0), device)
+
+    def theirs(prompt, n):
+        timestamps = StepTimes(device)
+        out = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN,
+                                 stopping_criteria=transformers.StoppingCriteriaList([timestamps]))
+        return out[:, prompt.size(1):], timestamps.seconds()
+
+    runs = {"ours, eager": lambda p, n: ours(p, n, False), "ours, compiled step": lambda p, n: ours(p, n, True),
+            "transformers": theirs}
+    rows = []
+    for batch_size in args.batch_sizes:
+        for n in args.new_tokens:
+            prompt = torch.randint(0, EOT_TOKEN, (batch_size, GENERATE_PROMPT_TOKENS), device=device)
+            started = time.perf_counter()
+            ours(prompt, n, True)  # compiles the step for this (batch size, length): not timed below
+            compile_seconds = time.perf_counter() - started
+            results = {name: [] for name in runs}
+            for repeat in range(args.repeats):
+                names = list(runs)[repeat % 3:] + list(runs)[:repeat % 3]  # each goes first in turn
+                for name in names:
+                    results[name].append(runs[name](prompt, n))
+            expected = results["ours, eager"][0][0]
+            for name, measured in results.items():
+                rows.append(generate_row(batch_size, n, name, measured, expected, results["transformers"]))
+            print(f"batch {batch_size}, {n} new tokens: the compiled step's first run took {compile_seconds:.1f} s "
+                  f"(its compile: {compiled_step.compiled[(batch_size, GENERATE_PROMPT_TOKENS + n)]:.1f} s)", flush=True)
+    print_table(f"greedy generation, {args.model} (random weights), {GENERATE_PROMPT_TOKENS}-token prompt, "
+                f"median of {args.repeats}, on {device_name(device)}",
+                ["batch", "new tokens", "implementation", "s", "tok/s", "vs transformers", "ms/step first 100",
+                 "ms/step last 100", "same tokens"], rows)
+
+
+def generate_row(batch_size, n, name, measured, expected, reference_runs):
+    """One table row: the median run's numbers. measured: [(tokens (B, n), seconds of each step)] per repeat."""
+    median = lambda values: float(np.median(values))
+    seconds = median([sum(steps) for _, steps in measured])
+    reference_seconds = median([sum(steps) for _, steps in reference_runs])
+    same = all(tokens.shape == expected.shape and torch.equal(tokens.cpu(), expected.cpu()) for tokens, _ in measured)
+    steps = len(measured[0][1])
+    return [batch_size, n if steps == n else f"{steps} of {n} (all rows ended)", name, f"{seconds:.1f}",
+            f"{batch_size * steps / seconds:,.1f}", f"{reference_seconds / seconds:.2f}x",
+            f"{median([np.mean(s[:100]) for _, s in measured]) * 1000:.1f}",
+            f"{median([np.mean(s[-100:]) for _, s in measured]) * 1000:.1f}", "yes" if same else "NO"]
+
+
+class StepTimes:
+    """Seconds of each generation step, from the moment of creation. Given to transformers' generate as a
+    stopping criterion, which it calls once per step with the tokens so far; it never stops anything."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times = [time.perf_counter()]
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+
+    def seconds(self):
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def step_times(new_tokens, device):
+    """Run a generate_tokens iterator -> (its tokens (B, n), seconds of each step)."""
+    timestamps = StepTimes(device)
+    tokens = []
+    for token in new_tokens:
+        tokens.append(token)
+        timestamps(token, None)
+    return torch.cat(tokens, dim=1), timestamps.seconds()
+
+
+def memory_bandwidth(device, megabytes=512):
+    """Bytes per second a large copy moves (read + write): how fast a step can at best read the weights."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), device, warmup=2, iters=5)
+    return 2 * source.numel() * 4 / seconds
 
 
 # -----------------------------------------------------------------------------
@@ -609,7 +725,8 @@ def bench_recipe(args):
         print(f"curves written to {args.out}")
 
 
-BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "hellaswag": bench_hellaswag,
+BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "generate": bench_generate,
+              "hellaswag": bench_hellaswag,
               "tokenize": bench_tokenize, "loader": bench_loader, "clip": bench_clip, "nanogpt": bench_nanogpt,
               "recipe": bench_recipe}
 DEFAULT_BATCH_SIZE = {"train": 16, "caption": 32, "sample": 4, "hellaswag": 16, "clip": 64,
@@ -643,7 +760,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="train: also print the top operators/kernels of a step")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--new-tokens", type=int, nargs="+", help="sample: default 64 256; generate: 128 900")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="generate: rows decoded at once")
     p.add_argument("--examples", type=int, default=256, help="hellaswag: examples to score")
     p.add_argument("--documents", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3)
@@ -671,6 +789,7 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     args.compile_modes = args.compile_modes or ([0, 1] if cuda else [0])
     args.dtypes = args.dtypes or default_dtypes(args)
+    args.new_tokens = args.new_tokens or ([128, 900] if args.what == "generate" else [64, 256])
     if args.what in ("train", "gpu"):  # the benchmarks that use --sdpa-backend
         check_sdpa_backend(args.sdpa_backend, args.device, args.dtypes)
     use_device(args.device)

@@ -6,6 +6,7 @@ Caption every image of a split and score the captions with the standard COCO cap
     python caption_eval.py --features-dir coco_features_karpathy --split test --beam-size 3   # papers' numbers
     python caption_eval.py --checkpoint model.pt --limit 500 --beam-size 1 --no-meteor      # a quick look
     python caption_eval.py --split val --gallery val.html --gallery-order worst   # where does the model fail?
+    python caption_eval.py --split val --compile             # the decoding step compiled: for whole splits
 
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D against all (about five) references of each image, computed by
 pycocoevalcap exactly as the official COCO evaluation (`COCOEvalCap`) does: captions and references go through
@@ -226,7 +227,10 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
     """features: (N, N_img, width) array, memmap or tensor of image tokens, or a coco.Split -> N captions.
     Beam search when beam_size > 1, greedy decoding when it is 1 (length_penalty then plays no part). dtype
     'bfloat16' (what default_dtype picks on a recent GPU) runs the decoder's matmuls under bf16 autocast;
-    'float32' runs them as they are. progress=False: no progress bar (training's evals)."""
+    'float32' runs them as they are. progress=False: no progress bar (training's evals).
+    With the model's decoding step compiled (GPT.compile_decode_step), a last batch of fewer images is padded to
+    batch_size by repeating its last image: one compiled shape for the whole split instead of a second compile
+    (tens of seconds) for a few images."""
     enc = tiktoken.get_encoding("gpt2")
     model.eval()
     device_type = torch.device(device).type
@@ -234,6 +238,11 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
     starts = range(0, len(features), batch_size)
     for start in tqdm(starts, desc="captioning", unit="batch", disable=not progress):
         image_feats = read_features(features, start, min(start + batch_size, len(features))).to(device)
+        n_images = len(image_feats)
+        rows = min(batch_size, len(features))  # every batch's size but the last's
+        if model.compiled_step is not None and n_images < rows:
+            padding = image_feats[-1:].expand(rows - n_images, *image_feats.shape[1:])
+            image_feats = torch.cat([image_feats, padding])  # (rows, N_img, width)
         # every caption starts after an <|endoftext|>, as in training: (B, 1)
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, dtype=torch.long, device=device)
         with autocast(device_type, dtype):
@@ -243,7 +252,7 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
             else:
                 tokens = model.generate(prompt, max_new_tokens, temperature=0, image_feats=image_feats)
                 token_lists = [up_to_end_of_text(row[1:]) for row in tokens.tolist()]
-        captions += [enc.decode(tokens).strip() for tokens in token_lists]
+        captions += [enc.decode(tokens).strip() for tokens in token_lists[:n_images]]
     return captions
 
 
@@ -394,6 +403,9 @@ def parse_args(argv=None):
     p.add_argument("--gallery-order", choices=["split", "worst"], default="split",
                    help="the split's order, or the lowest CIDEr-D first")
     p.add_argument("--coco-dir", default="coco", help="the COCO folder coco.py read: the gallery's pictures")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step: tens of seconds once per beam size, which a whole "
+                        "split repays (see BENCHMARKS.md)")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "limit", "gallery_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -585,7 +597,13 @@ def main(argv=None):
     print(f"{decoding}, {args.device}, {dtype}")
 
     model.to(args.device)
+    if args.compile:
+        model.compile_decode_step()
     rows = caption_and_score(model, split, combinations, args, dtype)
+    if args.compile:
+        for (rows_at_once, max_len), seconds in model.compiled_step.compiled.items():
+            print(f"--compile: compiled the decoding step for a batch of {rows_at_once} (images x beams) and "
+                  f"{max_len} positions in {seconds:.1f} s (once for this shape)")
     settings = {"checkpoint": checkpoint_path, "features_dir": args.features_dir, "split": args.split,
                 "karpathy_json": meta.get("karpathy_json"), "images": len(split),
                 "references_per_image": references, "max_new_tokens": args.max_new_tokens}

@@ -17,6 +17,7 @@ it to a trained language model changes nothing until training teaches it to look
 import json
 import math
 import os
+import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,8 +60,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             # generation: the keys/values of earlier tokens are remembered, only new tokens are computed
-            k, v = cache.append(layer, k, v)  # (B, nh, cache.pos + T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attention_mask(T, q.device))
+            y = cache.attend(layer, q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -157,6 +157,7 @@ class GPT(nn.Module):
         # it saves 38M parameters at 124M and the two roles help each other learn
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        self.compiled_step = None  # generation only: see compile_decode_step
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -220,6 +221,8 @@ class GPT(nn.Module):
         """(B, T) -> (B, GPT2_VOCAB_SIZE) fp32 logits of the token that follows each row. Only the last
         position goes through lm_head: at 124M that matmul (768 x 50304) holds a third of the weights, and
         the other positions' logits would be thrown away."""
+        if self.compiled_step is not None and cache is not None and cache.pos > 0 and idx.size(1) == 1:
+            return self.compiled_step(idx, cache)  # one new token after the prompt: the compiled step
         x = self.hidden_states(idx, image_feats, cache)[:, -1]  # (B, C)
         return self.logits(x)[:, :GPT2_VOCAB_SIZE].float()
 
@@ -356,22 +359,32 @@ class GPT(nn.Module):
         A row that emits <|endoftext|> is finished and padded with it; generation stops when all rows are.
         Returns (B, T + n) with n <= max_new_tokens. use_cache=False recomputes the whole prefix at every
         step (the slow reference the KV cache is tested against)."""
+        new_tokens = self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, image_feats, generator,
+                                          use_cache)
+        return torch.cat([idx, *new_tokens], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
+                        generator=None, use_cache=True):
+        """generate(), one step at a time: yields each step's new tokens, (B, 1), as soon as they are chosen
+        (to show text as it is written, or to time every step as bench.py generate does)."""
         self._check_lengths(idx, max_new_tokens)
         check_sampling(temperature, top_k, top_p)
         B, T = idx.size()
-        cache = KVCache() if use_cache else None
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, new_input = idx, idx
         for _ in range(max_new_tokens):
             logits = self.next_token_logits(new_input if use_cache else tokens, image_feats, cache)  # (B, V)
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             next_token = next_token.masked_fill(finished[:, None], EOT_TOKEN)
-            tokens = torch.cat([tokens, next_token], dim=1)
+            yield next_token
+            if not use_cache:
+                tokens = torch.cat([tokens, next_token], dim=1)
             finished |= next_token[:, 0] == EOT_TOKEN
             if finished.all():
                 break
             new_input = next_token
-        return tokens
 
     @torch.no_grad()
     def beam_search(self, idx, image_feats=None, beam_size=3, max_new_tokens=30, length_penalty=1.0):
@@ -393,7 +406,7 @@ class GPT(nn.Module):
         beams = torch.empty(B, K, 0, dtype=torch.long, device=device)  # generated tokens of each beam
         best_score = torch.full((B,), float("-inf"), device=device)  # best finished hypothesis per row
         best_tokens = [[] for _ in range(B)]
-        cache = KVCache()
+        cache = self.new_cache(B * K, T + max_new_tokens)
         new_input = idx
         for step in range(1, max_new_tokens + 1):
             logits = self.next_token_logits(new_input, image_feats, cache)  # (B*K, V)
@@ -417,6 +430,30 @@ class GPT(nn.Module):
         # beams still alive at the length limit compete too
         self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens, ended=False)
         return best_tokens
+
+    def new_cache(self, batch_size, max_len):
+        """A KVCache for max_len tokens of batch_size rows: a new one, or the compiled step's own for that shape."""
+        if self.compiled_step is not None:
+            return self.compiled_step.cache(batch_size, max_len)
+        return KVCache(max_len)
+
+    def decode_step(self, token, cache):
+        """One new token per row with shapes that never change, what CompiledDecodeStep compiles: token (B, 1),
+        written at position cache.position (a (1,) tensor), -> (B, GPT2_VOCAB_SIZE) fp32 logits. The same as
+        next_token_logits, but for attention: each layer attends over its whole cache buffer,
+        (B, nh, max_len, hs), under a mask of the positions written (KVCache._attend_fixed_shape), rather
+        than over the part written so far, whose length grows by one every step."""
+        x = self.transformer.wte(token) + self.transformer.wpe(cache.position)  # (B, 1, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache.image_kv[layer] if cache.image_kv else None, cache, layer)
+        return self.logits(self.transformer.ln_f(x)[:, -1])[:, :GPT2_VOCAB_SIZE].float()  # (B, V)
+
+    def compile_decode_step(self, backend="inductor"):
+        """From now on generate() and beam_search() run their one-token steps through torch.compile (the
+        prompt still runs eagerly): see CompiledDecodeStep, which this returns. Call it once the model is on
+        its device; the first step of each (batch size, length) compiles, which takes tens of seconds."""
+        self.compiled_step = CompiledDecodeStep(self, backend)
+        return self.compiled_step
 
     def _check_lengths(self, idx, max_new_tokens):
         """Refuse what would give nothing, or run past the position embeddings, rather than return it quietly."""
@@ -543,35 +580,139 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 class KVCache:
     """Keys and values of every self-attention layer for the tokens seen so far, so each generation step
     computes only the newest token: O(T) work per step instead of O(T^2) for recomputing the prefix.
+
+    One buffer per layer, (B, nh, max_len, hs), allocated on the first step and written in place: a step at
+    token 900 costs what a step at token 10 does, but for attending over more keys. (Concatenating each step's
+    keys onto the cache instead copies the whole cache every step: O(T^2) copying, and at batch 8 and 900 tokens
+    up to 267 ms for a step that otherwise takes ~120 ms, issue 24.) Positions from pos on are not written yet.
     Also holds the image keys/values, computed on the first step and reused."""
 
-    def __init__(self):
-        self.keys, self.values = {}, {}  # layer -> (B, nh, pos, hs)
+    def __init__(self, max_len):
+        self.max_len = max_len  # the prompt and every new token: generate() allocates exactly what it needs
+        self.keys, self.values = {}, {}  # layer -> (B, nh, max_len, hs)
         self.pos = 0  # number of tokens cached
         self.image_kv = None
+        # GPT.decode_step's steps (see CompiledDecodeStep): fixed_shape switches attend() to them, and their
+        # position is a (1,) tensor, not a Python int, which a compiled graph would hold as a constant
+        self.fixed_shape = False
+        self.position = None
 
-    def append(self, layer, k, v):
-        if layer in self.keys:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def attention_mask(self, T, device):
-        """New token i (at position pos + i) may attend to cached positions 0 .. pos + i."""
+    def attend(self, layer, q, k, v):
+        """Store the keys and values k, v (B, nh, T, hs) of T new tokens, then attend their queries q over
+        every cached position up to their own -> (B, nh, T, hs)."""
+        if self.fixed_shape:
+            return self._attend_fixed_shape(layer, q, k, v)
+        T = q.size(2)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions: {self.pos} cached + {T} new tokens do not fit")
+        keys, values = self._buffers(layer, k)
+        keys[:, :, self.pos:end] = k
+        values[:, :, self.pos:end] = v
+        keys, values = keys[:, :, :end], values[:, :, :end]  # (B, nh, end, hs): the part written so far
+        if self.pos == 0:
+            # a prompt on an empty cache: plain causal attention among its own tokens (the flash kernel's case)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         if T == 1:
-            return None  # the single newest token may see everything before it
-        query_pos = torch.arange(self.pos, self.pos + T, device=device)[:, None]
-        key_pos = torch.arange(self.pos + T, device=device)[None, :]
-        return key_pos <= query_pos  # (T, pos + T), True = attend
+            # the single newest token may see everything before it: no mask at all
+            return F.scaled_dot_product_attention(q, keys, values)
+        # several new tokens after cached ones: new token i (at position pos + i) sees positions 0 .. pos + i
+        query_pos = torch.arange(self.pos, end, device=q.device)[:, None]
+        key_pos = torch.arange(end, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=key_pos <= query_pos)  # mask (T, end)
+
+    def _attend_fixed_shape(self, layer, q, k, v):
+        """GPT.decode_step's attention: one new token (T = 1) written at self.position, and the whole buffer
+        attended, (B, nh, max_len, hs), under a mask of the positions written so far. Every shape is the
+        same at every step, so one compiled graph serves them all."""
+        keys, values = self._buffers(layer, k)
+        keys.index_copy_(2, self.position, k)  # (B, nh, 1, hs) into position `position` of (B, nh, max_len, hs)
+        values.index_copy_(2, self.position, v)
+        written = torch.arange(self.max_len, device=q.device)[None, :] <= self.position  # (1, max_len), True = attend
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=written)
+
+    def _buffers(self, layer, k):
+        """This layer's (keys, values) buffers, allocated on first use with k's batch, heads, width and dtype
+        (bf16 under autocast). Zeros, not torch.empty: the positions not written yet are masked, but a NaN in
+        leftover memory would still turn into NaN through the masked weight's 0 * NaN."""
+        B, nh, _, hs = k.shape
+        if layer not in self.keys or self.keys[layer].dtype != k.dtype:
+            self.keys[layer] = k.new_zeros(B, nh, self.max_len, hs)
+            self.values[layer] = k.new_zeros(B, nh, self.max_len, hs)
+        keys = self.keys[layer]
+        if keys.shape != (B, nh, self.max_len, hs):
+            raise ValueError(f"KV cache holds {tuple(keys.shape)} (B, nh, max_len, hs); new keys are {tuple(k.shape)}")
+        return keys, self.values[layer]
 
     def reorder(self, index):
-        """Beam search: row i of the batch now continues the beam that was row index[i]."""
+        """Beam search: row i of the batch now continues the beam that was row index[i]. In place, over the
+        positions written so far. The image keys/values stay as they are: beam search moves rows only among
+        the beams of one image, which all hold that image's."""
         for layer in self.keys:
-            self.keys[layer] = self.keys[layer][index]
-            self.values[layer] = self.values[layer][index]
-        if self.image_kv is not None:
-            self.image_kv = [kv if kv is None else (kv[0][index], kv[1][index]) for kv in self.image_kv]
+            for buffer in (self.keys[layer], self.values[layer]):
+                buffer[:, :, :self.pos] = buffer[:, :, :self.pos][index]  # the gather copies before the write
+
+    def reset(self):
+        """Empty again, the buffers kept (CompiledDecodeStep reuses a cache: see there)."""
+        self.pos = 0
+        self.image_kv = None
+        self.fixed_shape = False
+
+
+class CompiledDecodeStep:
+    """GPT.decode_step under torch.compile, used by generate() and beam_search() once GPT.compile_decode_step()
+    was called; the prompt still runs eagerly (its length varies from call to call). A decoding step of a
+    small model is a long chain of small operations, and eagerly each pays Python, dispatch and (on a GPU) a
+    kernel launch; compiled, the step is a few fused kernels:
+    - on CUDA, mode="reduce-overhead" records the step as a CUDA graph and replays it: no launch cost at all.
+      A graph replays the memory addresses it was recorded with, so the cache of each (batch size, length)
+      is kept and reused (its buffers never move) and the cache buffers are marked static;
+    - on the CPU, inductor with weight freezing: the weights become constants of the graph, prepacked once
+      into the layout the CPU's matmul library reads fastest. A frozen step keeps the weights it was compiled
+      with: compile again after changing them.
+    decode_step's shapes never change as generation goes on, so each (batch size, cache length) compiles once;
+    `compiled` records them with the seconds the first step of each took (mostly the compile)."""
+
+    def __init__(self, model, backend="inductor"):
+        self.cuda = model.lm_head.weight.device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda and backend == "inductor" else None
+        # freezing is read when the graph compiles, from inductor's config: torch.compile(options=...) is read
+        # too late for it, and setting it for the whole process would also freeze the weights of any other
+        # model compiled here under no_grad (a training run's evaluation). So only around this step's calls.
+        self.freezing = not self.cuda and backend == "inductor"
+        # dynamic=False: every new shape gets its own specialised graph, never a shape-generic one
+        self.step = torch.compile(model.decode_step, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+        self.compiled = {}  # (batch size, max_len) -> seconds of the first step of that shape
+        self.caches = {}  # (batch size, max_len) -> the KVCache reused for it (see above)
+
+    def cache(self, batch_size, max_len):
+        """The KVCache for a generation of this shape, emptied. One generation at a time per shape: two
+        running at once (two generate_tokens iterators) would share it."""
+        cache = self.caches.setdefault((batch_size, max_len), KVCache(max_len))
+        cache.reset()
+        return cache
+
+    def __call__(self, token, cache):
+        """token (B, 1), the next position in cache.pos -> (B, GPT2_VOCAB_SIZE) fp32 logits, as next_token_logits."""
+        if cache.pos >= cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} positions is full")
+        if cache.position is None:
+            cache.position = torch.zeros(1, dtype=torch.long, device=token.device)
+            if self.cuda:  # not on the CPU: freezing would take static inputs for weights, constants
+                for tensor in [cache.position, *cache.keys.values(), *cache.values.values()]:
+                    torch._dynamo.mark_static_address(tensor)  # a CUDA graph reads them where it recorded them
+        cache.position.fill_(cache.pos)
+        cache.fixed_shape = True  # the prompt was written eagerly; from here on every step is decode_step
+        shape = (token.size(0), cache.max_len)
+        started = time.perf_counter()
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+        with torch._inductor.config.patch(freezing=self.freezing):
+            logits = self.step(token, cache)
+        cache.pos += 1
+        if shape not in self.compiled:
+            self.compiled[shape] = time.perf_counter() - started
+        return logits
 
 
 # -----------------------------------------------------------------------------

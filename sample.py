@@ -1,11 +1,12 @@
 """
 Captions for images, or text from a prompt.
 
-    python sample.py --image dog.jpg cat.png                     # newest checkpoint in log_caption/, beam search
+    python sample.py --image dog.jpg cat.png                     # log_caption/best.pt (else the newest), beam search
     python sample.py --image dog.jpg --checkpoint log_caption/model_020000.pt --beam 5
     python sample.py --image dog.jpg --temperature 0.8 --top-p 0.9 --num-samples 3
     python sample.py --image dog.jpg --attention-map dog_attention.png   # where each word looked (matplotlib)
-    python sample.py --prompt "Hello, I'm a language model," --checkpoint log/model_019073.pt
+    python sample.py --prompt "Hello, I'm a language model,"     # the newest checkpoint in log/
+    python sample.py --prompt "Hello, I'm a language model," --checkpoint log/model_019073.pt --compile
     python sample.py --prompt "Hello, I'm a language model," --pretrained gpt2 --num-samples 4
 
 From Python:
@@ -20,8 +21,13 @@ An image is encoded by the CLIP model recorded in the checkpoint (the one its tr
 then the decoder writes the caption after an <|endoftext|> prompt, cross-attending to the image's 50 tokens.
 
 Decoding: captions use beam search by default (--beam, 3 beams; 1 is greedy decoding). --temperature,
---top-k or --top-p sample instead, and text is always sampled (temperature 1 unless given). Temperature 0 means
-greedy decoding everywhere: the likeliest token at every step.
+--top-k or --top-p sample instead. Text is always sampled, by default as train_gpt2.py's samples are: temperature 1
+among the 50 likeliest tokens (top-k 50). Temperature 0 means greedy decoding everywhere: the likeliest token at
+every step.
+
+--compile compiles the one-token decoding step (torch.compile: CUDA graphs on a GPU, frozen prepacked weights
+on the CPU). The compile takes tens of seconds, once per batch size and length, and the run says how long; it
+pays for long texts and many captions, not for one short caption (BENCHMARKS.md has the numbers).
 
 Attention maps: for each word of the caption, its cross-attention over the image's patches, averaged over
 heads and cross-attention layers, laid over the image. CLIP ViT-B/32 cuts the 224 x 224 centre square it sees
@@ -43,8 +49,12 @@ from PIL import Image
 from torch.nn import functional as F
 
 import coco
-from model import EOT_TOKEN, GPT, check_sampling, recording_cross_attention
+from caption_eval import choose_checkpoint
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, check_sampling, recording_cross_attention
 from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
+
+# --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
+TEXT_TOP_K = 50
 
 
 class Captioner:
@@ -287,11 +297,13 @@ def save_attention_map(captioner, file, caption, attention, path):
 
 def caption_files(args):
     """Caption every readable image, batch by batch; a bad file is reported and skipped. -> exit status."""
-    path = args.checkpoint or latest_checkpoint(args.checkpoint_dir)
-    if path is None:
-        raise FileNotFoundError(f"{args.checkpoint_dir}: no caption checkpoint here; pass --checkpoint PATH "
-                                f"(train one with train_caption.py)")
+    # caption_eval.py's choice: the run's best.pt (best val CIDEr-D) when there is one, else its newest checkpoint
+    path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
+    if not args.checkpoint:
+        print(f"sample.py: using {path} ({why})", file=sys.stderr)
     captioner = Captioner.from_checkpoint(path, args.device)
+    if args.compile:
+        captioner.model.compile_decode_step()
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     drawing = args.attention_map is not None
     map_paths = attention_map_paths(args.attention_map, args.image) if drawing else {}
@@ -313,6 +325,7 @@ def caption_files(args):
                 print(f"{file}: {caption}")
                 if drawing:
                     save_attention_map(captioner, file, caption, attentions[i], map_paths[file])
+    say_what_compiled(captioner.model)
     return 1 if failed else 0
 
 
@@ -333,8 +346,10 @@ def generate_text(args):
     if args.pretrained:
         model = GPT.from_pretrained(args.pretrained)
     else:
-        model, _ = GPT.from_checkpoint(args.checkpoint)  # an lm checkpoint, or a captioner used without an image
+        model, _ = GPT.from_checkpoint(text_checkpoint(args))  # an lm checkpoint, or a captioner without an image
     model.to(device).eval()
+    if args.compile:
+        model.compile_decode_step()
     enc = tiktoken.get_encoding("gpt2")
     # "<|endoftext|>" in the prompt is the token that starts a document; an empty prompt is just that token
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
@@ -347,7 +362,29 @@ def generate_text(args):
     for row in out.tolist():
         print(args.prompt + enc.decode(until_end_of_text(row[len(prompt):])))
         print("---")
+    say_what_compiled(model)
     return 0
+
+
+def text_checkpoint(args):
+    """--checkpoint, else the newest checkpoint train_gpt2.py wrote in --checkpoint-dir (log/), named on stderr."""
+    if args.checkpoint:
+        return args.checkpoint
+    path = latest_checkpoint(args.checkpoint_dir)
+    if path is None:
+        raise FileNotFoundError(f"{args.checkpoint_dir}: no model_*.pt checkpoint here; pass --checkpoint PATH or "
+                                f"--pretrained NAME (or train one with train_gpt2.py)")
+    print(f"sample.py: using {path} (the newest in {args.checkpoint_dir})", file=sys.stderr)
+    return path
+
+
+def say_what_compiled(model):
+    """--compile: one line on stderr per (batch size, cache length) the decoding step was compiled for."""
+    if model.compiled_step is None:
+        return
+    for (batch_size, max_len), seconds in model.compiled_step.compiled.items():
+        print(f"sample.py: --compile: compiled the decoding step for a batch of {batch_size} and {max_len} "
+              f"positions in {seconds:.1f} s (once for this shape)", file=sys.stderr)
 
 
 def autocast_for(device):
@@ -435,27 +472,33 @@ def parse_args(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", nargs="+", help="image files to caption")
     what.add_argument("--prompt", help="text to continue ('' for text from nothing, as after <|endoftext|>)")
-    p.add_argument("--checkpoint", help="a .pt checkpoint (default for --image: the newest in --checkpoint-dir)")
-    p.add_argument("--checkpoint-dir", default="log_caption", help="where to look for the newest caption checkpoint")
+    p.add_argument("--checkpoint", help="a .pt checkpoint (default: from --checkpoint-dir, with --image its best.pt "
+                                        "if there is one, else the newest)")
+    p.add_argument("--checkpoint-dir", help="where to look when --checkpoint is not given (default: log_caption for "
+                                            "--image, log for --prompt)")
     p.add_argument("--pretrained", help="with --prompt: OpenAI weights (gpt2, gpt2-medium, ...) or a GPT-2 folder")
     p.add_argument("--beam", type=count, help="beam width for captions (default 3; 1: greedy)")
     p.add_argument("--temperature", type=temperature_value,
-                   help="sample instead of beam search (0: greedy; default 1 for --prompt)")
-    p.add_argument("--top-k", type=count, help="sample among the k likeliest tokens")
+                   help="sample instead of beam search (0: greedy; default 1 for --prompt, as train_gpt2.py's samples)")
+    p.add_argument("--top-k", type=count, help=f"sample among the k likeliest tokens (default {TEXT_TOP_K} for --prompt, "
+                                               f"as train_gpt2.py's samples; {GPT2_VOCAB_SIZE}: all of them)")
     p.add_argument("--top-p", type=probability, help="sample among the likeliest tokens holding probability p")
     p.add_argument("--num-samples", type=count, default=1, help="samples per image or prompt")
     p.add_argument("--max-new-tokens", type=count, default=None, help="default: 30 for captions, 200 for text")
     p.add_argument("--batch-size", type=count, default=16, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step (tens of seconds per batch size and length; pays for "
+                        "long texts and many captions)")
     p.add_argument("--attention-map", metavar="PATH",
                    help="with --image: draw where each word of the caption looked, into PATH (.png, .pdf, .svg); "
                         "several images: PATH_<image name>.png each. Needs matplotlib")
     args = p.parse_args(argv)
     check_device(p, args.device)
     check_attention_map(p, args)
-    if args.prompt is not None and not (args.checkpoint or args.pretrained):
-        p.error("--prompt needs --checkpoint PATH or --pretrained NAME")
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = "log_caption" if args.image else "log"
     if args.image and args.pretrained:
         p.error("--pretrained is for --prompt: captions need a caption checkpoint (--checkpoint)")
     sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
@@ -465,6 +508,8 @@ def parse_args(argv=None):
         p.error("--beam searches, --temperature/--top-k/--top-p sample: choose one")
     if args.prompt is not None or sampling:
         args.temperature = 1.0 if args.temperature is None else args.temperature
+    if args.prompt is not None and args.top_k is None:
+        args.top_k = TEXT_TOP_K
     if args.num_samples > 1 and not args.temperature:  # None: beam search; 0: greedy. Both are deterministic
         p.error(f"--num-samples {args.num_samples} would print the same output {args.num_samples} times: beam search "
                 f"and --temperature 0 are deterministic; sample with --temperature above 0")

@@ -125,3 +125,30 @@ def test_recipe_arms_and_tokens_to_reach_the_reference():
     flags = dict(zip(command[2::2], command[3::2]))
     assert flags["--optimizer"] == "muon" and flags["--muon-lr"] == flags["--max-lr"] == "0.001"
     assert flags["--min-lr-ratio"] == "0.0" and flags["--seed"] == "1337" and flags["--max-steps"] == "300"
+
+
+# --- bench.py generate: ours eager, ours compiled, transformers ------------------------------------------------
+
+
+def test_generate_times_three_implementations_and_checks_they_agree(monkeypatch, capsys):
+    compile_decode_step = bench.GPT.compile_decode_step  # aot_eager: the compiled path in seconds, no C++ compile
+    monkeypatch.setattr(bench.GPT, "compile_decode_step", lambda model: compile_decode_step(model, backend="aot_eager"))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # left as it is for others
+    torch._dynamo.reset()
+    try:
+        bench.main(["generate", "--model", "tiny", "--batch-sizes", "2", "--new-tokens", "6", "--repeats", "2",
+                    "--device", "cpu"])
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "batch 2, 6 new tokens: the compiled step's first run took" in out
+    table = out[out.index("greedy generation, tiny"):].splitlines()[3:]  # below the title, header and rule
+    for name in ("ours, eager", "ours, compiled step", "transformers"):
+        [row] = [line.split() for line in table if f" {name} " in line]
+        assert row[:2] == ["2", "6"] and row[-1] == "yes", row  # the same greedy tokens as ours eager, every repeat
+    assert "1.00x" in [line for line in table if " transformers " in line][0]
+
+
+def test_generate_refuses_more_tokens_than_the_model_has_positions():
+    with pytest.raises(ValueError, match="--new-tokens 300 \\+ a 16-token prompt exceed tiny's block_size 256"):
+        bench.main(["generate", "--model", "tiny", "--new-tokens", "300", "--device", "cpu"])

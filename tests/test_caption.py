@@ -130,7 +130,9 @@ def test_sample_reports_bad_images_by_name_and_captions_the_rest(dataset, tmp_pa
     result = run_script("sample.py", "--image", missing, good, not_an_image, corrupt, "--checkpoint-dir", out,
                         "--device", "cpu", check=False)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING")]  # open_clip: random weights
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING")]  # open_clip: random weights
+    assert lines[0] == f"sample.py: using {out / 'best.pt'} (the best val CIDEr-D of the run)"  # no --checkpoint
+    errors = lines[1:]
     assert len(errors) == 3, result.stderr
     for path, error in zip((missing, not_an_image, corrupt), errors):
         assert str(path) in error

@@ -520,3 +520,42 @@ def test_gallery_shows_the_best_rows_captions_beside_pictures_and_references(dat
     Image.new("RGB", (1024, 512), "white").save(tmp_path / "big.jpg")
     uri = caption_eval.thumbnail_uri(tmp_path / "big.jpg", 256)
     assert Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).size == (256, 128)
+
+
+# -----------------------------------------------------------------------------
+# --compile: the decoding step compiled (traced with aot_eager here: test_sample.py compiles with inductor)
+
+
+def test_compiled_decoding_pads_the_last_batch_and_compiles_once_per_decoding():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model, features = tiny_captioner(), random_features()  # 5 images: batches of 2, 2 and 1
+    eager = {beam: caption_eval.caption_images(model, features, 2, beam, 8, "cpu", "float32") for beam in (1, 3)}
+    torch._dynamo.reset()
+    try:
+        counter = CompileCounterWithBackend("aot_eager")
+        model.compile_decode_step(backend=counter)
+        for beam in (1, 3):
+            assert caption_eval.caption_images(model, features, 2, beam, 8, "cpu", "float32") == eager[beam]
+    finally:
+        torch._dynamo.reset()
+    # the last image padded to a batch of 2: one shape per decoding, (images x beams, 1 + 8 positions)
+    assert counter.frame_count == 2 and sorted(model.compiled_step.compiled) == [(2, 9), (6, 9)]
+
+
+@needs_metrics
+def test_command_line_compile_says_what_it_compiled(monkeypatch, tmp_path, capsys):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    compile_decode_step = GPT.compile_decode_step
+    monkeypatch.setattr(GPT, "compile_decode_step",
+                        lambda model: compile_decode_step(model, backend=CompileCounterWithBackend("aot_eager")))
+    torch._dynamo.reset()
+    try:
+        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--beam", "1", "--max-new-tokens", "6",
+                           "--batch-size", "2", "--no-meteor", "--device", "cpu", "--compile"])
+    finally:
+        torch._dynamo.reset()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--compile")]
+    assert lines == [lines[0]] and "compiled the decoding step for a batch of 2 (images x beams) and 7 positions" \
+        in lines[0]

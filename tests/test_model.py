@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers  # test-only: the independent reference, installed by requirements-dev.txt
 
-from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, load_checkpoint, recording_cross_attention
+from model import (EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, KVCache, load_checkpoint,
+                   recording_cross_attention)
 
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions): not only 124M's proportions
@@ -358,3 +359,174 @@ def test_lm_checkpoint_becomes_captioner_with_identical_logits(tmp_path):
     captioner, _ = GPT.from_checkpoint(str(path), kind="lm", cross_attn_every=2)
     idx = torch.randint(0, EOT_TOKEN, (2, 9))
     assert torch.equal(lm(idx)[0], captioner.eval()(idx, image_feats=torch.randn(2, 50, 768))[0])
+
+
+# -----------------------------------------------------------------------------
+# The preallocated KV cache and the compiled decode step (issue 24)
+
+
+class ConcatenatingKVCache:
+    """The KV cache as it was before issue 24, kept as the reference for "the same tokens as before": each step's
+    keys and values concatenated onto the cache (a copy of all of it every step), a mask built for every prompt,
+    and beam search's reorder copying the image keys/values too."""
+
+    def __init__(self, max_len):
+        self.keys, self.values, self.pos, self.image_kv, self.fixed_shape = {}, {}, 0, None, False
+
+    def attend(self, layer, q, k, v):
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        T = q.size(2)
+        mask = None if T == 1 else torch.arange(k.size(2))[None, :] <= torch.arange(self.pos, self.pos + T)[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def reorder(self, index):
+        for layer in self.keys:
+            self.keys[layer], self.values[layer] = self.keys[layer][index], self.values[layer][index]
+        self.image_kv = [kv if kv is None else (kv[0][index], kv[1][index]) for kv in self.image_kv]
+
+
+def decode_each_way(model, prompt, images):
+    """Greedy, seeded top-k sampling and beam search of one prompt batch: what the cache must not change."""
+    return (model.generate(prompt, 30, temperature=0, image_feats=images),
+            model.generate(prompt, 30, temperature=1.0, top_k=20, image_feats=images,
+                           generator=torch.Generator().manual_seed(7)),
+            model.beam_search(prompt, images, beam_size=3, max_new_tokens=12))
+
+
+def test_preallocated_cache_gives_the_tokens_of_the_concatenating_one(monkeypatch):
+    import model as model_module
+    model = tiny_captioner(seed=3)
+    prompt, images = torch.randint(0, EOT_TOKEN, (3, 4)), torch.randn(3, 7, 48)
+    now = decode_each_way(model, prompt, images)
+    monkeypatch.setattr(model_module, "KVCache", ConcatenatingKVCache)
+    before = decode_each_way(model, prompt, images)
+    assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1]) and now[2] == before[2]
+    assert not torch.equal(now[0], now[1])  # sampling really sampled
+
+
+def test_cache_is_one_buffer_per_layer_written_in_place_and_bounded():
+    model = tiny_captioner()
+    cache = KVCache(max_len=9)
+    model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 5)), None, cache)  # the prompt
+    buffers = [(cache.keys[layer], cache.values[layer]) for layer in range(4)]
+    assert all(k.shape == v.shape == (2, 4, 9, 32) for k, v in buffers)  # (B, nh, max_len, hs), from the start
+    for _ in range(4):
+        model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
+    assert cache.pos == 9
+    for layer, (k, v) in enumerate(buffers):  # still the very same memory: written in place, never reallocated
+        assert cache.keys[layer] is k and cache.values[layer] is v
+    with pytest.raises(ValueError, match=r"^KV cache of 9 positions: 9 cached \+ 1 new tokens do not fit$"):
+        model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
+
+
+def test_a_prompt_continued_in_pieces_gives_the_logits_of_one_pass():
+    """Several new tokens after cached ones (the explicit-mask case) see exactly what one causal pass shows them."""
+    model = tiny_captioner()
+    idx = torch.randint(0, EOT_TOKEN, (2, 11))
+    with torch.no_grad():
+        whole, _ = model(idx)
+        cache = KVCache(max_len=11)
+        pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 4), (4, 5), (5, 11))]
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+
+
+def test_prompt_is_causal_and_a_single_new_token_needs_no_mask(monkeypatch):
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.size(2), k.size(2), is_causal, attn_mask is None))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    model.generate(torch.randint(0, EOT_TOKEN, (2, 5)), 3, temperature=0)
+    # (new tokens, keys attended, is_causal, no mask): 2 layers x (the prompt, then 2 one-token steps)
+    assert calls == [(5, 5, True, True)] * 2 + [(1, 6, False, True)] * 2 + [(1, 7, False, True)] * 2
+
+
+def test_beam_search_reorders_the_cache_in_place(monkeypatch):
+    import model as model_module
+    seen = []
+
+    class RecordingKVCache(KVCache):
+        def reorder(self, index):
+            super().reorder(index)
+            seen.append([buffer.data_ptr() for buffer in (*self.keys.values(), *self.values.values())])
+    monkeypatch.setattr(model_module, "KVCache", RecordingKVCache)
+    tiny_captioner(seed=2).beam_search(torch.full((2, 1), EOT_TOKEN), torch.randn(2, 7, 48), beam_size=3,
+                                       max_new_tokens=8)
+    assert len(seen) >= 3 and all(pointers == seen[0] for pointers in seen)
+
+
+def test_image_keys_values_are_computed_once_per_generation(monkeypatch):
+    import model as model_module
+    calls = []
+    real = model_module.CrossAttention.image_keys_values
+    monkeypatch.setattr(model_module.CrossAttention, "image_keys_values",
+                        lambda self, image_embs: calls.append(1) or real(self, image_embs))
+    model = tiny_captioner()
+    images = torch.randn(2, 7, 48)
+    model.generate(torch.full((2, 1), EOT_TOKEN), 10, temperature=0, image_feats=images)
+    assert len(calls) == 2  # the two cross-attention layers, on the first step only
+    model.beam_search(torch.full((2, 1), EOT_TOKEN), images, beam_size=3, max_new_tokens=10)
+    assert len(calls) == 4
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after: the graphs counted are this test's own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_step_gives_the_eager_tokens_and_compiles_once_per_shape(fresh_dynamo):
+    """The step is traced with aot_eager (the graph inductor would get, run by PyTorch's own kernels: seconds,
+    not a C++ compile); test_sample.py compiles it for real with inductor."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = tiny_captioner(seed=1)
+    prompt, images = torch.full((3, 1), EOT_TOKEN), torch.randn(3, 7, 48)
+    eager = [model.generate(prompt, 24, temperature=0, image_feats=images),
+             model.generate(prompt, 24, temperature=0, image_feats=images.flip(0)),
+             model.beam_search(prompt, images, beam_size=3, max_new_tokens=10)]
+    counter = CompileCounterWithBackend("aot_eager")
+    step = model.compile_decode_step(backend=counter)
+    assert torch.equal(model.generate(prompt, 24, temperature=0, image_feats=images), eager[0])
+    assert counter.frame_count == 1  # 23 steps, one graph: nothing in it changes as the position grows
+    # the same shape again, other images: the same graph and the same (emptied) cache
+    assert torch.equal(model.generate(prompt, 24, temperature=0, image_feats=images.flip(0)), eager[1])
+    assert counter.frame_count == 1
+    assert model.beam_search(prompt, images, beam_size=3, max_new_tokens=10) == eager[2]
+    assert counter.frame_count == 2  # 3 images x 3 beams and 11 positions: a new shape, compiled once
+    assert sorted(step.compiled) == [(3, 25), (9, 11)]  # (batch size, cache length) -> seconds of the compile
+
+
+def test_inductor_compiled_step_gives_the_eager_tokens(fresh_dynamo):
+    """The one real compile of the test suite (inductor's C++ code for this CPU, with weight freezing: about 10 s
+    here, 25 s without inductor's on-disk cache)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    with torch.no_grad():  # sharper: at GPT-2's init scale a tiny model repeats one token whatever its cache holds,
+        for name, p in model.named_parameters():  # and a step reading a stale cache would go unnoticed
+            if p.dim() == 2 and name.startswith("transformer.h."):
+                p.mul_(10)
+    prompt = torch.randint(0, EOT_TOKEN, (3, 5))
+    eager = model.generate(prompt, 16, temperature=0)
+    assert all(len(row[5:].unique()) > 8 for row in eager)
+    model.compile_decode_step()
+    assert torch.equal(model.generate(prompt, 16, temperature=0), eager)
+    assert list(model.compiled_step.compiled) == [(3, 21)]
+
+
+def test_compiled_step_refuses_a_full_cache():
+    from model import CompiledDecodeStep
+    model = tiny_captioner()
+    step = CompiledDecodeStep(model, backend="eager")  # the bound is checked before anything is compiled
+    cache = KVCache(max_len=5)
+    model.next_token_logits(torch.randint(0, EOT_TOKEN, (1, 5)), None, cache)
+    with pytest.raises(ValueError, match=r"^KV cache of 5 positions is full$"):
+        step(torch.full((1, 1), EOT_TOKEN), cache)

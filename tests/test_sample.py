@@ -1,6 +1,7 @@
 """sample.py in-process: option checks (one-line errors, not tracebacks nor empty output), images decoded batch by
 batch and at reduced size, decompression bombs skipped by name, and the device named by --device used for
 everything. CLIP is a small stand-in here; the real one, trained end to end, is in test_caption.py."""
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -386,3 +387,81 @@ def test_matplotlib_is_imported_only_for_attention_maps():
     check = "import sys, sample; sample.parse_args(['--image', 'a.jpg']); print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Defaults: which checkpoint, how text is sampled; --compile
+
+
+def test_text_is_sampled_as_training_samples_are_and_help_says_so(checkpoints, monkeypatch, capsys):
+    """--prompt with no sampling option: the temperature, top-k and top-p of train_gpt2.py's print_samples."""
+    import argparse
+
+    import train_gpt2
+    asked = []
+    monkeypatch.setattr(GPT, "generate", lambda model, idx, max_new_tokens, **options: asked.append(options) or idx)
+    _, lm = checkpoints
+    run("--prompt", "Hi", "--checkpoint", lm)
+    train_gpt2.print_samples(tiny_decoder(cross_attn_every=0), sample.tiktoken.get_encoding("gpt2"),
+                             argparse.Namespace(device="cpu"))
+    ours, training = asked
+    for option in ("temperature", "top_k", "top_p"):
+        assert ours.get(option) == training.get(option), option
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    assert "default 50 for --prompt, as train_gpt2.py's samples" in " ".join(capsys.readouterr().out.split())
+
+
+def copy_checkpoint(source, folder, name):
+    folder.mkdir(exist_ok=True)
+    shutil.copy(source, folder / name)
+    return folder / name
+
+
+def test_prompt_without_checkpoint_takes_the_newest_in_log(checkpoints, tmp_path, monkeypatch, capsys):
+    _, lm = checkpoints
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^log: no model_\*.pt checkpoint here; pass --checkpoint PATH"):
+        run("--prompt", "Hi")
+    copy_checkpoint(lm, tmp_path / "log", "model_000100.pt")
+    (tmp_path / "log" / "model_000020.pt").write_text("an older step: not this one")
+    assert run("--prompt", "Hi") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hi") and "sample.py: using log/model_000100.pt (the newest in log)" in err
+
+
+def test_image_without_checkpoint_takes_best_pt_else_the_newest(checkpoints, clip, tmp_path, monkeypatch, capsys):
+    caption, _ = checkpoints
+    monkeypatch.chdir(tmp_path)
+    image = write_image(tmp_path / "a.png", 24, 24)
+    copy_checkpoint(caption, tmp_path / "log_caption", "model_000200.pt")
+    best = copy_checkpoint(caption, tmp_path / "log_caption", "best.pt")
+    assert run("--image", image) == 0
+    assert "sample.py: using log_caption/best.pt (the best val CIDEr-D of the run)" in capsys.readouterr().err
+    best.unlink()
+    assert run("--image", image) == 0
+    assert "sample.py: using log_caption/model_000200.pt (the newest in log_caption" in capsys.readouterr().err
+
+
+def test_compile_gives_the_eager_text_and_says_what_it_compiled(checkpoints, capsys, monkeypatch):
+    """Traced with aot_eager, in seconds; test_model.py compiles the step for real with inductor."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    _, lm = checkpoints
+    argv = ["--prompt", "Hello", "--checkpoint", str(lm), "--temperature", "0", "--max-new-tokens", "12",
+            "--device", "cpu"]
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_decode_step = GPT.compile_decode_step
+    monkeypatch.setattr(GPT, "compile_decode_step", lambda model: compile_decode_step(model, backend=counter))
+    torch._dynamo.reset()
+    try:
+        assert sample.main(argv) == 0
+        eager = capsys.readouterr()
+        assert counter.frame_count == 0
+        assert sample.main(argv + ["--compile"]) == 0
+        compiled = capsys.readouterr()
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1 and compiled.out == eager.out and len(eager.out) > len("Hello---\n")
+    assert "compile" not in eager.err
+    lines = [line for line in compiled.err.splitlines() if "--compile" in line]
+    assert len(lines) == 1 and "compiled the decoding step for a batch of 1 and 13 positions" in lines[0], compiled.err
