@@ -1,11 +1,21 @@
 """
-COCO 2017 captions and images -> frozen CLIP image features, computed once, for train_caption.py.
+Captioned images -> frozen CLIP image features, computed once, for train_caption.py. The images and captions
+come from COCO 2017, from one of Karpathy's split files (COCO, Flickr8k, Flickr30k), or from your own jsonl.
 
     python coco.py --download                 # fetch COCO 2017 (~19 GB) into coco/, extract it, encode every image
     python coco.py --coco-dir /data/coco      # an existing copy: annotations/, train2017/, val2017/
     python coco.py --coco-dir /data/coco --clip-model ViT-L-14-quickgelu --out-dir coco_features_l14
     python coco.py --coco-dir /data/coco --karpathy-json dataset_coco.json --out-dir coco_features_karpathy
+    python coco.py --karpathy-json dataset_flickr8k.json --images-dir flickr8k/images --out-dir flickr8k_features
+    python coco.py --captions-jsonl my_images/captions.jsonl --out-dir my_features   # your own images
     python coco.py --limit 500                # the first 500 images of each split (a later full run continues it)
+
+Your own images: one JSON object per line, the image's path relative to the jsonl file and its captions,
+
+    {"image": "photos/0001.jpg", "captions": ["a dog on a beach", "a brown dog runs by the sea"], "split": "train"}
+
+with "split" train, val or test, or left out: then --val-fraction (0.05) of those lines go to val, the same
+ones in every run (a fixed seed), and the rest to train. Their image ids are the line numbers.
 
 The caption decoder never changes the image encoder, so every image is encoded once, here, and training reads
 the stored result. We keep all of CLIP's output tokens, not just the one pooled vector: for ViT-B/32 the CLS
@@ -13,9 +23,9 @@ token and the 7x7 patches, 50 tokens of width 768, taken after the final LayerNo
 projection to CLIP's joint text-image space. The decoder cross-attends to them, so it can look at where
 things are in the picture.
 
-On disk, per split (train, val; or train, val, test with Karpathy's split):
+On disk, per split (train, val; or train, val, test with Karpathy's split, or a jsonl that names test):
 
-    coco_features/meta.json                CLIP model and weights, n_tokens, width, splits, skipped images
+    coco_features/meta.json                CLIP model and weights, n_tokens, width, splits, source, skipped images
     coco_features/{split}_features.npy     (N, 50, 768) float16, memory-mapped; row i is image i of the index
     coco_features/{split}_index.json       per row: image_ids, files, captions, tokens (GPT-2, no <|endoftext|>)
     coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 missing or unreadable (skipped)
@@ -44,6 +54,7 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import tiktoken
@@ -143,6 +154,17 @@ def download_coco(coco_dir):
 
 # -----------------------------------------------------------------------------
 # Captions and splits
+#
+# Each source has its own small reader, and every reader gives the same thing: {split: [Record]}, sorted by
+# image id. From there on coco.py does not ask where an image came from.
+
+
+class Record(NamedTuple):
+    """One captioned image of a split."""
+    image_id: int  # COCO's id; in Karpathy's files his cocoid, else his imgid (Flickr); in a jsonl its line number
+    path: str  # where to read the image
+    file: str  # its name in the index: COCO 2017's file name, Karpathy's filepath/filename, or the jsonl's "image"
+    captions: list  # its reference captions, stripped
 
 
 def require(path, kind, hint=""):
@@ -156,8 +178,8 @@ def require(path, kind, hint=""):
 
 
 def read_captions(coco_dir, split):
-    """annotations/captions_{split}.json (the official schema) -> [(image_id, image path, [captions])] sorted by
-    image id. split: 'train2017' or 'val2017'."""
+    """annotations/captions_{split}.json (the official schema) -> [Record] sorted by image id. split: 'train2017'
+    or 'val2017'."""
     path = os.path.join(coco_dir, "annotations", f"captions_{split}.json")
     image_dir = os.path.join(coco_dir, split)
     hint = " (pass --download to fetch COCO 2017 into --coco-dir)"
@@ -166,31 +188,135 @@ def read_captions(coco_dir, split):
     try:
         with open(path) as f:
             annotations = json.load(f)
-        files = {image["id"]: os.path.join(image_dir, image["file_name"]) for image in annotations["images"]}
+        files = {image["id"]: image["file_name"] for image in annotations["images"]}
         captions = {image_id: [] for image_id in files}
         for annotation in sorted(annotations["annotations"], key=lambda annotation: annotation["id"]):
             # a few COCO captions end in a space or a newline: stripped, every caption tokenizes the same way
             captions[annotation["image_id"]].append(annotation["caption"].strip())
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    return [(image_id, files[image_id], captions[image_id]) for image_id in sorted(files)]
+    return [Record(image_id, os.path.join(image_dir, files[image_id]), files[image_id], captions[image_id])
+            for image_id in sorted(files)]
+
+
+# Karpathy's split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json, from his
+# caption_datasets.zip) share one schema: {"images": [{"filename", "split", "sentences": [{"raw", "tokens"}],
+# "imgid"}, ...]}, and in the COCO file also "filepath" (train2014 or val2014) and "cocoid". His 'restval' (the
+# COCO 2014 val images he did not hold out) is training data, as in every paper that uses his split.
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def not_karpathy(karpathy_json, error):
+    return ValueError(f"{karpathy_json}: not one of Karpathy's dataset_*.json files ({type(error).__name__}: "
+                      f"{error})")
+
+
+def read_karpathy_json(karpathy_json):
+    """-> the file's list of images (dicts), unchecked: the readers below name what is missing."""
+    require(karpathy_json, "file")
+    try:
+        with open(karpathy_json, "rb") as f:
+            return json.load(f)["images"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, or JSON without "images"
+        raise not_karpathy(karpathy_json, e) from None
 
 
 def read_karpathy_splits(karpathy_json):
-    """Karpathy's dataset_coco.json -> {cocoid: 'train' | 'val' | 'test'}. His 'restval' (the 2014 val images he
-    did not hold out) is training data, as in every paper that uses his split."""
-    require(karpathy_json, "file")
+    """Karpathy's dataset_coco.json -> {cocoid: 'train' | 'val' | 'test'}: his split of COCO's images."""
     try:
-        with open(karpathy_json) as f:
-            images = json.load(f)["images"]
-        return {image["cocoid"]: "train" if image["split"] == "restval" else image["split"] for image in images}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{karpathy_json}: not Karpathy's dataset_coco.json ({type(e).__name__}: {e})") from None
+        return {image["cocoid"]: KARPATHY_SPLITS[image["split"]] for image in read_karpathy_json(karpathy_json)}
+    except KeyError as e:
+        if e.args == ("cocoid",):  # one of his Flickr files: their images are not in --coco-dir
+            raise ValueError(f"{karpathy_json}: has no COCO ids (a Flickr file?); pass the folder of its images as "
+                             f"--images-dir") from None
+        raise not_karpathy(karpathy_json, e) from None
+    except TypeError as e:
+        raise not_karpathy(karpathy_json, e) from None
+
+
+def karpathy_splits(karpathy_json, images_dir):
+    """Any of Karpathy's three files, with the folder of its images -> {'train', 'val', 'test'}, captions his
+    'raw' sentences. An image is images_dir/filepath/filename, and Flickr's have no filepath: a Flickr folder
+    holds all its images, a COCO 2014 one holds train2014/ and val2014/. Ids: COCO's cocoid where the file has
+    one (the ids of COCO's own annotations), else his imgid (0, 1, ... in the file's order)."""
+    require(images_dir, "folder")
+    splits = {"train": [], "val": [], "test": []}
+    try:
+        for image in read_karpathy_json(karpathy_json):
+            file = os.path.join(image.get("filepath", ""), image["filename"])
+            captions = [sentence["raw"].strip() for sentence in image["sentences"]]
+            splits[KARPATHY_SPLITS[image["split"]]].append(
+                Record(image.get("cocoid", image["imgid"]), os.path.join(images_dir, file), file, captions))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise not_karpathy(karpathy_json, e) from None
+    return {split: sorted(records) for split, records in splits.items()}
+
+
+def parse_jsonl_line(line):
+    """One line of a captions jsonl -> (image, captions, split or None). ValueError saying what is wrong."""
+    try:
+        entry = json.loads(line)
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(entry, dict):
+        raise ValueError('not a JSON object like {"image": "a.jpg", "captions": ["..."]}')
+    image, captions, split = entry.get("image"), entry.get("captions"), entry.get("split")
+    if not (isinstance(image, str) and image.strip()):
+        raise ValueError('"image" must be the path of an image, relative to the jsonl file')
+    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
+        raise ValueError('"captions" must be a list of one or more non-empty strings')
+    if split not in (None, "train", "val", "test"):
+        raise ValueError(f'"split" must be "train", "val" or "test" (or left out), not {json.dumps(split)}')
+    return image, [caption.strip() for caption in captions], split
+
+
+def assign_splits(splits, val_fraction, seed=0):
+    """Each line's split or None -> each line's split: of the lines without one, val_fraction (at least one, if
+    the fraction is above 0) go to val, the rest to train. The seed is fixed so that every run cuts the same
+    way: a killed run continues with the images it started on."""
+    unsplit = [row for row, split in enumerate(splits) if split is None]
+    n_val = max(1, round(val_fraction * len(unsplit))) if val_fraction > 0 and unsplit else 0
+    to_val = set(np.random.default_rng(seed).permutation(unsplit)[:n_val].tolist())
+    return [split or ("val" if row in to_val else "train") for row, split in enumerate(splits)]
+
+
+def jsonl_splits(captions_jsonl, val_fraction=0.05):
+    """Your own captioned images: one {"image", "captions", "split" (optional)} per line -> {'train', 'val'} and
+    'test' if a line asks for it. An image's id is its line number, so an id in a log leads back to its line."""
+    require(captions_jsonl, "file")
+    folder = os.path.dirname(captions_jsonl)
+    records, splits, line_of = [], [], {}
+    with open(captions_jsonl, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing one, say) hold no image
+            try:
+                image, captions, split = parse_jsonl_line(line)
+                if os.path.normpath(image) in line_of:  # listed twice, it could land in train and in val
+                    raise ValueError(f"{image} is on line {line_of[os.path.normpath(image)]} already; give each "
+                                     f"image once, with all its captions")
+            except ValueError as e:
+                raise ValueError(f"{captions_jsonl}, line {number}: {e}") from None
+            line_of[os.path.normpath(image)] = number
+            records.append(Record(number, os.path.join(folder, image), image, captions))
+            splits.append(split)
+    splits = assign_splits(splits, val_fraction)
+    by_split = {name: [record for record, split in zip(records, splits) if split == name]
+                for name in ("train", "val", "test")}
+    for name in ("train", "val"):  # train_caption.py reads both
+        if not by_split[name]:
+            raise ValueError(f'{captions_jsonl}: no {name} images (mark some lines "split": "{name}", or leave '
+                             f'"split" out of some and set --val-fraction)')
+    if not by_split["test"]:
+        del by_split["test"]  # a test split only when asked for: caption_eval.py would score an empty one
+    return by_split
 
 
 def coco_splits(coco_dir, karpathy_json=None):
     """{'train': [...], 'val': [...]} as COCO 2017 cuts it, or Karpathy's {'train', 'val', 'test'}, each a list of
-    (image_id, image path, [captions]) sorted by image id."""
+    Records sorted by image id."""
     train2017, val2017 = read_captions(coco_dir, "train2017"), read_captions(coco_dir, "val2017")
     if karpathy_json is None:
         return {"train": train2017, "val": val2017}
@@ -199,11 +325,33 @@ def coco_splits(coco_dir, karpathy_json=None):
     # image goes to the one split its id has in Karpathy's file, whichever folder its file lies in.
     split_of = read_karpathy_splits(karpathy_json)
     images = sorted(train2017 + val2017)
-    unknown = len(split_of) - sum(image_id in split_of for image_id, _, _ in images)
+    unknown = len(split_of) - sum(image.image_id in split_of for image in images)
     if unknown:
         print(f"coco.py: {karpathy_json}: {unknown} images are not in COCO 2017's annotations, left out",
               file=sys.stderr)
-    return {split: [image for image in images if split_of.get(image[0]) == split] for split in ("train", "val", "test")}
+    return {split: [image for image in images if split_of.get(image.image_id) == split]
+            for split in ("train", "val", "test")}
+
+
+def read_splits(args):
+    """The images and captions of each split, from the source the flags name."""
+    if args.captions_jsonl:
+        return jsonl_splits(args.captions_jsonl, args.val_fraction)
+    if args.images_dir:
+        return karpathy_splits(args.karpathy_json, args.images_dir)
+    if args.download:
+        download_coco(args.coco_dir)
+    if not os.path.isdir(args.coco_dir):
+        raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 into it)")
+    return coco_splits(args.coco_dir, args.karpathy_json)
+
+
+def images_dir(args):
+    """The folder the index's file names are relative to, kept in meta.json for tools that show the pictures;
+    None for COCO 2017, whose names are those in train2017/ or val2017/ of --coco-dir."""
+    if args.captions_jsonl:
+        return os.path.abspath(os.path.dirname(args.captions_jsonl))
+    return os.path.abspath(args.images_dir) if args.images_dir else None
 
 
 # -----------------------------------------------------------------------------
@@ -372,11 +520,11 @@ def write_status(path, status):
 def write_index(out_dir, split, images):
     enc = tiktoken.get_encoding("gpt2")
     write_json(split_file(out_dir, split, "index"), {
-        "image_ids": [image_id for image_id, _, _ in images],
-        "files": [os.path.basename(path) for _, path, _ in images],
-        "captions": [captions for _, _, captions in images],
+        "image_ids": [image.image_id for image in images],
+        "files": [image.file for image in images],
+        "captions": [image.captions for image in images],
         # GPT-2 tokens of every caption, without <|endoftext|>: the training script adds those around them
-        "tokens": [[enc.encode_ordinary(caption) for caption in captions] for _, _, captions in images],
+        "tokens": [[enc.encode_ordinary(caption) for caption in image.captions] for image in images],
     })
 
 
@@ -412,17 +560,23 @@ def grow_split(split, images, out_dir, n_old):
 def open_split(split, images, out_dir, feature_shape):
     """Start a split, or pick it up where an earlier run stopped. -> (features memmap, status array)."""
     index_path, features_path = split_file(out_dir, split, "index"), split_file(out_dir, split, "features")
-    image_ids = [image_id for image_id, _, _ in images]
     if not os.path.exists(index_path):
         create_split(split, images, out_dir, feature_shape)
     else:
-        old_ids = read_index(index_path, split)["image_ids"]
-        if image_ids[:len(old_ids)] != old_ids:
-            raise ValueError(f"{index_path}: made for {len(old_ids)} other images (another --coco-dir or "
-                             f"--karpathy-json, or a smaller --limit than before?); choose another --out-dir")
-        if len(image_ids) > len(old_ids):
-            print(f"{split}: {len(old_ids)} images here already, growing to {len(image_ids)}")
-            grow_split(split, images, out_dir, len(old_ids))
+        old = read_index(index_path, split)
+        # the same ids and file names: ids alone would let a jsonl with other images on its lines pass
+        old_images = list(zip(old["image_ids"], old["files"]))
+        if [(image.image_id, image.file) for image in images[:len(old_images)]] != old_images:
+            raise ValueError(f"{index_path}: made for {len(old_images)} other images (another source, an edited "
+                             f"--captions-jsonl, or a smaller --limit than before?); choose another --out-dir")
+        if len(images) > len(old_images):
+            print(f"{split}: {len(old_images)} images here already, growing to {len(images)}")
+            grow_split(split, images, out_dir, len(old_images))
+        elif [image.captions for image in images] != old["captions"]:
+            # the same images with other captions (a jsonl edited since): the features still hold, the
+            # captions and tokens are written anew
+            print(f"{split}: captions changed since the last run, index rewritten")
+            write_index(out_dir, split, images)
     features = read_features(features_path, split, mode="r+")
     status = read_status(split_file(out_dir, split, "status"), split)
     check_rows(features_path, split, features, status, len(images))
@@ -441,12 +595,12 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
     if len(todo) == 0:
         print(f"{split}: {len(images)} images already done")
     else:
-        dataset = ImageFiles([images[row][1] for row in todo], preprocess)
+        dataset = ImageFiles([images[row].path for row in todo], preprocess)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate_images, pin_memory=device.startswith("cuda"))
         for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
             for position, reason in bad:
-                tqdm.write(f"coco.py: {images[todo[position]][1]}: {reason}, skipped", file=sys.stderr)
+                tqdm.write(f"coco.py: {images[todo[position]].path}: {reason}, skipped", file=sys.stderr)
             status[todo[[position for position, _ in bad]]] = SKIPPED
             if positions:
                 rows = todo[positions]
@@ -455,7 +609,7 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
                 features.flush()  # the features reach the disk before the status says they are there
                 status[rows] = DONE
             write_status(split_file(out_dir, split, "status"), status)
-    skipped = [os.path.basename(images[row][1]) for row in np.flatnonzero(status == SKIPPED)]
+    skipped = [images[row].file for row in np.flatnonzero(status == SKIPPED)]
     if skipped:
         print(f"{split}: {len(skipped)} missing or unreadable images left out (listed in meta.json): "
               f"{', '.join(skipped[:5])}"
@@ -473,8 +627,8 @@ class Split:
     the same picture. Images that could not be read are not in it."""
     all_features: np.ndarray  # (N_file, n_tokens, width) float16, memory-mapped: every row of the file
     rows: np.ndarray  # (N,) int64: the rows of all_features that hold an encoded image
-    image_ids: np.ndarray  # (N,) int64: COCO image ids
-    files: list  # N file names, e.g. '000000000042.jpg'
+    image_ids: np.ndarray  # (N,) int64: image ids (Record.image_id)
+    files: list  # N file names, e.g. '000000000042.jpg' (Record.file)
     captions: list  # N lists of reference captions (5 or more per image in COCO)
     tokens: list  # N lists of GPT-2 token lists, one per caption, without <|endoftext|>
 
@@ -519,7 +673,8 @@ def load_split(features_dir, split):
 
 
 def read_meta(features_dir):
-    """-> {'clip_model', 'clip_pretrained', 'n_tokens', 'width', 'splits', 'karpathy_json', 'skipped'}"""
+    """-> {'clip_model', 'clip_pretrained', 'n_tokens', 'width', 'splits', 'karpathy_json', 'captions_jsonl',
+    'images_dir', 'skipped'} (the source's three from this version on; older features lack them)"""
     path = os.path.join(features_dir, "meta.json")
     require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
     try:
@@ -546,7 +701,14 @@ def parse_args(argv=None):
     p.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="an open_clip model name")
     p.add_argument("--clip-pretrained", default="openai",
                    help="an open_clip tag, a local weights file, or none (random weights, seed 0: for tests)")
-    p.add_argument("--karpathy-json", help="Karpathy's dataset_coco.json: his train/val/test split instead of 2017's")
+    p.add_argument("--karpathy-json", help="Karpathy's dataset_coco.json: his train/val/test split instead of 2017's; "
+                   "or any of his dataset_{coco,flickr8k,flickr30k}.json with --images-dir")
+    p.add_argument("--images-dir", help="with --karpathy-json: the folder of its images (Flickr's, or COCO 2014's "
+                   "train2014/ and val2014/); captions and splits then all come from his file, not --coco-dir")
+    p.add_argument("--captions-jsonl", help='your own images: one {"image": path relative to this file, "captions": '
+                   '[...], "split": "train" | "val" | "test" (optional)} per line')
+    p.add_argument("--val-fraction", type=float, help="with --captions-jsonl: the share of lines without a split that "
+                   "go to val, picked with a fixed seed (default 0.05)")
     p.add_argument("--limit", type=int, help="only the first N images of each split")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
@@ -555,9 +717,22 @@ def parse_args(argv=None):
     for name, least in (("limit", 1), ("batch_size", 1), ("num_workers", 0)):  # --limit -3: all but 3, quietly
         if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    for name in ("coco_dir", "out_dir"):
-        if os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
+    for name in ("coco_dir", "out_dir", "images_dir"):
+        if getattr(args, name) and os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: is a file, not a folder")
+    # one source of images and captions: COCO 2017 (--coco-dir), Karpathy's file with --images-dir, or a jsonl
+    if args.images_dir and not args.karpathy_json:
+        p.error("--images-dir needs --karpathy-json: the captions and splits of its images")
+    if args.captions_jsonl and args.karpathy_json:
+        p.error("--captions-jsonl and --karpathy-json are two sources of captions: give one")
+    if args.download and (args.captions_jsonl or args.images_dir):
+        p.error("--download fetches COCO 2017 into --coco-dir: not with --captions-jsonl or --images-dir")
+    if args.val_fraction is not None and not args.captions_jsonl:
+        p.error("--val-fraction splits a --captions-jsonl: not used without one")
+    if args.val_fraction is None:
+        args.val_fraction = 0.05
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction must be at least 0 and below 1, got {args.val_fraction}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.clip_pretrained != "none" and os.path.isfile(args.clip_pretrained):
@@ -573,11 +748,7 @@ def output_shape(clip_model, preprocess, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.download:
-        download_coco(args.coco_dir)
-    if not os.path.isdir(args.coco_dir):
-        raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 into it)")
-    splits = coco_splits(args.coco_dir, args.karpathy_json)
+    splits = read_splits(args)
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, "meta.json")
     skipped = {}
@@ -591,7 +762,8 @@ def main(argv=None):
     clip_model, preprocess = load_clip(args.clip_model, args.clip_pretrained, args.device)
     n_tokens, width = output_shape(clip_model, preprocess, args.device)
     meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "n_tokens": n_tokens,
-            "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json, "skipped": skipped}
+            "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json,
+            "captions_jsonl": args.captions_jsonl, "images_dir": images_dir(args), "skipped": skipped}
     if not os.path.exists(meta_path):  # before any split file: none exists without the record of its CLIP
         write_json(meta_path, meta)
     for split, images in splits.items():

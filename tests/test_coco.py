@@ -5,7 +5,9 @@ What is promised: the stored features are CLIP's 50 tokens after ln_post, row-al
 broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
 val/test images never reach training; downloads resume and are verified; damaged feature files are named and
 never patched up; user errors are one line naming a path; --device cuda:N is made the current device before CLIP
-is loaded."""
+is loaded. Karpathy's Flickr8k/30k files (with --images-dir) and your own jsonl give features of the same form,
+split as their file says (or by --val-fraction, the same way every run), which train_caption.py trains on; a
+bad jsonl line is one line naming the file and the line."""
 import http.server
 import json
 import os
@@ -106,7 +108,7 @@ def test_features_are_fp16_clip_tokens_aligned_with_ids_and_captions(dataset, cl
     assert val.image_ids.tolist() == VAL_IDS and len(val) == 2 and val.image_feats(np.arange(2)).shape == (2, 50, 768)
     assert coco.read_meta(features) == {
         "clip_model": "ViT-B-32-quickgelu", "clip_pretrained": "none", "n_tokens": 50, "width": 768,
-        "splits": ["train", "val"], "karpathy_json": None,
+        "splits": ["train", "val"], "karpathy_json": None, "captions_jsonl": None, "images_dir": None,
         "skipped": {"train": [file_name(TRUNCATED), file_name(NOT_AN_IMAGE)], "val": []}}
 
 
@@ -229,6 +231,287 @@ def test_karpathy_split_keeps_val_and_test_images_out_of_training(dataset, tmp_p
     assert test.captions[0] == [c.strip() for c in captions_of(6)]
     meta = coco.read_meta(out)
     assert meta["splits"] == ["train", "val", "test"] and meta["karpathy_json"] == str(path)
+
+
+# -----------------------------------------------------------------------------
+# Flickr8k and Flickr30k (Karpathy's files, with --images-dir) and your own images (--captions-jsonl)
+
+
+@pytest.fixture
+def colour_clip(monkeypatch):
+    """A stand-in for CLIP, read off in milliseconds: an image's features are 2 tokens of its mean colour (width
+    3), so a test sees which picture a row holds. The real CLIP is tested above, on the same code path."""
+    def preprocess(image):
+        return torch.tensor(np.array(image.resize((4, 4)), dtype=np.float32)).permute(2, 0, 1)  # (3, 4, 4)
+
+    monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: (None, preprocess))
+    monkeypatch.setattr(coco, "image_features",
+                        lambda clip_model, pixels: pixels.mean(dim=(2, 3))[:, None, :].repeat(1, 2, 1))  # (B, 2, 3)
+
+
+def draw(path, colour):
+    """A small picture of one colour (PNG keeps it exact; a .jpg path gets a JPEG)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (24, 16), colour).save(path)
+
+
+def write_jsonl(path, lines):
+    """lines: dicts (written as JSON), or strings and bytes written as they are (bad lines, blank lines)."""
+    with open(path, "wb") as f:
+        for line in lines:
+            line = json.dumps(line) if isinstance(line, dict) else line
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+
+
+def stub_args(out_dir, *extra):
+    return ["--out-dir", str(out_dir), "--clip-pretrained", "none", "--device", "cpu", "--num-workers", "0",
+            "--batch-size", "2", *map(str, extra)]
+
+
+def assert_colours(split, colours):
+    """Row i of the split holds the picture of colours[i] (under colour_clip; JPEG may move a colour by a few units)."""
+    np.testing.assert_allclose(split.image_feats(np.arange(len(split)))[:, 0].float().numpy(), colours, atol=3)
+
+
+RED, GREEN, BLUE, YELLOW, GREY = (220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 230, 20), (128, 128, 128)
+
+
+def test_a_captions_jsonl_becomes_features_in_its_splits(tmp_path, colour_clip, capsys):
+    folder = tmp_path / "mine"
+    draw(folder / "photos" / "red.png", RED)
+    draw(folder / "photos" / "beach" / "green.png", GREEN)
+    draw(folder / "blue.png", BLUE)
+    draw(folder / "photos" / "yellow.png", YELLOW)
+    (folder / "notes.png").write_text("not a picture")
+    jsonl = folder / "captions.jsonl"
+    write_jsonl(jsonl, [
+        {"image": "photos/red.png", "captions": [" a red square\n", "red"], "split": "train"},  # line 1
+        "",  # a blank line holds no image, and does not shift the line numbers
+        {"image": "photos/beach/green.png", "captions": ["a green square"], "split": "val"},  # line 3
+        {"image": "blue.png", "captions": ["a blue square"], "split": "test"},  # line 4
+        {"image": "photos/yellow.png", "captions": ["a yellow square"], "split": "train", "by": "me"},  # line 5
+        {"image": "photos/missing.png", "captions": ["never drawn"], "split": "train"},  # line 6
+        {"image": "notes.png", "captions": ["not an image"], "split": "train"},  # line 7
+    ])
+    out = tmp_path / "features"
+    coco.main(stub_args(out, "--captions-jsonl", jsonl))
+
+    err = capsys.readouterr().err  # missing and unreadable images are named and skipped, as for COCO
+    assert f"coco.py: {folder / 'photos' / 'missing.png'}: no such file, skipped" in err
+    assert f"coco.py: {folder / 'notes.png'}: not a readable image, skipped" in err
+    train, val, test = (coco.load_split(out, split) for split in ("train", "val", "test"))
+    assert train.image_ids.tolist() == [1, 5] and val.image_ids.tolist() == [3] and test.image_ids.tolist() == [4]
+    assert train.files == ["photos/red.png", "photos/yellow.png"] and val.files == ["photos/beach/green.png"]
+    assert train.captions == [["a red square", "red"], ["a yellow square"]]
+    enc = tiktoken.get_encoding("gpt2")
+    assert train.tokens[0] == [enc.encode_ordinary("a red square"), enc.encode_ordinary("red")]
+    assert_colours(train, [RED, YELLOW])
+    assert_colours(val, [GREEN])
+    assert_colours(test, [BLUE])
+    meta = coco.read_meta(out)
+    assert meta["splits"] == ["train", "val", "test"] and meta["skipped"] == {
+        "train": ["photos/missing.png", "notes.png"], "val": [], "test": []}
+    assert meta["captions_jsonl"] == str(jsonl) and meta["images_dir"] == str(folder) and meta["karpathy_json"] is None
+
+
+def test_jsonl_lines_without_a_split_go_to_val_by_fraction_the_same_way_every_run(tmp_path):
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": f"{i}.png", "captions": [f"picture {i}"]} for i in range(1, 41)]
+                + [{"image": "41.png", "captions": ["chosen for val"], "split": "val"}])
+    splits = coco.jsonl_splits(str(jsonl))  # the default --val-fraction, 0.05: 2 of the 40 lines without a split
+    val = [image.image_id for image in splits["val"]]
+    assert len(val) == 3 and 41 in val and len(splits["train"]) == 38 and "test" not in splits
+    assert not {image.image_id for image in splits["train"]} & set(val)
+    assert [image.image_id for image in coco.jsonl_splits(str(jsonl))["val"]] == val  # a fixed seed
+    assert len(coco.jsonl_splits(str(jsonl), 0.25)["val"]) == 11
+    assert coco.parse_args(["--captions-jsonl", str(jsonl)]).val_fraction == 0.05
+
+    few = tmp_path / "few.jsonl"  # 5% of 3 images is none: one goes to val all the same, or training has no val
+    write_jsonl(few, [{"image": f"{i}.png", "captions": ["x"]} for i in range(3)])
+    assert [len(images) for images in coco.jsonl_splits(str(few)).values()] == [2, 1]
+    with pytest.raises(ValueError, match=re.escape(f"{few}: no val images (mark some lines")):
+        coco.jsonl_splits(str(few), 0.0)
+    write_jsonl(few, [{"image": "a.png", "captions": ["x"], "split": "val"}])
+    with pytest.raises(ValueError, match=re.escape(f"{few}: no train images")):
+        coco.jsonl_splits(str(few))
+
+
+BAD_LINES = {  # line 2 of a jsonl whose line 1 is good -> what the error says after "FILE, line 2: "
+    "not JSON": ('{"image": "b.png", "captions": ["x"],}', "not JSON (Expecting property name enclosed in double "
+                                                          "quotes at column 38)"),
+    "not UTF-8": (b'{"image": "\xff.png", "captions": ["x"]}', "not UTF-8 text"),
+    "not an object": ('["b.png", "a caption"]', "not a JSON object like"),
+    "no image": ('{"captions": ["x"]}', '"image" must be the path of an image'),
+    "captions a string": ('{"image": "b.png", "captions": "a blue square"}', '"captions" must be a list of one'),
+    "no captions": ('{"image": "b.png", "captions": []}', '"captions" must be a list of one'),
+    "an empty caption": ('{"image": "b.png", "captions": ["a blue square", " "]}', '"captions" must be a list'),
+    "unknown split": ('{"image": "b.png", "captions": ["x"], "split": "validation"}',
+                      '"split" must be "train", "val" or "test" (or left out), not "validation"'),
+    "an image twice": ('{"image": "./a.png", "captions": ["x"]}', "./a.png is on line 1 already; give each image"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_LINES)
+def test_a_bad_jsonl_line_is_one_line_naming_the_file_and_the_line(tmp_path, bad):
+    line, message = BAD_LINES[bad]
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red square"]}, line])
+    with pytest.raises(ValueError) as error:
+        coco.jsonl_splits(str(jsonl))
+    assert str(error.value).startswith(f"{jsonl}, line 2: {message}") and "\n" not in str(error.value)
+
+
+def test_a_bad_jsonl_is_said_in_one_line_by_the_command(tmp_path):
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red square"]}, "", '{"image": "b.png"}'])
+    result = run_script("coco.py", "--captions-jsonl", jsonl, "--out-dir", tmp_path / "out", *CLIP, check=False)
+    assert result.returncode == 1
+    assert result.stderr == f'coco.py: {jsonl}, line 3: "captions" must be a list of one or more non-empty strings\n'
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+def flickr_entry(imgid, name, split, captions):
+    """One image of Karpathy's dataset_flickr8k.json or dataset_flickr30k.json: no filepath, no cocoid."""
+    return {"filename": name, "imgid": imgid, "split": split, "sentid": [5 * imgid + k for k in range(len(captions))],
+            "sentences": [{"raw": raw, "tokens": raw.lower().split(), "imgid": imgid, "sentid": 5 * imgid + k}
+                          for k, raw in enumerate(captions)]}
+
+
+def test_karpathy_flickr_json_with_images_dir(tmp_path, colour_clip):
+    images = tmp_path / "flickr8k_images"
+    pictures = {"1000268201_693b08cb0e.jpg": RED, "1001773457_577c3a7d70.jpg": GREEN, "1002674143_1b742ab4b8.jpg": BLUE,
+                "1003163366_44323f5815.jpg": YELLOW, "101654506_8eb26cfb60.jpg": GREY}
+    for name, colour in pictures.items():
+        draw(images / name, colour)
+    names = list(pictures)
+    flickr = {"dataset": "flickr8k", "images": [  # listed out of split order, as Karpathy's files are
+        flickr_entry(0, names[0], "train", ["A child in a pink dress .", "A girl going into a wooden building ."]),
+        flickr_entry(1, names[1], "test", ["Two dogs on pavement ."]),
+        flickr_entry(2, names[2], "val", ["A little girl covered in paint ."]),
+        flickr_entry(3, names[3], "restval", ["A man lays on a bench ."]),  # none in Flickr, but the rule holds
+        flickr_entry(4, names[4], "train", ["A dog shakes its head ."])]}
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps(flickr))
+    out = tmp_path / "features"
+    coco.main(stub_args(out, "--karpathy-json", path, "--images-dir", images))
+    train, val, test = (coco.load_split(out, split) for split in ("train", "val", "test"))
+    assert train.image_ids.tolist() == [0, 3, 4] and val.image_ids.tolist() == [2] and test.image_ids.tolist() == [1]
+    assert train.files == [names[0], names[3], names[4]]
+    assert train.captions[0] == ["A child in a pink dress .", "A girl going into a wooden building ."]
+    assert_colours(train, [RED, YELLOW, GREY])
+    assert_colours(val, [BLUE])
+    assert_colours(test, [GREEN])
+    meta = coco.read_meta(out)
+    assert meta["splits"] == ["train", "val", "test"] and meta["karpathy_json"] == str(path)
+    assert meta["images_dir"] == str(images) and meta["captions_jsonl"] is None
+    # without --images-dir, coco.py reads --coco-dir as COCO, where Flickr's images are not
+    with pytest.raises(ValueError, match=re.escape(f"{path}: has no COCO ids (a Flickr file?); pass the folder of "
+                                                   f"its images as --images-dir")):
+        coco.read_karpathy_splits(str(path))
+
+
+def test_karpathy_coco_json_with_images_dir_reads_coco_2014_by_cocoid(tmp_path, colour_clip):
+    # Karpathy's dataset_coco.json names COCO 2014's files: images_dir/val2014/COCO_val2014_....jpg; ids are cocoids
+    images = tmp_path / "coco2014"
+    entries = [("train2014", 9, "train", RED), ("val2014", 42, "restval", GREEN), ("val2014", 7, "test", BLUE),
+               ("val2014", 30, "val", YELLOW)]
+    for folder, cocoid, _, colour in entries:
+        draw(images / folder / f"COCO_{folder}_{cocoid:012d}.jpg", colour)
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg", "imgid": imgid, "cocoid": cocoid,
+         "split": split, "sentences": [{"raw": f"picture {cocoid} ", "tokens": []}]}
+        for imgid, (folder, cocoid, split, _) in enumerate(entries)]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(karpathy))
+    out = tmp_path / "features"
+    coco.main(stub_args(out, "--karpathy-json", path, "--images-dir", images))
+    train = coco.load_split(out, "train")
+    assert train.image_ids.tolist() == [9, 42]  # sorted by id, restval in train
+    assert train.files == [os.path.join("train2014", "COCO_train2014_000000000009.jpg"),
+                           os.path.join("val2014", "COCO_val2014_000000000042.jpg")]
+    assert train.captions == [["picture 9"], ["picture 42"]]
+    assert_colours(train, [RED, GREEN])
+    assert coco.load_split(out, "test").image_ids.tolist() == [7]
+    assert coco.load_split(out, "val").image_ids.tolist() == [30]
+
+
+def test_a_rerun_takes_edited_captions_and_refuses_other_images(tmp_path, colour_clip, capsys):
+    folder = tmp_path / "mine"
+    for name, colour in (("a.png", RED), ("b.png", GREEN), ("c.png", BLUE)):
+        draw(folder / name, colour)
+    jsonl = folder / "captions.jsonl"
+    lines = [{"image": "a.png", "captions": ["a red square"], "split": "train"},
+             {"image": "b.png", "captions": ["a green square"], "split": "train"},
+             {"image": "c.png", "captions": ["a blue square"], "split": "val"}]
+    write_jsonl(jsonl, lines)
+    out = tmp_path / "features"
+    coco.main(stub_args(out, "--captions-jsonl", jsonl))
+    features = (out / "train_features.npy").read_bytes()
+
+    # a typo fixed: the images are the same, so their features stay; the captions and tokens are the new ones
+    lines[1] = {**lines[1], "captions": ["a green square", "green on white"]}
+    write_jsonl(jsonl, lines)
+    capsys.readouterr()
+    coco.main(stub_args(out, "--captions-jsonl", jsonl))
+    assert "train: captions changed since the last run, index rewritten" in capsys.readouterr().out
+    train = coco.load_split(out, "train")
+    assert train.captions[1] == ["a green square", "green on white"] and len(train.tokens[1]) == 2
+    assert (out / "train_features.npy").read_bytes() == features
+
+    # another picture on line 2, same line number (its id): refused, not served with the old picture's features
+    lines[1] = {**lines[1], "image": "c.png"}
+    lines[2] = {**lines[2], "image": "b.png"}
+    write_jsonl(jsonl, lines)
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'train_index.json'}: made for 2 other images")):
+        coco.main(stub_args(out, "--captions-jsonl", jsonl))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--images-dir", "."], "--images-dir needs --karpathy-json"),
+    (["--captions-jsonl", "a.jsonl", "--karpathy-json", "k.json"], "--captions-jsonl and --karpathy-json are two "
+                                                                   "sources of captions: give one"),
+    (["--captions-jsonl", "a.jsonl", "--download"], "--download fetches COCO 2017 into --coco-dir: not with"),
+    (["--val-fraction", "0.1"], "--val-fraction splits a --captions-jsonl: not used without one"),
+    (["--captions-jsonl", "a.jsonl", "--val-fraction", "1"], "--val-fraction must be at least 0 and below 1, got 1.0"),
+    (["--captions-jsonl", "a.jsonl", "--val-fraction", "-0.1"], "--val-fraction must be at least 0 and below 1"),
+    (["--karpathy-json", "k.json", "--images-dir", "a_file"], "--images-dir a_file: is a file, not a folder"),
+])
+def test_flags_of_the_other_sources_are_checked(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        coco.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f": error: {message}" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_train_caption_trains_on_features_of_a_jsonl(tmp_path, clip, monkeypatch):
+    """The folder a jsonl makes is what train_caption.py reads: nothing downstream knows the source."""
+    from test_caption import tiny_lm_checkpoint
+    folder = tmp_path / "mine"
+    lines = []
+    for k, colour in enumerate((RED, GREEN, BLUE, YELLOW)):
+        draw(folder / "pictures" / f"{k}.png", colour)
+        lines.append({"image": f"pictures/{k}.png", "captions": [f"a square of colour {k}", f"colour {k}"],
+                      **({"split": "val"} if k == 3 else {})})
+    jsonl = folder / "captions.jsonl"
+    write_jsonl(jsonl, lines)
+    out = tmp_path / "features"
+    # the real CLIP architecture (random weights, seed 0, as --clip-pretrained none builds it), built once per module
+    monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: clip)
+    coco.main(["--captions-jsonl", str(jsonl), "--out-dir", str(out), "--val-fraction", "0", *CLIP,
+               "--num-workers", "0"])
+    assert coco.read_meta(out)["n_tokens"] == 50 and len(coco.load_split(out, "train")) == 3
+
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    run_script("train_caption.py", "--features-dir", out, "--init", tmp_path / "lm.pt", "--out-dir", tmp_path / "run",
+               "--total-batch-size", 2, "--batch-size", 2, "--max-steps", 2, "--eval-every", 2, "--val-images", 1,
+               "--eval-cider-images", 0, "--device", "cpu")
+    checkpoint = torch.load(tmp_path / "run" / "model_000002.pt", weights_only=True)
+    assert checkpoint["kind"] == "caption"
+    assert checkpoint["clip"] == {"model": "ViT-B-32-quickgelu", "pretrained": "none"}  # from the features' meta.json
+    logged = (tmp_path / "run" / "log.txt").read_text().split()
+    assert "train" in logged and "val" in logged
 
 
 # -----------------------------------------------------------------------------
