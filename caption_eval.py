@@ -291,11 +291,19 @@ ol { margin: 0; padding-left: 1.4em; }
 """
 
 
-def find_image(coco_dir, file_name):
-    """The path of one of coco.py's images, or None if it is no longer there. The features record only its file
-    name (e.g. '000000000042.jpg'), not the folder it was read from."""
-    for folder in IMAGE_FOLDERS:
-        path = os.path.join(coco_dir, folder, file_name)
+def image_folders(coco_dir, meta):
+    """Where the gallery looks for a split's pictures: the folder coco.py read them from when it recorded one
+    (Flickr, your own jsonl: meta.json's images_dir, file names relative to it), else --coco-dir's COCO 2017
+    folders (the features record only COCO's file names, e.g. '000000000042.jpg')."""
+    if meta.get("images_dir"):
+        return [meta["images_dir"]]
+    return [os.path.join(coco_dir, folder) for folder in IMAGE_FOLDERS]
+
+
+def find_image(folders, file_name):
+    """The path of one of coco.py's images, or None if it is no longer there."""
+    for folder in folders:
+        path = os.path.join(folder, file_name)
         if os.path.isfile(path):
             return path
     return None
@@ -315,13 +323,12 @@ def thumbnail_uri(path, size):
     return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii")
 
 
-def picture_cell(coco_dir, file_name, size):
+def picture_cell(folders, file_name, size):
     """The image, or its name and why it is not shown: a gallery with a gap beats no gallery."""
     name = html.escape(file_name)
-    path = find_image(coco_dir, file_name)
+    path = find_image(folders, file_name)
     if path is None:
-        folders = " or ".join(html.escape(os.path.join(coco_dir, folder)) for folder in IMAGE_FOLDERS)
-        return f'<div class="missing">{name}: missing (not in {folders})</div>'
+        return f'<div class="missing">{name}: missing (not in {html.escape(" or ".join(folders))})</div>'
     try:
         uri = thumbnail_uri(path, size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises for bad files
@@ -338,7 +345,7 @@ def gallery_images(image_ids, cider_per_image, order, n_images):
     return list(positions)[:n_images]
 
 
-def gallery_page(split, row, cider_per_image, header, order, n_images, coco_dir, thumbnail_size=256):
+def gallery_page(split, row, cider_per_image, header, order, n_images, folders, thumbnail_size=256):
     """-> the HTML of the gallery: the header lines (plain text), then one table row per image: picture,
     generated caption with its CIDEr-D, references. row: one of caption_and_score's rows. Every text is
     escaped: captions, references and paths are data, not markup."""
@@ -357,7 +364,7 @@ def gallery_page(split, row, cider_per_image, header, order, n_images, coco_dir,
         image_id = int(split.image_ids[i])
         references = "".join(f"<li>{html.escape(reference)}</li>" for reference in split.captions[i])
         lines.append(f'<tr id="image-{image_id}">'
-                     f'<td class="picture">{picture_cell(coco_dir, split.files[i], thumbnail_size)}</td>'
+                     f'<td class="picture">{picture_cell(folders, split.files[i], thumbnail_size)}</td>'
                      f'<td><div class="caption">{html.escape(captions[image_id])}</div>'
                      f'<div class="cider">CIDEr-D {100 * cider_per_image[image_id]:.1f}</div></td>'
                      f"<td><ol>{references}</ol></td></tr>")
@@ -462,7 +469,10 @@ def describe_split(split_name, meta, n_images, n_in_split, references):
     """The header line a reader needs to compare our numbers with a paper's: which split (papers report
     Karpathy's test split), how many images, how many references each (more references, higher scores)."""
     karpathy_json = meta.get("karpathy_json")
-    source = f"Karpathy's split ({karpathy_json})" if karpathy_json else "COCO 2017's split (not Karpathy's)"
+    if meta.get("captions_jsonl"):
+        source = f"your images' split ({meta['captions_jsonl']})"
+    else:
+        source = f"Karpathy's split ({karpathy_json})" if karpathy_json else "COCO 2017's split (not Karpathy's)"
     images = f"{n_images} images" if n_images == n_in_split else f"the first {n_images} of {n_in_split} images"
     if references["min"] == references["max"]:
         per_image = f"{references['min']} references per image"
@@ -543,7 +553,7 @@ def report(rows, settings, out):
     print(f"wrote {out}")
 
 
-def write_gallery(path, rows, split, checkpoint_path, split_line, args):
+def write_gallery(path, rows, split, checkpoint_path, split_line, args, meta):
     """The gallery of the best row's captions (the only row's, without a sweep), each with its own CIDEr-D."""
     best = best_row(rows)
     row = rows[best]
@@ -558,7 +568,7 @@ def write_gallery(path, rows, split, checkpoint_path, split_line, args):
               f"{metrics} (x100, as papers print them); beside each caption its image's CIDEr-D: their mean over "
               f"the split is the CIDEr-D here"]
     write_text(path, gallery_page(split, row, cider_per_image, header, args.gallery_order, args.gallery_images,
-                                  args.coco_dir))
+                                  image_folders(args.coco_dir, meta)))
     print(f"wrote {path}")
 
 
@@ -609,7 +619,7 @@ def main(argv=None):
                 "references_per_image": references, "max_new_tokens": args.max_new_tokens}
     report(rows, settings, out)
     if args.gallery:
-        write_gallery(args.gallery, rows, split, checkpoint_path, split_line, args)
+        write_gallery(args.gallery, rows, split, checkpoint_path, split_line, args, meta)
 
 
 if __name__ == "__main__":

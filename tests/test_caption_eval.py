@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -559,3 +560,17 @@ def test_command_line_compile_says_what_it_compiled(monkeypatch, tmp_path, capsy
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--compile")]
     assert lines == [lines[0]] and "compiled the decoding step for a batch of 2 (images x beams) and 7 positions" \
         in lines[0]
+
+
+def test_own_and_flickr_images_are_named_and_found_where_coco_py_read_them(tmp_path):
+    """Features of a --captions-jsonl (or Flickr) set record the folder their file names are relative to."""
+    references = {"min": 5, "max": 5, "mean": 5.0}
+    meta = {"karpathy_json": None, "captions_jsonl": "/data/mine.jsonl", "images_dir": str(tmp_path)}
+    assert caption_eval.describe_split("val", meta, 3, 3, references).startswith(
+        "split val of your images' split (/data/mine.jsonl): 3 images")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    folders = caption_eval.image_folders("coco", meta)
+    assert caption_eval.find_image(folders, "photos/a.jpg") == str(tmp_path / "photos" / "a.jpg")
+    coco_folders = caption_eval.image_folders("coco", {"karpathy_json": None})
+    assert coco_folders == [os.path.join("coco", "train2017"), os.path.join("coco", "val2017")]
