@@ -277,6 +277,8 @@ def parse_args(argv=None):
     for name, value in RECIPES[args.recipe].items():  # what the command line did not set, the recipe does
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.muon_lr is None:  # with match_rms_adamw (model.py) Muon's rate means what AdamW's does
+        args.muon_lr = args.max_lr
     n_embd = args.n_embd or PRESETS[args.model].get("n_embd", GPTConfig.n_embd)
     n_head = args.n_head or PRESETS[args.model].get("n_head", GPTConfig.n_head)
     if n_embd % n_head:

@@ -354,6 +354,18 @@ def test_bad_flags_are_refused_before_anything_runs(flags, message):
     assert exit_info.value.code == 2 and message in stderr.getvalue().splitlines()[-1]
 
 
+def test_muon_without_its_own_rate_takes_the_adamw_rate():
+    """--optimizer muon alone must give Muon (not fall back to AdamW for everything) at --max-lr."""
+    import model
+    from train_gpt2 import parse_args
+    args = parse_args(TINY + ["--optimizer", "muon", "--max-lr", "2e-3"])
+    assert args.muon_lr == 2e-3
+    gpt = model.GPT(model.GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    optimizer = gpt.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type="cpu",
+                                         muon_lr=args.muon_lr)
+    assert any(isinstance(o, torch.optim.Muon) for o in optimizer.optimizers)
+
+
 def test_what_a_run_cannot_use_is_refused_with_one_line(tmp_path):
     """A GPU that is not there, token ids that are not GPT-2's, an out-dir another run holds, a resume onto
     changed data: each a one-line error naming the culprit, before any step is spent."""
