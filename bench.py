@@ -472,18 +472,18 @@ def bench_clip(args):
     import coco
     from PIL import Image
     device = args.device
-    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "none", device)
+    encoder = coco.load_encoder("ViT-B-32-quickgelu", "none", device)
     rng = np.random.default_rng(0)
     jpegs = []
     for _ in range(args.batch_size):  # 640x480 JPEGs, COCO's usual size
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buffer, format="JPEG")
         jpegs.append(buffer.getvalue())
-    decode = lambda: torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
+    decode = lambda: torch.stack([encoder.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
     decode_seconds = timed(decode, "cpu", 1, 2)
     pixels = decode().to(device)
     with autocast(device.split(":")[0], args.dtypes[-1]):
-        model_seconds = timed(lambda: coco.image_features(clip_model, pixels), device, 1, 3)
+        model_seconds = timed(lambda: encoder(pixels), device, 1, 3)
     print_table(f"CLIP ViT-B/32 features on {device_name(device)}", ["stage", "images/s"],
                 [["JPEG decode + preprocess (1 process)", f"{args.batch_size / decode_seconds:,.1f}"],
                  ["ViT-B/32 forward", f"{args.batch_size / model_seconds:,.1f}"]])

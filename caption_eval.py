@@ -447,16 +447,14 @@ def default_out(checkpoint_path, split, combinations):
     return os.path.splitext(checkpoint_path)[0] + f"_{split}_{decoding}.json"
 
 
-def check_same_clip(checkpoint, checkpoint_path, meta, features_dir):
+def check_same_encoder(checkpoint, checkpoint_path, meta, features_dir):
     """Features from another image encoder give fluent captions of nothing in particular, silently: refuse."""
-    clip = checkpoint.get("clip")
-    if not clip:
-        raise ValueError(f"{checkpoint_path}: records no CLIP encoder (not written by train_caption.py?)")
-    trained_on = (clip["model"], clip["pretrained"])
-    here = (meta["clip_model"], meta["clip_pretrained"])
-    if trained_on != here:
-        raise ValueError(f"{checkpoint_path}: trained on features of CLIP {trained_on[0]} ({trained_on[1]}), "
-                         f"but {features_dir} holds CLIP {here[0]} ({here[1]})")
+    trained_on = coco.encoder_record(checkpoint)
+    if not trained_on:
+        raise ValueError(f"{checkpoint_path}: records no image encoder (not written by train_caption.py?)")
+    if not coco.same_encoder(trained_on, meta["encoder"]):
+        raise ValueError(f"{checkpoint_path}: trained on features of {coco.describe_encoder(trained_on)}, "
+                         f"but {features_dir} holds {coco.describe_encoder(meta['encoder'])}'s")
 
 
 def references_per_image(split):
@@ -591,7 +589,7 @@ def main(argv=None):
     model, checkpoint = GPT.from_checkpoint(checkpoint_path, kind="caption")
     print(f"checkpoint {checkpoint_path} (step {checkpoint.get('step', '?')}; {why})")
     meta = coco.read_meta(args.features_dir)
-    check_same_clip(checkpoint, checkpoint_path, meta, args.features_dir)
+    check_same_encoder(checkpoint, checkpoint_path, meta, args.features_dir)
     if args.split not in meta["splits"]:
         raise ValueError(f"{args.features_dir}: has the splits {', '.join(meta['splits'])}, not {args.split} "
                          f"(test exists with Karpathy's split: coco.py --karpathy-json)")

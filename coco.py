@@ -1,10 +1,12 @@
 """
-Captioned images -> frozen CLIP image features, computed once, for train_caption.py. The images and captions
+Captioned images -> frozen image features (CLIP's, or a timm ViT's), computed once, for train_caption.py. The images and captions
 come from COCO 2017, from one of Karpathy's split files (COCO, Flickr8k, Flickr30k), or from your own jsonl.
 
     python coco.py --download                 # fetch COCO 2017 (~19 GB) into coco/, extract it, encode every image
     python coco.py --coco-dir /data/coco      # an existing copy: annotations/, train2017/, val2017/
-    python coco.py --coco-dir /data/coco --clip-model ViT-L-14-quickgelu --out-dir coco_features_l14
+    python coco.py --coco-dir /data/coco --encoder ViT-L-14-quickgelu --out-dir coco_features_l14
+    python coco.py --coco-dir /data/coco --encoder timm:vit_base_patch14_dinov2.lvd142m --image-size 224 \
+        --out-dir coco_features_dinov2                                # DINOv2 (any timm ViT; 257 x 768 tokens)
     python coco.py --coco-dir /data/coco --karpathy-json dataset_coco.json --out-dir coco_features_karpathy
     python coco.py --karpathy-json dataset_flickr8k.json --images-dir flickr8k/images --out-dir flickr8k_features
     python coco.py --captions-jsonl my_images/captions.jsonl --out-dir my_features   # your own images
@@ -21,11 +23,13 @@ The caption decoder never changes the image encoder, so every image is encoded o
 the stored result. We keep all of CLIP's output tokens, not just the one pooled vector: for ViT-B/32 the CLS
 token and the 7x7 patches, 50 tokens of width 768, taken after the final LayerNorm `ln_post` and before the
 projection to CLIP's joint text-image space. The decoder cross-attends to them, so it can look at where
-things are in the picture.
+things are in the picture. A timm encoder gives its last layer's tokens after its final norm in the same way
+(DINOv2 ViT-B/14 at 224 px: CLS and 16x16 patches, 257 of width 768), normalised with its own mean and std.
 
 On disk, per split (train, val; or train, val, test with Karpathy's split, or a jsonl that names test):
 
-    coco_features/meta.json                CLIP model and weights, n_tokens, width, splits, source, skipped images
+    coco_features/meta.json                the encoder (name, weights, preprocessing), n_tokens, width, splits,
+                                           source, skipped images
     coco_features/{split}_features.npy     (N, 50, 768) float16, memory-mapped; row i is image i of the index
     coco_features/{split}_index.json       per row: image_ids, files, captions, tokens (GPT-2, no <|endoftext|>)
     coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 missing or unreadable (skipped)
@@ -38,8 +42,8 @@ named and left as it is: neither coco.py nor load_split goes on from it.
 From Python:
 
     split = coco.load_split("coco_features", "train")     # .image_feats(rows), .captions, .tokens, .image_ids
-    clip_model, preprocess = coco.load_clip("ViT-B-32-quickgelu", "openai", "cuda")
-    coco.image_features(clip_model, pixels)               # (B, 3, 224, 224) preprocessed -> (B, 50, 768)
+    encoder = coco.load_encoder("ViT-B-32-quickgelu", "openai", "cuda")
+    encoder(torch.stack([encoder.preprocess(image)]))     # (1, 3, 224, 224) preprocessed -> (1, 50, 768)
 """
 
 import argparse
@@ -355,18 +359,54 @@ def images_dir(args):
 
 
 # -----------------------------------------------------------------------------
-# CLIP
+# The image encoder: CLIP (open_clip), or any vision transformer in timm (DINOv2, DINOv3, ImageNet ViTs)
+
+
+class ImageEncoder:
+    """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
+    width), every token of its last layer after the final LayerNorm. `record` says how to build it again
+    (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
+    were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
+    registers) and preprocess (what the preprocessing does, as JSON)."""
+
+    def __init__(self, tokens, preprocess, record):
+        self.tokens, self.preprocess, self.record = tokens, preprocess, record
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        return self.tokens(pixels)  # (B, n_tokens, width)
+
+
+def load_encoder(name, weights=None, device="cpu", image_size=None):
+    """name: an open_clip model ('ViT-B-32-quickgelu') or 'timm:' + a timm model ('timm:vit_small_patch14_dinov2
+    .lvd142m'). weights: an open_clip tag (default 'openai'), 'pretrained' (timm's own, the default for timm),
+    a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
+    image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
+    -> ImageEncoder, in eval mode, float32, on device."""
+    if name.startswith("timm:"):
+        weights = weights or "pretrained"
+        model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
+        # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
+        # learns which tokens to read, and registers hold image-wide information, as CLS does.
+        tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
+    else:
+        weights = weights or "openai"
+        clip_model, preprocess = load_clip(name, weights, device)
+        tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
+    record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
+              "preprocess": describe_preprocess(preprocess)}
+    if image_size is not None and image_size != record["image_size"]:
+        raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
+    return ImageEncoder(tokens, preprocess, record)
 
 
 def load_clip(model_name, pretrained, device):
-    """-> (clip_model, preprocess), in eval mode, float32, on device. pretrained: an open_clip tag ('openai'),
-    a local weights file, or 'none' for random weights from a fixed seed (the same encoder in every process:
-    tests use it). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its weights with the
-    '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights all the same
-    (open_clip only logs a warning), and give subtly worse features."""
+    """-> (clip_model, preprocess). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its
+    weights with the '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights
+    all the same (open_clip only logs a warning), and give subtly worse features."""
     import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
     if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
-        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models())")
+        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models()), nor timm:NAME")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
         what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
@@ -379,15 +419,40 @@ def load_clip(model_name, pretrained, device):
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                           device=device)
     except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise FileNotFoundError(f"{pretrained}: cannot load CLIP {model_name}'s weights ({reason}). Offline? Pass a "
-                                f"local weights file as --clip-pretrained PATH, or fill the Hugging Face cache "
-                                f"(HF_HOME) on a machine with internet and set HF_HUB_OFFLINE=1") from None
+        raise weights_error(pretrained, model_name, e) from None
     return clip_model.eval(), preprocess
 
 
-@torch.no_grad()
-def image_features(clip_model, images):
+def load_timm(model_name, weights, device, image_size):
+    """-> (model, preprocess): a timm vision transformer without its classifier, and the preprocessing of its
+    pretrained config (input size, mean, std, resize and crop), at image_size if given."""
+    import timm
+    if not timm.is_model(model_name):
+        raise ValueError(f"{model_name}: not a timm model name (see timm.list_models('vit_*'))")
+    if weights not in ("pretrained", "none") and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights}: no such weights file (or: pretrained, none)")
+    torch.manual_seed(0)  # for 'none'
+    options = {"num_classes": 0, **({"img_size": image_size} if image_size else {}),
+               **({"pretrained_cfg_overlay": {"file": weights}} if os.path.isfile(weights) else {})}
+    try:
+        model = timm.create_model(model_name, pretrained=weights != "none", **options)
+    except Exception as e:
+        raise weights_error(weights, model_name, e) from None
+    if not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(f"{model_name}: not a vision transformer (no token sequence to cross-attend to)")
+    # the pretrained config says 518 px for DINOv2; the model built at image_size says what it now takes
+    config = timm.data.resolve_data_config({"input_size": (3, *model.patch_embed.img_size)}, model=model)
+    return model.to(device).eval(), timm.data.create_transform(**config)
+
+
+def weights_error(weights, model_name, e):
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return FileNotFoundError(f"{weights}: cannot load {model_name}'s weights ({reason}). Offline? Pass a local "
+                             f"weights file as --encoder-weights PATH, or fill the Hugging Face cache (HF_HOME) on "
+                             f"a machine with internet and set HF_HUB_OFFLINE=1")
+
+
+def clip_tokens(clip_model, images):
     """(B, 3, 224, 224) preprocessed images -> (B, N, width): every token of CLIP's vision transformer (CLS and
     patches) after its final LayerNorm `ln_post`, before pooling and the projection. ViT-B/32: (B, 50, 768);
     ViT-L/14: (B, 257, 1024)."""
@@ -402,9 +467,54 @@ def image_features(clip_model, images):
     finally:
         hook and hook.remove()
     if len(captured) != 1 or captured[0].dim() != 3:  # also: a ViT whose ln_post comes after pooling
-        raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; image_features "
+        raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; coco.py "
                          f"needs a plain CLIP ViT")
     return captured[0]  # (B, N, width)
+
+
+def describe_preprocess(preprocess):
+    """The steps of a torchvision preprocessing that decide what the encoder sees, as JSON: resize (side,
+    interpolation), centre crop, normalisation (mean, std). sample.py compares them with the recorded ones."""
+    if not hasattr(preprocess, "transforms"):  # not a torchvision Compose: nothing to say
+        return None
+    steps = []
+    for step in preprocess.transforms:
+        kind = type(step).__name__
+        if kind == "Resize":
+            steps.append([kind, step.size, str(step.interpolation.value)])
+        elif kind == "CenterCrop":
+            steps.append([kind, list(step.size)])
+        elif kind == "Normalize":
+            steps.append([kind, [round(float(m), 6) for m in step.mean], [round(float(s), 6) for s in step.std]])
+    return steps
+
+
+def input_side(preprocess):
+    """The side of the square the preprocessing crops (224 for ViT-B/32); None if it crops none."""
+    crops = [step for step in getattr(preprocess, "transforms", []) if type(step).__name__ == "CenterCrop"]
+    return max(crops[0].size) if crops else None
+
+
+def encoder_record(saved):
+    """meta.json's dict or a caption checkpoint -> its encoder record; also from versions that knew only CLIP
+    (they wrote clip_model/clip_pretrained, or clip: {model, pretrained}). None if it records none."""
+    if "encoder" in saved:
+        return saved["encoder"]
+    clip = saved.get("clip") or {"model": saved.get("clip_model"), "pretrained": saved.get("clip_pretrained")}
+    if not clip.get("model"):
+        return None
+    return {"name": clip["model"], "weights": clip["pretrained"], "image_size": None, "prefix_tokens": 1,
+            "preprocess": None}
+
+
+def same_encoder(a, b):
+    """Do two records describe the same encoder (what the old CLIP-only ones say of it, at least)?"""
+    return all(a[key] == b[key] or None in (a[key], b[key]) for key in ("name", "weights", "image_size", "preprocess"))
+
+
+def describe_encoder(record):
+    size = f", {record['image_size']} px" if record.get("image_size") else ""
+    return f"{record['name']} ({record['weights']}{size})"
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -586,7 +696,7 @@ def open_split(split, images, out_dir, feature_shape):
     return features, status
 
 
-def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape, batch_size=256, num_workers=0,
+def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256, num_workers=0,
                   device="cpu"):
     """Encode a split's images into {split}_features.npy, continuing from {split}_status.npy, which is rewritten
     after every batch. Returns the file names of the images that could not be read."""
@@ -595,7 +705,7 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
     if len(todo) == 0:
         print(f"{split}: {len(images)} images already done")
     else:
-        dataset = ImageFiles([images[row].path for row in todo], preprocess)
+        dataset = ImageFiles([images[row].path for row in todo], encoder.preprocess)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate_images, pin_memory=device.startswith("cuda"))
         for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
@@ -604,7 +714,7 @@ def extract_split(split, images, clip_model, preprocess, out_dir, feature_shape,
             status[todo[[position for position, _ in bad]]] = SKIPPED
             if positions:
                 rows = todo[positions]
-                feats = image_features(clip_model, pixels.to(device))  # (B, n_tokens, width)
+                feats = encoder(pixels.to(device))  # (B, n_tokens, width)
                 features[rows] = feats.to(torch.float16).cpu().numpy()
                 features.flush()  # the features reach the disk before the status says they are there
                 status[rows] = DONE
@@ -673,19 +783,20 @@ def load_split(features_dir, split):
 
 
 def read_meta(features_dir):
-    """-> {'clip_model', 'clip_pretrained', 'n_tokens', 'width', 'splits', 'karpathy_json', 'captions_jsonl',
+    """-> {'encoder', 'n_tokens', 'width', 'splits', 'karpathy_json', 'captions_jsonl',
     'images_dir', 'skipped'} (the source's three from this version on; older features lack them)"""
     path = os.path.join(features_dir, "meta.json")
     require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
     try:
         with open(path, "rb") as f:
             meta = json.load(f)
-        if not (isinstance(meta, dict) and all(key in meta for key in ("clip_model", "clip_pretrained", "splits"))):
+        if not (isinstance(meta, dict) and "splits" in meta and encoder_record(meta)):
             raise ValueError("not the record of a coco.py run")
-    except ValueError as e:  # bad JSON too
-        # the features may well be fine: only the record of the CLIP that made them is lost
-        raise ValueError(f"{path}: damaged ({e}); delete it and run coco.py again with the --clip-model and "
-                         f"--clip-pretrained that made these features") from None
+        meta["encoder"] = encoder_record(meta)  # features of the CLIP-only versions say it in other words
+    except (ValueError, AttributeError) as e:  # bad JSON too
+        # the features may well be fine: only the record of the encoder that made them is lost
+        raise ValueError(f"{path}: damaged ({e}); delete it and run coco.py again with the --encoder and "
+                         f"--encoder-weights that made these features") from None
     return meta
 
 
@@ -697,10 +808,16 @@ def parse_args(argv=None):
     p.add_argument("--coco-dir", default="coco", help="holds annotations/, train2017/, val2017/")
     p.add_argument("--out-dir", default="coco_features", help="where the features go")
     p.add_argument("--download", action="store_true", help="first download and extract COCO 2017 into --coco-dir")
-    # OpenAI's weights need the -quickgelu architecture (see load_clip)
-    p.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="an open_clip model name")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="an open_clip tag, a local weights file, or none (random weights, seed 0: for tests)")
+    # OpenAI's weights need the -quickgelu architecture (see load_clip). --clip-model/--clip-pretrained: the
+    # names these two had when CLIP was the only encoder
+    p.add_argument("--encoder", "--clip-model", default="ViT-B-32-quickgelu",
+                   help="an open_clip model name, or timm:NAME for a timm ViT (e.g. timm:vit_base_patch14_dinov2"
+                        ".lvd142m, timm:vit_base_patch16_dinov3.lvd1689m)")
+    p.add_argument("--encoder-weights", "--clip-pretrained",
+                   help="an open_clip tag (default openai), pretrained (timm's own; the default for timm), a local "
+                        "weights file, or none (random weights, seed 0: for tests)")
+    p.add_argument("--image-size", type=int, help="timm: the encoder's input side in pixels, if not its pretrained "
+                   "one (DINOv2's 518 px make 1,370 tokens an image: 224 makes 257)")
     p.add_argument("--karpathy-json", help="Karpathy's dataset_coco.json: his train/val/test split instead of 2017's; "
                    "or any of his dataset_{coco,flickr8k,flickr30k}.json with --images-dir")
     p.add_argument("--images-dir", help="with --karpathy-json: the folder of its images (Flickr's, or COCO 2014's "
@@ -714,7 +831,7 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
     args = p.parse_args(argv)
-    for name, least in (("limit", 1), ("batch_size", 1), ("num_workers", 0)):  # --limit -3: all but 3, quietly
+    for name, least in (("limit", 1), ("batch_size", 1), ("num_workers", 0), ("image_size", 1)):  # --limit -3: all but 3, quietly
         if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     for name in ("coco_dir", "out_dir", "images_dir"):
@@ -735,15 +852,23 @@ def parse_args(argv=None):
         p.error(f"--val-fraction must be at least 0 and below 1, got {args.val_fraction}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.clip_pretrained != "none" and os.path.isfile(args.clip_pretrained):
-        args.clip_pretrained = os.path.abspath(args.clip_pretrained)  # recorded: sample.py loads it from anywhere
+    if args.encoder_weights is None:
+        args.encoder_weights = "pretrained" if args.encoder.startswith("timm:") else "openai"
+    if os.path.isfile(args.encoder_weights):
+        args.encoder_weights = os.path.abspath(args.encoder_weights)  # recorded: sample.py loads it from anywhere
     return args
 
 
-def output_shape(clip_model, preprocess, device):
-    """(n_tokens, width) of this CLIP's image features, from one blank picture."""
-    pixels = preprocess(Image.new("RGB", (64, 64)))[None].to(device)  # (1, 3, 224, 224)
-    return tuple(image_features(clip_model, pixels).shape[1:])
+def output_shape(encoder, device):
+    """(n_tokens, width) of this encoder's image features, from one blank picture."""
+    pixels = encoder.preprocess(Image.new("RGB", (64, 64)))[None].to(device)  # (1, 3, 224, 224)
+    return tuple(encoder(pixels).shape[1:])
+
+
+def check_same_encoder(old_meta, record, meta_path):
+    if old_meta and not same_encoder(old_meta["encoder"], record):
+        raise ValueError(f"{meta_path}: features of {describe_encoder(old_meta['encoder'])} are here, not of "
+                         f"{describe_encoder(record)}; choose another --out-dir")
 
 
 def main(argv=None):
@@ -751,23 +876,23 @@ def main(argv=None):
     splits = read_splits(args)
     os.makedirs(args.out_dir, exist_ok=True)
     meta_path = os.path.join(args.out_dir, "meta.json")
-    skipped = {}
-    if os.path.exists(meta_path):  # continuing: only with the same encoder, or rows would mix two of them
-        old = read_meta(args.out_dir)
-        if (old["clip_model"], old["clip_pretrained"]) != (args.clip_model, args.clip_pretrained):
-            raise ValueError(f"{meta_path}: features of CLIP {old['clip_model']} ({old['clip_pretrained']}) are "
-                             f"here; choose another --out-dir")
-        skipped = old.get("skipped", {})
+    old = read_meta(args.out_dir) if os.path.exists(meta_path) else None
+    # continuing: only with the same encoder, or rows would mix two of them. Asked before it is loaded (a
+    # download, maybe), and again after, when its input size and preprocessing are known
+    wanted = {"name": args.encoder, "weights": args.encoder_weights, "image_size": args.image_size, "preprocess": None}
+    check_same_encoder(old, wanted, meta_path)
     use_device(args.device)
-    clip_model, preprocess = load_clip(args.clip_model, args.clip_pretrained, args.device)
-    n_tokens, width = output_shape(clip_model, preprocess, args.device)
-    meta = {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "n_tokens": n_tokens,
+    encoder = load_encoder(args.encoder, args.encoder_weights, args.device, args.image_size)
+    check_same_encoder(old, encoder.record, meta_path)
+    skipped = old.get("skipped", {}) if old else {}
+    n_tokens, width = output_shape(encoder, args.device)
+    meta = {"encoder": encoder.record, "n_tokens": n_tokens,
             "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json,
             "captions_jsonl": args.captions_jsonl, "images_dir": images_dir(args), "skipped": skipped}
     if not os.path.exists(meta_path):  # before any split file: none exists without the record of its CLIP
         write_json(meta_path, meta)
     for split, images in splits.items():
-        meta["skipped"][split] = extract_split(split, images[:args.limit], clip_model, preprocess, args.out_dir,
+        meta["skipped"][split] = extract_split(split, images[:args.limit], encoder, args.out_dir,
                                                (n_tokens, width), args.batch_size, args.num_workers, args.device)
         # only once the split's files have been accepted: a run refused (other images, damaged files) leaves
         # the record of the earlier run as it was

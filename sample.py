@@ -17,8 +17,9 @@ From Python:
     captions, attention = captioner.caption(["dog.jpg"], return_attention=True)
     attention[0].words, attention[0].patches         # -> ['a', 'dog', ...], (n_words, 7, 7) arrays
 
-An image is encoded by the CLIP model recorded in the checkpoint (the one its training features came from),
-then the decoder writes the caption after an <|endoftext|> prompt, cross-attending to the image's 50 tokens.
+An image is encoded by the image encoder recorded in the checkpoint (the one its training features came from,
+with the same preprocessing), then the decoder writes the caption after an <|endoftext|> prompt,
+cross-attending to the image's tokens (50 for CLIP ViT-B/32).
 
 Decoding: captions use beam search by default (--beam, 3 beams; 1 is greedy decoding). --temperature,
 --top-k or --top-p sample instead. Text is always sampled, by default as train_gpt2.py's samples are: temperature 1
@@ -32,7 +33,8 @@ pays for long texts and many captions, not for one short caption (BENCHMARKS.md 
 Attention maps: for each word of the caption, its cross-attention over the image's patches, averaged over
 heads and cross-attention layers, laid over the image. CLIP ViT-B/32 cuts the 224 x 224 centre square it sees
 into 7 x 7 patches of 32 pixels (ViT-L/14: 16 x 16 of 14); its first token, CLS, stands for the whole image
-and has no place on the grid, so its share of the attention is written in each word's title.
+and has no place on the grid, so its share of the attention is written in each word's title (with a DINOv2
+register model, CLS and the 4 registers together).
 """
 
 import argparse
@@ -58,39 +60,46 @@ TEXT_TOP_K = 50
 
 
 class Captioner:
-    """A caption checkpoint together with the CLIP encoder its features came from."""
+    """A caption checkpoint together with the image encoder (coco.ImageEncoder) its features came from."""
 
-    def __init__(self, model, clip_model, preprocess, device, dtype="float32"):
-        self.model, self.clip_model, self.preprocess = model.eval(), clip_model, preprocess
+    def __init__(self, model, encoder, device, dtype="float32"):
+        self.model, self.encoder = model.eval(), encoder
         self.device, self.dtype = str(device), dtype
         self.device_type = torch.device(self.device).type  # autocast wants "cuda", not "cuda:1"
-        # JPEGs are decoded at reduced size, but with both sides kept >= twice CLIP's input (448 for 224): a
+        # JPEGs are decoded at reduced size, but with both sides kept >= twice the encoder's input (448 for 224): a
         # photo under 896 px on a side, as all of COCO's are (640 px at most), is then decoded exactly as
         # coco.py decoded the training images. Reduced towards 224 instead, a 640x480 photo would decode at 1/2
         # scale and its CLIP input move by 0.02-0.08 on average (normalised pixel units; measured on two photos).
-        self.decode_size = 2 * clip_input_size(clip_model)
+        self.image_size, self.prefix_tokens = encoder.record["image_size"], encoder.record["prefix_tokens"]
+        self.decode_size = 2 * self.image_size if self.image_size else None
         self.enc = tiktoken.get_encoding("gpt2")
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", dtype=None):
-        """device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; the decoder and CLIP both go there. dtype: the
+        """device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; the decoder and the image encoder both go there. dtype: the
         decoder's autocast dtype, by default the best the device has (bfloat16 on a recent GPU)."""
         device = default_device() if device == "auto" else str(device)
         model, checkpoint = GPT.from_checkpoint(path, kind="caption")
-        clip_model, preprocess = coco.load_clip(checkpoint["clip"]["model"], checkpoint["clip"]["pretrained"], device)
+        trained_on = coco.encoder_record(checkpoint)
+        if not trained_on:
+            raise ValueError(f"{path}: records no image encoder (not written by train_caption.py?)")
+        encoder = coco.load_encoder(trained_on["name"], trained_on["weights"], device, trained_on["image_size"])
+        if not coco.same_encoder(trained_on, encoder.record):  # a timm or open_clip that preprocesses otherwise
+            raise ValueError(f"{path}: its images were preprocessed as {trained_on['preprocess']}, but this "
+                             f"installation's {trained_on['name']} does {encoder.record['preprocess']}")
         # the full device ("cuda:1"): the question "does it do bfloat16?" is about that GPU, not about GPU 0
-        return cls(model.to(device), clip_model, preprocess, device, dtype or default_dtype(device))
+        return cls(model.to(device), encoder, device, dtype or default_dtype(device))
 
     def pixels(self, image):
-        """A path or a PIL image -> (3, H, W), CLIP's input. A file is decoded here, and a JPEG at reduced
+        """A path or a PIL image -> (3, H, W), the encoder's input. A file is decoded here, and a JPEG at reduced
         size (see open_image), so a big photo never sits in memory at full size."""
         if isinstance(image, (str, os.PathLike)):
             image = open_image(image, self.decode_size)
-        return self.preprocess(image.convert("RGB"))
+        return self.encoder.preprocess(image.convert("RGB"))
 
     def encode(self, pixels):
-        """(B, 3, H, W) -> (B, N_img, width): CLIP's image tokens, what the decoder cross-attends to."""
-        return coco.image_features(self.clip_model, pixels.to(self.device))
+        """(B, 3, H, W) -> (B, N_img, width): the encoder's image tokens, what the decoder cross-attends to."""
+        return self.encoder(pixels.to(self.device))
 
     @torch.no_grad()
     def caption(self, images, beam_size=None, max_new_tokens=30, temperature=None, top_k=None, top_p=None,
@@ -112,7 +121,7 @@ class Captioner:
                          top_p=None, generator=None, return_attention=False):
         """image_feats (B, N_img, width) from encode() -> B captions; the options are caption()'s."""
         if return_attention:
-            patch_grid_side(image_feats.size(1))  # an image that cannot be drawn fails before decoding
+            patch_grid_side(image_feats.size(1), self.prefix_tokens)  # one that cannot be drawn fails now
         beam_size, temperature = choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=self.device)
         with autocast(self.device_type, self.dtype):
@@ -141,11 +150,12 @@ class Captioner:
         with autocast(self.device_type, self.dtype), recording_cross_attention(self.model) as layers:
             self.model.hidden_states(idx, image_feats)
         weights = torch.stack(layers).mean(dim=(0, 2)).cpu()  # (layers, B, nh, T, N) -> (B, T, N)
-        side = patch_grid_side(weights.size(-1))
+        prefix = self.prefix_tokens
+        side = patch_grid_side(weights.size(-1), prefix)
         return [CaptionAttention(words=[self.enc.decode([token]).strip() for token in tokens],
-                                 # CLIP's tokens: CLS, then the patches row by row from the top left
-                                 patches=weights[b, :len(tokens), 1:].reshape(len(tokens), side, side).numpy(),
-                                 cls=weights[b, :len(tokens), 0].numpy(),
+                                 # the tokens: CLS (and registers), then the patches row by row from the top left
+                                 patches=weights[b, :len(tokens), prefix:].reshape(len(tokens), side, side).numpy(),
+                                 cls=weights[b, :len(tokens), :prefix].sum(-1).numpy(),
                                  heads=self.model.config.n_head, layers=len(layers))
                 for b, tokens in enumerate(token_lists)]
 
@@ -154,8 +164,8 @@ class Captioner:
 class CaptionAttention:
     """Where the words of one caption looked. words[t] is the text of the caption's token t (one token per word
     mostly; a rare word is two or more). patches[t] (rows, cols) is token t's share of attention on each patch
-    of the image, row 0 at the top, column 0 on the left, as the image is shown; cls[t] its share on CLIP's CLS
-    token. They add up to 1: patches[t].sum() + cls[t] == 1. Averaged over `heads` heads and `layers`
+    of the image, row 0 at the top, column 0 on the left, as the image is shown; cls[t] its share on the CLS
+    token (and the registers, if the encoder has them). They add up to 1: patches[t].sum() + cls[t] == 1. Averaged over `heads` heads and `layers`
     cross-attention layers."""
     words: list
     patches: np.ndarray  # (n_words, rows, cols)
@@ -164,12 +174,13 @@ class CaptionAttention:
     layers: int
 
 
-def patch_grid_side(n_image_tokens):
-    """CLIP ViT's tokens are CLS + a square grid of patches: 50 -> 7 (ViT-B/32), 257 -> 16 (ViT-L/14)."""
-    side = math.isqrt(max(n_image_tokens - 1, 0))
-    if side < 1 or side * side != n_image_tokens - 1:
-        raise ValueError(f"{n_image_tokens} image tokens are not a CLS token + a square grid of patches: no map to "
-                         f"draw (CLIP ViT-B/32 has 1 + 7 x 7)")
+def patch_grid_side(n_image_tokens, prefix_tokens=1):
+    """A ViT's tokens are CLS (and registers) + a square grid of patches: 50 -> 7 (ViT-B/32), 257 -> 16
+    (ViT-L/14); 261 with 5 prefix tokens -> 16 (DINOv2 ViT/14 with registers, at 224 px)."""
+    side = math.isqrt(max(n_image_tokens - prefix_tokens, 0))
+    if side < 1 or side * side != n_image_tokens - prefix_tokens:
+        raise ValueError(f"{n_image_tokens} image tokens are not {prefix_tokens} (CLS, registers) + a square grid: no map "
+                         f"to draw (CLIP ViT-B/32 has 1 + 7 x 7)")
     return side
 
 
@@ -196,12 +207,6 @@ def until_end_of_text(tokens):
     return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
-def clip_input_size(clip_model):
-    """The side of CLIP's square input (224 for ViT-B/32): no image needs more pixels than that."""
-    size = getattr(clip_model.visual, "image_size", 224)  # open_clip keeps (H, W), or an int for some models
-    return max(size) if isinstance(size, (tuple, list)) else int(size)
-
-
 def open_image(path, size=None):
     """Decode an image fully now (PIL is lazy), so a corrupt file fails here, named, and not mid-batch.
     size: the smallest side wanted. A JPEG is then decoded at 1/2, 1/4 or 1/8 scale, as long as both sides
@@ -226,9 +231,9 @@ def open_image(path, size=None):
 # Pictures of the attention (matplotlib, imported only here)
 
 
-def clip_view(image, size):
-    """The part of the image CLIP sees, at the size it sees it: its preprocessing scales the short side to `size`
-    and crops the centre square, and the patch grid covers that square, not the whole photo."""
+def encoder_view(image, size):
+    """The part of the image the encoder sees, at the size it sees it: its preprocessing scales the short side to
+    `size` and crops the centre square, and the patch grid covers that square, not the whole photo."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -246,10 +251,10 @@ def as_title(text):
 
 
 def attention_figure(image, caption, attention, size=224):
-    """-> a matplotlib Figure: the image as CLIP saw it, titled with the caption, then one panel per word with its
+    """-> a matplotlib Figure: the image as the encoder saw it, titled with the caption, then one panel per word with its
     attention laid over the image, titled with the word and the CLS token's share. One colour scale for all."""
     from matplotlib.figure import Figure
-    view = clip_view(image, size)
+    view = encoder_view(image, size)
     n = len(attention.words)
     columns = min(6, n + 1)
     rows = math.ceil((n + 1) / columns)
@@ -268,7 +273,7 @@ def attention_figure(image, caption, attention, size=224):
     grid_rows, grid_cols = attention.patches.shape[1:]
     layers = f"{attention.layers} cross-attention layer{'s' if attention.layers != 1 else ''}"
     note = (f"Attention of each word over the {grid_rows}x{grid_cols} patches, averaged over {attention.heads} heads "
-            f"and {layers} (bright: most). CLS: the share on CLIP's whole-image token")
+            f"and {layers} (bright: most). CLS: the share on the whole-image token")
     # 9-point text runs ~15 characters to the inch (measured on this note): ~30 fit a 2.3-inch panel
     figure.suptitle(textwrap.fill(note, 30 * columns), fontsize=9)
     return figure
@@ -287,7 +292,7 @@ def attention_map_paths(path, images):
 
 def save_attention_map(captioner, file, caption, attention, path):
     image = open_image(file, captioner.decode_size)
-    attention_figure(image, caption, attention, clip_input_size(captioner.clip_model)).savefig(path, dpi=100)
+    attention_figure(image, caption, attention, captioner.image_size).savefig(path, dpi=100)
     print(f"sample.py: {file}: attention map in {path}", file=sys.stderr)
 
 
@@ -309,7 +314,7 @@ def caption_files(args):
     map_paths = attention_map_paths(args.attention_map, args.image) if drawing else {}
     failed = 0
     # images are decoded one batch at a time, just before they are captioned: memory holds one batch of
-    # CLIP inputs however many files there are
+    # encoder inputs however many files there are
     for start in range(0, len(args.image), args.batch_size):
         batch = args.image[start:start + args.batch_size]
         files, pixels = read_images(captioner, batch)
@@ -330,7 +335,7 @@ def caption_files(args):
 
 
 def read_images(captioner, files):
-    """-> (the files that could be read, their CLIP inputs). Each one that cannot is named on stderr."""
+    """-> (the files that could be read, their encoder inputs). Each one that cannot is named on stderr."""
     good, pixels = [], []
     for file in files:
         try:

@@ -193,7 +193,7 @@ def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
     append_log(args.out_dir, f"{step} cider {cider:.4f}")
     if improved:
         save_checkpoint({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": step,
-                         "cider": cider, "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
+                         "cider": cider, "encoder": meta["encoder"]},
                         os.path.join(args.out_dir, caption_eval.BEST_CHECKPOINT))
     return cider, max(cider, best_cider)
 
@@ -333,7 +333,7 @@ def main(args):
         n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
               f"{len(train_data.image_ids):,} train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M "
-              f"parameters train | CLIP {meta['clip_model']} ({meta['clip_pretrained']})")
+              f"parameters train | encoder {coco.describe_encoder(meta['encoder'])}")
         print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
               f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
               f"{max_steps * args.total_batch_size / n_pairs:.2f} caption-epochs"
@@ -373,7 +373,7 @@ def main(args):
                                  "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
                                  "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng,
                                  "wandb_id": tracker.run_id, "args": vars(args),
-                                 "clip": {"model": meta["clip_model"], "pretrained": meta["clip_pretrained"]}},
+                                 "encoder": meta["encoder"]},
                                 saved)
                 if args.keep_last:
                     prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])

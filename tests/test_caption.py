@@ -43,7 +43,7 @@ def build_dataset(root):
     with open(root / "val2017" / "000000000101.jpg", "r+b") as f:  # a truncated JPEG
         f.truncate(200)
     features = root / "features"
-    result = run_script("coco.py", "--coco-dir", root, "--out-dir", features, "--clip-pretrained", "none",
+    result = run_script("coco.py", "--coco-dir", root, "--out-dir", features, "--encoder-weights", "none",
                         "--batch-size", 2, "--num-workers", 0, "--device", "cpu", threads=2)
     return root, features, result
 
@@ -103,7 +103,7 @@ def test_default_training_changes_only_cross_attention_and_resumes_exactly(datas
     assert list(straight) == list(range(6)) and straight == read_train_losses(tmp_path / "split")
 
     trained = torch.load(tmp_path / "straight" / "model_000006.pt", weights_only=True)
-    assert trained["kind"] == "caption" and trained["clip"] == {"model": "ViT-B-32-quickgelu", "pretrained": "none"}
+    assert trained["kind"] == "caption" and (trained["encoder"]["name"], trained["encoder"]["weights"]) == ("ViT-B-32-quickgelu", "none")
     before = lm.state_dict()
     changed = {name for name, tensor in trained["model"].items()
                if name not in before or not torch.equal(tensor, before[name])}

@@ -295,7 +295,8 @@ def fake_features_dir(monkeypatch, clip_model="ViT-B-32-quickgelu", n=3):
     features = random_features(n)
     split = coco.Split(features, np.arange(n), np.arange(100, 100 + n), [f"{i}.jpg" for i in range(n)],
                        [["a red square", "a square that is red"]] * n, [[]] * n)
-    meta = {"clip_model": clip_model, "clip_pretrained": "openai", "n_tokens": 7, "width": 16, "splits": ["val"]}
+    encoder = {"name": clip_model, "weights": "openai", "image_size": 224, "prefix_tokens": 1, "preprocess": None}
+    meta = {"encoder": encoder, "n_tokens": 7, "width": 16, "splits": ["val"]}
     monkeypatch.setattr(caption_eval.coco, "read_meta", lambda features_dir: meta)
     monkeypatch.setattr(caption_eval.coco, "load_split", lambda features_dir, split_name: split)
 

@@ -1,5 +1,5 @@
 """coco.py on a synthetic COCO: the official annotation schema, a few PIL-drawn JPEGs (two of them broken) and a
-randomly initialised CLIP ViT-B/32 (--clip-pretrained none: the same seed-0 weights in every process).
+randomly initialised CLIP ViT-B/32 (--encoder-weights none: the same seed-0 weights in every process).
 
 What is promised: the stored features are CLIP's 50 tokens after ln_post, row-aligned with ids and captions;
 broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
@@ -25,7 +25,7 @@ from PIL import Image
 import coco
 from scripts import run_script
 
-CLIP = ["--clip-model", "ViT-B-32-quickgelu", "--clip-pretrained", "none", "--device", "cpu"]
+CLIP = ["--encoder", "ViT-B-32-quickgelu", "--encoder-weights", "none", "--device", "cpu"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (240, 230, 20), (200, 30, 200), (20, 220, 220)]
 TRAIN_IDS, VAL_IDS = [1, 2, 3, 4, 5, 6], [100, 101]
 TRUNCATED, NOT_AN_IMAGE = 3, 5  # two broken train2017 files, in the middle so good rows come after them
@@ -81,7 +81,7 @@ def clip():
 
 def encode_file(clip, path):
     clip_model, preprocess = clip
-    return coco.image_features(clip_model, preprocess(Image.open(path).convert("RGB"))[None])[0]  # (50, 768)
+    return coco.clip_tokens(clip_model, preprocess(Image.open(path).convert("RGB"))[None])[0]  # (50, 768)
 
 
 # -----------------------------------------------------------------------------
@@ -107,7 +107,10 @@ def test_features_are_fp16_clip_tokens_aligned_with_ids_and_captions(dataset, cl
     val = coco.load_split(features, "val")
     assert val.image_ids.tolist() == VAL_IDS and len(val) == 2 and val.image_feats(np.arange(2)).shape == (2, 50, 768)
     assert coco.read_meta(features) == {
-        "clip_model": "ViT-B-32-quickgelu", "clip_pretrained": "none", "n_tokens": 50, "width": 768,
+        "encoder": {"name": "ViT-B-32-quickgelu", "weights": "none", "image_size": 224, "prefix_tokens": 1,
+                    "preprocess": [["Resize", 224, "bicubic"], ["CenterCrop", [224, 224]],
+                                   ["Normalize", [0.481455, 0.457827, 0.408211], [0.268630, 0.261303, 0.275777]]]},
+        "n_tokens": 50, "width": 768,
         "splits": ["train", "val"], "karpathy_json": None, "captions_jsonl": None, "images_dir": None,
         "skipped": {"train": [file_name(TRUNCATED), file_name(NOT_AN_IMAGE)], "val": []}}
 
@@ -126,7 +129,7 @@ def test_image_features_are_every_token_after_ln_post(clip):
         x = visual.ln_post(visual.transformer(visual.ln_pre(x)))  # (2, 50, 768)
         pooled = x[:, 0] @ visual.proj  # CLIP's own image embedding: the CLS token, projected
         assert torch.allclose(pooled, clip_model.encode_image(pixels), atol=1e-4)
-    feats = coco.image_features(clip_model, pixels)
+    feats = coco.clip_tokens(clip_model, pixels)
     assert feats.shape == (2, 50, 768)
     assert torch.allclose(feats, x, atol=1e-4)
 
@@ -163,15 +166,15 @@ def test_limited_then_interrupted_run_finishes_equal_to_a_clean_run(dataset, tmp
     assert len(coco.load_split(out, "train")) == 2 and np.load(out / "train_features.npy").shape == (2, 50, 768)
 
     # then the full run, killed while encoding its second batch
-    real_image_features, calls = coco.image_features, []
+    real_clip_tokens, calls = coco.clip_tokens, []
 
     def dies_on_third_call(clip_model, pixels):  # call 1 measures the output shape, call 2 is the first batch
         calls.append(len(pixels))
         if len(calls) == 3:
             raise Killed
-        return real_image_features(clip_model, pixels)
+        return real_clip_tokens(clip_model, pixels)
 
-    monkeypatch.setattr(coco, "image_features", dies_on_third_call)
+    monkeypatch.setattr(coco, "clip_tokens", dies_on_third_call)
     with pytest.raises(Killed):
         coco.main(coco_args(root, out))
     monkeypatch.undo()
@@ -198,8 +201,9 @@ def test_limited_then_interrupted_run_finishes_equal_to_a_clean_run(dataset, tmp
 
 def test_features_of_another_clip_or_image_set_are_not_mixed(dataset, tmp_path):
     root, clean, _ = dataset
-    with pytest.raises(ValueError, match="meta.json: features of CLIP ViT-B-32-quickgelu \\(none\\)"):
-        coco.main(["--coco-dir", str(root), "--out-dir", str(clean), "--clip-pretrained", "openai"])
+    with pytest.raises(ValueError, match=r"meta.json: features of ViT-B-32-quickgelu \(none, 224 px\) are here, not of "
+                                          r"ViT-B-32-quickgelu \(openai\)"):
+        coco.main(["--coco-dir", str(root), "--out-dir", str(clean), "--encoder-weights", "openai"])
     out = tmp_path / "features"
     coco.main(coco_args(root, out, "--limit", 1))
     index = json.loads((out / "val_index.json").read_text())
@@ -245,7 +249,7 @@ def colour_clip(monkeypatch):
         return torch.tensor(np.array(image.resize((4, 4)), dtype=np.float32)).permute(2, 0, 1)  # (3, 4, 4)
 
     monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: (None, preprocess))
-    monkeypatch.setattr(coco, "image_features",
+    monkeypatch.setattr(coco, "clip_tokens",
                         lambda clip_model, pixels: pixels.mean(dim=(2, 3))[:, None, :].repeat(1, 2, 1))  # (B, 2, 3)
 
 
@@ -264,7 +268,7 @@ def write_jsonl(path, lines):
 
 
 def stub_args(out_dir, *extra):
-    return ["--out-dir", str(out_dir), "--clip-pretrained", "none", "--device", "cpu", "--num-workers", "0",
+    return ["--out-dir", str(out_dir), "--encoder-weights", "none", "--device", "cpu", "--num-workers", "0",
             "--batch-size", "2", *map(str, extra)]
 
 
@@ -497,7 +501,7 @@ def test_train_caption_trains_on_features_of_a_jsonl(tmp_path, clip, monkeypatch
     jsonl = folder / "captions.jsonl"
     write_jsonl(jsonl, lines)
     out = tmp_path / "features"
-    # the real CLIP architecture (random weights, seed 0, as --clip-pretrained none builds it), built once per module
+    # the real CLIP architecture (random weights, seed 0, as --encoder-weights none builds it), built once per module
     monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: clip)
     coco.main(["--captions-jsonl", str(jsonl), "--out-dir", str(out), "--val-fraction", "0", *CLIP,
                "--num-workers", "0"])
@@ -509,9 +513,65 @@ def test_train_caption_trains_on_features_of_a_jsonl(tmp_path, clip, monkeypatch
                "--eval-cider-images", 0, "--device", "cpu")
     checkpoint = torch.load(tmp_path / "run" / "model_000002.pt", weights_only=True)
     assert checkpoint["kind"] == "caption"
-    assert checkpoint["clip"] == {"model": "ViT-B-32-quickgelu", "pretrained": "none"}  # from the features' meta.json
+    encoder = checkpoint["encoder"]  # from the features' meta.json
+    assert (encoder["name"], encoder["weights"], encoder["image_size"]) == ("ViT-B-32-quickgelu", "none", 224)
     logged = (tmp_path / "run" / "log.txt").read_text().split()
     assert "train" in logged and "val" in logged
+
+
+def test_a_timm_dinov2_encoder_end_to_end(tmp_path):
+    """timm:NAME as the encoder (DINOv2 ViT-S/14, random weights, at 224 px instead of its 518): its tokens and
+    preprocessing are recorded in meta.json and the checkpoints, train_caption.py reads the width from there, and
+    sample.py rebuilds the same encoder from the checkpoint alone, and refuses a preprocessing that changed."""
+    from test_caption import tiny_lm_checkpoint
+    import sample
+    folder = tmp_path / "mine"
+    lines = []
+    for k, colour in enumerate((RED, GREEN, BLUE)):
+        draw(folder / f"{k}.png", colour)
+        lines.append({"image": f"{k}.png", "captions": [f"colour {k}"], "split": "val" if k == 2 else "train"})
+    write_jsonl(folder / "captions.jsonl", lines)
+    out = tmp_path / "features"
+    dinov2 = "timm:vit_small_patch14_dinov2.lvd142m"
+    coco.main(["--captions-jsonl", str(folder / "captions.jsonl"), "--out-dir", str(out), "--encoder", dinov2,
+               "--encoder-weights", "none", "--image-size", "224", "--device", "cpu", "--num-workers", "0"])
+    meta = coco.read_meta(out)
+    assert (meta["n_tokens"], meta["width"]) == (257, 384)  # CLS + 16 x 16 patches of 14 px, ViT-S width
+    assert coco.load_split(out, "train").image_feats(np.arange(2)).shape == (2, 257, 384)
+    encoder = meta["encoder"]
+    assert (encoder["name"], encoder["weights"], encoder["image_size"], encoder["prefix_tokens"]) == (
+        dinov2, "none", 224, 1)
+    assert encoder["preprocess"][-1] == ["Normalize", [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]  # ImageNet's
+    with pytest.raises(ValueError, match=r"features of timm:vit_small_patch14_dinov2.lvd142m \(none, 224 px\) are "
+                                         r"here, not of timm:vit_small_patch14_dinov2.lvd142m \(none, 518 px\)"):
+        coco.main(["--captions-jsonl", str(folder / "captions.jsonl"), "--out-dir", str(out), "--encoder", dinov2,
+                   "--encoder-weights", "none", "--device", "cpu", "--num-workers", "0"])  # its own 518 px
+
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    run_script("train_caption.py", "--features-dir", out, "--init", tmp_path / "lm.pt", "--out-dir", tmp_path / "run",
+               "--total-batch-size", 2, "--batch-size", 2, "--max-steps", 1, "--eval-every", 1, "--val-images", 1,
+               "--eval-cider-images", 0, "--device", "cpu")
+    checkpoint_path = tmp_path / "run" / "model_000001.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    assert checkpoint["encoder"] == encoder and checkpoint["config"]["n_embd_img"] == 384
+    result = run_script("sample.py", "--image", folder / "0.png", "--checkpoint", checkpoint_path,
+                        "--max-new-tokens", 3, "--device", "cpu")
+    assert result.stdout.startswith(f"{folder / '0.png'}:")
+
+    checkpoint["encoder"]["preprocess"][-1][1] = [0.5, 0.5, 0.5]  # as if another timm normalised otherwise
+    torch.save(checkpoint, checkpoint_path)
+    with pytest.raises(ValueError, match=r"model_000001.pt: its images were preprocessed as .*0.5, 0.5, 0.5.*, but this "
+                                         r"installation's timm:vit_small_patch14_dinov2.lvd142m does .*0.485"):
+        sample.main(["--image", str(folder / "0.png"), "--checkpoint", str(checkpoint_path), "--device", "cpu"])
+
+
+def test_register_tokens_are_kept_ahead_of_the_patch_grid():
+    """DINOv2 with registers: CLS + 4 registers + 16 x 16 patches at 224 px; the attention map's grid skips all 5."""
+    import sample
+    encoder = coco.load_encoder("timm:vit_small_patch14_reg4_dinov2.lvd142m", "none", "cpu", image_size=224)
+    feats = encoder(encoder.preprocess(Image.new("RGB", (300, 200), RED))[None])
+    assert feats.shape == (1, 261, 384) and encoder.record["prefix_tokens"] == 5
+    assert sample.patch_grid_side(261, encoder.record["prefix_tokens"]) == 16
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +581,7 @@ def test_train_caption_trains_on_features_of_a_jsonl(tmp_path, clip, monkeypatch
 def without_clip(monkeypatch):
     """coco.main up to the point where it would encode images: enough to see it refuse, in a fraction of a second."""
     monkeypatch.setattr(coco, "load_clip", lambda model_name, pretrained, device: (None, None))
-    monkeypatch.setattr(coco, "output_shape", lambda clip_model, preprocess, device: (50, 768))
+    monkeypatch.setattr(coco, "output_shape", lambda encoder, device: (50, 768))
 
 
 def cut(path, size):
@@ -571,7 +631,7 @@ def test_a_damaged_meta_json_is_named_and_left_as_it_is(dataset, tmp_path, monke
     shutil.copytree(clean, out)
     (out / "meta.json").write_text(damage)
     expected = re.escape(f"{out / 'meta.json'}: damaged (") + ".*" + re.escape(
-        "); delete it and run coco.py again with the --clip-model and --clip-pretrained that made these features")
+        "); delete it and run coco.py again with the --encoder and --encoder-weights that made these features")
     with pytest.raises(ValueError, match=f"^{expected}$"):
         coco.read_meta(out)
     without_clip(monkeypatch)
@@ -603,8 +663,8 @@ def test_a_missing_image_is_called_missing_and_a_broken_one_unreadable(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     # no CLIP: every readable image is a (2, 4) block of ones
-    monkeypatch.setattr(coco, "image_features", lambda clip_model, pixels: torch.ones(len(pixels), 2, 4))
-    skipped = coco.extract_split("train", images, None, lambda image: torch.zeros(3, 8, 8), str(out), (2, 4))
+    encoder = coco.ImageEncoder(lambda pixels: torch.ones(len(pixels), 2, 4), lambda image: torch.zeros(3, 8, 8), {})
+    skipped = coco.extract_split("train", images, encoder, str(out), (2, 4))
     assert skipped == [file_name(1), file_name(2)]
     err = capsys.readouterr().err
     assert f"coco.py: {images[0][1]}: no such file, skipped" in err
@@ -695,7 +755,7 @@ def test_clip_weights_that_cannot_be_found_are_named(tmp_path):
         coco.load_clip("ViT-Q-99", "none", "cpu")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(FileNotFoundError, match="cannot load CLIP ViT-B-32-quickgelu's weights .* --clip-pretrained"):
+    with pytest.raises(FileNotFoundError, match="cannot load ViT-B-32-quickgelu's weights .* --encoder-weights"):
         coco.load_clip("ViT-B-32-quickgelu", str(broken), "cpu")
 
 
@@ -812,3 +872,11 @@ def test_a_numbered_gpu_is_made_current_before_clip_is_loaded(tmp_path, monkeypa
     with pytest.raises(Killed):
         coco.main(coco_args(root, tmp_path / "features", "--device", "cuda:1"))
     assert calls == [("set_device", "cuda:1"), ("load_clip", "cuda:1")]
+
+
+def test_the_old_clip_flag_names_still_work():
+    """--clip-model and --clip-pretrained were the two flags' names when CLIP was the only encoder."""
+    args = coco.parse_args(["--clip-model", "ViT-L-14-quickgelu", "--clip-pretrained", "none"])
+    assert (args.encoder, args.encoder_weights) == ("ViT-L-14-quickgelu", "none")
+    assert coco.parse_args(["--encoder", "timm:vit_small_patch14_dinov2.lvd142m"]).encoder_weights == "pretrained"
+    assert coco.parse_args([]).encoder_weights == "openai"

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import coco
@@ -21,7 +22,7 @@ CLIP_WIDTH = 48
 
 class TinyClip(torch.nn.Module):
     """Stands in for open_clip's CLIP (seconds to build, about a second per image on this CPU) with what
-    coco.image_features and sample.py use of it: encode_image, a visual.ln_post over the token sequence (a CLS
+    coco.clip_tokens and sample.py use of it: encode_image, a visual.ln_post over the token sequence (a CLS
     token, then 7 x 7 patches row by row, as in ViT-B/32), and visual.image_size."""
 
     def __init__(self):
@@ -43,6 +44,7 @@ class RecordingPreprocess:
 
     def __init__(self):
         self.sizes = []
+        self.transforms = [torchvision.transforms.CenterCrop(224)]  # where coco.load_encoder reads the input size
 
     def __call__(self, image):
         self.sizes.append(image.size)
@@ -60,6 +62,13 @@ def clip(monkeypatch):
         return TinyClip().eval(), seen["preprocess"]
     monkeypatch.setattr(coco, "load_clip", load_clip)
     return seen
+
+
+def tiny_encoder():
+    """A TinyClip as coco.load_encoder would give it."""
+    clip_model, preprocess = TinyClip().eval(), RecordingPreprocess()
+    return coco.ImageEncoder(lambda pixels: coco.clip_tokens(clip_model, pixels), preprocess,
+                             {"name": "tiny", "weights": "none", "image_size": 224, "prefix_tokens": 1})
 
 
 def tiny_decoder(cross_attn_every=2):
@@ -137,13 +146,13 @@ def test_good_options_pass_and_temperature_zero_is_accepted():
     ({"beam_size": 4, "temperature": 0.8}, "beam search or sampling"),  # was sampling, the beam ignored
 ])
 def test_captioner_refuses_bad_options(options, message):
-    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    captioner = sample.Captioner(tiny_decoder(), tiny_encoder(), "cpu")
     with pytest.raises(ValueError, match=message):
         captioner.caption([Image.new("RGB", (32, 32))], **options)
 
 
 def test_captioner_decodes_each_way():
-    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    captioner = sample.Captioner(tiny_decoder(), tiny_encoder(), "cpu")
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     greedy = captioner.caption([image], beam_size=1, max_new_tokens=4)
     assert captioner.caption([image], temperature=0.0, max_new_tokens=4) == greedy  # temperature 0 is greedy
@@ -208,10 +217,10 @@ def test_images_are_decoded_one_batch_at_a_time(checkpoints, clip, tmp_path, mon
     caption, _ = checkpoints
     files = [write_image(tmp_path / f"{i}.png", 24, 24) for i in range(5)]
     opened, opened_when_encoding = [], []
-    real_open, real_image_features = Image.open, coco.image_features
+    real_open, real_clip_tokens = Image.open, coco.clip_tokens
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
-    monkeypatch.setattr(coco, "image_features",
-                        lambda *a: opened_when_encoding.append(len(opened)) or real_image_features(*a))
+    monkeypatch.setattr(coco, "clip_tokens",
+                        lambda *a: opened_when_encoding.append(len(opened)) or real_clip_tokens(*a))
     assert run("--image", *files, "--checkpoint", caption, "--batch-size", 2) == 0
     assert opened_when_encoding == [2, 4, 5]  # not [5, 5, 5]: every image decoded before the first batch
 
@@ -287,7 +296,7 @@ def noise_image(width, height, seed=0):
 
 @pytest.mark.parametrize("decoding", [{"beam_size": 1}, {"beam_size": 3}, {"temperature": 1.0}])
 def test_caption_returns_a_map_per_word_that_sums_to_one(decoding):
-    captioner = sample.Captioner(opened_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
+    captioner = sample.Captioner(opened_decoder(), tiny_encoder(), "cpu")
     images = [noise_image(64, 48), Image.new("RGB", (40, 40), (200, 30, 30))]
     options = dict(max_new_tokens=5, **decoding)
     captions, attention = captioner.caption(images, return_attention=True, generator=torch.Generator().manual_seed(0),
@@ -305,7 +314,7 @@ def test_maps_are_the_weights_decoding_used():
     """The maps come from one pass over the finished caption; recorded step by step while decoding greedily
     with the KV cache, the weights are the same: causal attention shows position t what it saw at step t."""
     model = opened_decoder()
-    captioner = sample.Captioner(model, TinyClip(), RecordingPreprocess(), "cpu")
+    captioner = sample.Captioner(model, tiny_encoder(), "cpu")
     image_feats = torch.randn(2, 50, CLIP_WIDTH)
     with torch.no_grad(), recording_cross_attention(model) as steps:  # one cross-attention layer: one entry a step
         model.generate(torch.full((2, 1), EOT_TOKEN), 6, temperature=0, image_feats=image_feats)
@@ -332,7 +341,7 @@ def test_maps_have_the_image_orientation():
         key = block.xattn.c_kv(image_embs[0, patch])[:model.config.n_embd]  # the patch's key, heads side by side
         block.xattn.c_q.weight.zero_()
         block.xattn.c_q.bias.copy_(100 * key)  # every query is that key: a high score there, 0 everywhere else
-    captioner = sample.Captioner(model, TinyClip(), RecordingPreprocess(), "cpu")
+    captioner = sample.Captioner(model, tiny_encoder(), "cpu")
     caption = "a red square"
     [maps] = captioner.attention(image_feats, [captioner.enc.encode(caption)])  # the maps of a given caption
     assert maps.words == ["a", "red", "square"]
@@ -368,8 +377,8 @@ def test_attention_map_files_are_named_after_the_images():
 
 
 def test_image_tokens_without_a_square_grid_are_refused():
-    captioner = sample.Captioner(tiny_decoder(), TinyClip(), RecordingPreprocess(), "cpu")
-    with pytest.raises(ValueError, match="49 image tokens are not a CLS token"):  # patches without CLS
+    captioner = sample.Captioner(tiny_decoder(), tiny_encoder(), "cpu")
+    with pytest.raises(ValueError, match=r"49 image tokens are not 1 \(CLS, registers\) \+ a square grid"):  # patches without CLS
         captioner.caption_features(torch.randn(1, 49, CLIP_WIDTH), beam_size=1, return_attention=True)
     assert sample.patch_grid_side(257) == 16  # ViT-L/14
 
