@@ -412,12 +412,13 @@ def load_clip(model_name, pretrained, device):
         what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
         raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
                                 f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
-    if pretrained == "none":
-        torch.manual_seed(0)  # open_clip builds on the CPU first, so the weights are the same on every device
-        pretrained = None
     try:
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                          device=device)
+        # 'none': seed 0, in a forked RNG so the caller's stays as it was. open_clip builds on the CPU first,
+        # so the weights are the same on every device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=None if pretrained == "none" else pretrained, device=device)
     except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
         raise weights_error(pretrained, model_name, e) from None
     return clip_model.eval(), preprocess
@@ -431,11 +432,12 @@ def load_timm(model_name, weights, device, image_size):
         raise ValueError(f"{model_name}: not a timm model name (see timm.list_models('vit_*'))")
     if weights not in ("pretrained", "none") and not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights}: no such weights file (or: pretrained, none)")
-    torch.manual_seed(0)  # for 'none'
     options = {"num_classes": 0, **({"img_size": image_size} if image_size else {}),
                **({"pretrained_cfg_overlay": {"file": weights}} if os.path.isfile(weights) else {})}
     try:
-        model = timm.create_model(model_name, pretrained=weights != "none", **options)
+        with torch.random.fork_rng(devices=[]):  # 'none': seed 0, as for CLIP
+            torch.manual_seed(0)
+            model = timm.create_model(model_name, pretrained=weights != "none", **options)
     except Exception as e:
         raise weights_error(weights, model_name, e) from None
     if not hasattr(model, "num_prefix_tokens"):

@@ -880,3 +880,11 @@ def test_the_old_clip_flag_names_still_work():
     assert (args.encoder, args.encoder_weights) == ("ViT-L-14-quickgelu", "none")
     assert coco.parse_args(["--encoder", "timm:vit_small_patch14_dinov2.lvd142m"]).encoder_weights == "pretrained"
     assert coco.parse_args([]).encoder_weights == "openai"
+
+
+def test_loading_an_encoder_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    coco.load_encoder("timm:vit_small_patch14_dinov2.lvd142m", "none", "cpu", image_size=56)
+    assert torch.equal(torch.rand(3), expected)
