@@ -722,7 +722,42 @@ def bench_recipe(args):
             json.dump({"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
                        "curves": [{"optimizer": a[0], "lr": a[1], "floor": a[2], "val": curve, "ms_per_step": ms_per_step[a]}
                                   for a, curve in curves.items()]}, f, indent=1)
-        print(f"curves written to {args.out}")
+        figure = os.path.splitext(args.out)[0] + ".png"
+        plot_recipe(args.out, figure)
+        print(f"curves written to {args.out}, drawn in {figure}")
+
+
+def plot_recipe(json_path, png_path):
+    with open(json_path) as f:
+        figure = recipe_figure(json.load(f))
+    figure.savefig(png_path, dpi=110)
+
+
+def recipe_figure(record):
+    """bench.py recipe's record -> a Figure of val loss against tokens: every arm faint, the reference and the
+    best arm of each optimizer (lowest final val loss) bold; Muon solid, AdamW dashed."""
+    from matplotlib.figure import Figure
+    tokens_per_step = record["args"]["total_batch_size"]
+    arms = record["curves"]
+    final = lambda arm: arm["val"][max(arm["val"], key=int)]
+    best = [min((a for a in arms if a["optimizer"] == name), key=final) for name in ("adamw", "muon")
+            if any(a["optimizer"] == name for a in arms)]
+    reference = [a for a in arms if (a["optimizer"], a["lr"], a["floor"]) == ("adamw", 6e-4, 0.1)]
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for arm in arms:
+        steps = sorted(arm["val"], key=int)
+        bold = arm in best or arm in reference
+        role = " (reference)" if arm in reference else " (best)" if bold else ""
+        ax.plot([int(s) * tokens_per_step for s in steps], [arm["val"][s] for s in steps], lw=2 if bold else 0.8,
+                alpha=1 if bold else 0.35, ls="-" if arm["optimizer"] == "muon" else "--",
+                label=f"{arm['optimizer']} {arm['lr']:g}, floor {arm['floor']:g}{role}")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("val loss")
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))  # the first evaluations (~10.8) would flatten the rest
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return figure
 
 
 BENCHMARKS = {"train": bench_train, "caption": bench_caption, "sample": bench_sample, "generate": bench_generate,

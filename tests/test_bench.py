@@ -127,6 +127,20 @@ def test_recipe_arms_and_tokens_to_reach_the_reference():
     assert flags["--min-lr-ratio"] == "0.0" and flags["--seed"] == "1337" and flags["--max-steps"] == "300"
 
 
+def test_recipe_figure_marks_the_reference_and_each_optimizers_best():
+    import bench
+    arm = lambda optimizer, lr, floor, final: {"optimizer": optimizer, "lr": lr, "floor": floor, "ms_per_step": 1.0,
+                                               "val": {"0": 10.9, "25": final + 1, "50": final}}
+    record = {"args": {"total_batch_size": 512}, "curves": [
+        arm("adamw", 6e-4, 0.1, 6.0), arm("adamw", 1.8e-3, 0.1, 5.7), arm("muon", 6e-4, 0.1, 5.5),
+        arm("muon", 1.8e-3, 0.0, 5.2)]}
+    ax = bench.recipe_figure(record).axes[0]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+        "adamw 0.0006, floor 0.1 (reference)", "adamw 0.0018, floor 0.1 (best)", "muon 0.0006, floor 0.1",
+        "muon 0.0018, floor 0 (best)"]
+    assert ax.lines[1].get_xdata().tolist() == [0, 25 * 512, 50 * 512]  # tokens, not steps
+
+
 # --- bench.py generate: ours eager, ours compiled, transformers ------------------------------------------------
 
 
