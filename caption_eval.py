@@ -55,7 +55,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import coco
-from model import EOT_TOKEN, GPT
+from model import EOT_TOKEN, GPT, until_end_of_text
 from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
 
 # the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
@@ -251,14 +251,9 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
                                                 max_new_tokens=max_new_tokens, length_penalty=length_penalty)
             else:
                 tokens = model.generate(prompt, max_new_tokens, temperature=0, image_feats=image_feats)
-                token_lists = [up_to_end_of_text(row[1:]) for row in tokens.tolist()]
+                token_lists = [until_end_of_text(row[1:]) for row in tokens.tolist()]
         captions += [enc.decode(tokens).strip() for tokens in token_lists[:n_images]]
     return captions
-
-
-def up_to_end_of_text(tokens):
-    """A generated row is the caption, then <|endoftext|> (and more of them as padding once it has finished)."""
-    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
 def decodings(beam_sizes, length_penalties):

@@ -23,9 +23,10 @@ tokens get the lowest cross-entropy loss. Two ways to add up that loss give two 
 - acc_norm: the lowest *mean* loss per ending token, which takes the length out. This is the number
             train_gpt2.py logs, and the one to compare with GPT-2 and GPT-3.
 
-Guessing scores 0.25. For GPT-2 124M, build-nanogpt's hellaswag.py (the same method, in float32) reports
-acc 0.2859 and acc_norm 0.2955; EleutherAI's lm-evaluation-harness reports 0.2892 and 0.3114, because it
-rewrites the text a little and divides by the ending's characters instead of its tokens.
+Guessing scores 0.25. GPT-2 124M scores acc_norm 0.2945 this way: the reference line of build-nanogpt's
+training plot (play.ipynb, 0.294463), which train_gpt2.py and plot_log.py compare with. EleutherAI's
+lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little and divides
+by the ending's characters instead of its tokens.
 
 The validation set (10,042 examples) is downloaded once into $HELLASWAG_DIR, by default the folder
 hellaswag/ beside this file; under DDP, once per node, in case the nodes do not share that folder.

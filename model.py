@@ -428,7 +428,7 @@ class GPT(nn.Module):
             if (best_score >= scores.max(dim=1).values / max_new_tokens ** length_penalty).all():
                 break
         # beams still alive at the length limit compete too
-        self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens, ended=False)
+        self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
         return best_tokens
 
     def new_cache(self, batch_size, max_len):
@@ -467,7 +467,8 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
 
     @staticmethod
-    def _keep_best(normalized_scores, beams, best_score, best_tokens, ended=True):
+    def _keep_best(normalized_scores, beams, best_score, best_tokens):
+        """Per row, the best of the K hypotheses scored (B, K) replaces best_tokens[b] if it beats best_score[b]."""
         top_score, top_beam = normalized_scores.max(dim=1)  # (B,)
         improved = (top_score > best_score).nonzero().flatten().tolist()
         for b in improved:
@@ -553,6 +554,11 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_k {top_k}: must be at least 1")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p {top_p}: must be in (0, 1]")
+
+
+def until_end_of_text(tokens):
+    """A generated row (a list) is the text, then <|endoftext|> (and more of them, as padding once it ended)."""
+    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

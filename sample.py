@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 import coco
 from caption_eval import choose_checkpoint
-from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, check_sampling, recording_cross_attention
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, check_sampling, recording_cross_attention, until_end_of_text
 from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
@@ -201,10 +201,6 @@ def choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p):
     if beam_size < 1:
         raise ValueError(f"beam_size {beam_size}: must be at least 1 (1 is greedy decoding)")
     return beam_size, 0.0
-
-
-def until_end_of_text(tokens):
-    return tokens[:tokens.index(EOT_TOKEN)] if EOT_TOKEN in tokens else tokens
 
 
 def open_image(path, size=None):

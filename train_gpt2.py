@@ -76,7 +76,8 @@ class ShardLoader:
     micro-batches. So the data of every step is the same on 1 GPU with 8x the gradient accumulation as on 8
     GPUs, and a checkpoint written on 8 GPUs resumes on 4 with the same data order. A step may span two
     shards; only the epoch's last < windows_per_step windows go unused (different ones each epoch).
-    Shuffling matters: build-nanogpt reads shards in a fixed order, and its val loss repeats with that period.
+    Shuffling matters: build-nanogpt reads its shards in the same order every epoch, and its train loss
+    shows that period.
     """
 
     def __init__(self, data_dir, T, windows_per_step, seed=1337, pin_memory=False):
