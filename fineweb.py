@@ -7,7 +7,7 @@ FineWeb-Edu (or your own text) -> GPT-2 token shards, the pretraining data for t
 
 Every document is tokenized with GPT-2's BPE and prefixed with <|endoftext|> (token 50256), so the model learns
 where one document ends and the next begins. The token stream is cut into shards of --shard-size tokens (100M by
-default), each saved as a 1-D uint16 .npy file: GPT-2's 50,257 token ids fit in 16 bits, which halves the disk
+default, build-nanogpt's size: 200 MB files, 100 of them for 10B tokens), each saved as a 1-D uint16 .npy file: GPT-2's 50,257 token ids fit in 16 bits, which halves the disk
 and memory of int32, and numpy's header records the dtype and length, so the training loader can memory-map a
 shard and check what it got. The first shard is the validation split:
 
@@ -76,7 +76,9 @@ def tokenize(text):
 
 
 def shard_path(out_dir, prefix, index):
-    split = "val" if index == 0 else "train"  # the first shard is held out for validation
+    # the first shard is held out for validation: the dataset's rows come in no particular order of topic, so
+    # its first 100M tokens are as good a sample as any (build-nanogpt's choice)
+    split = "val" if index == 0 else "train"
     return os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.npy")
 
 

@@ -2,12 +2,14 @@
 GPT-2, written out by hand, with optional cross-attention so the same decoder can caption images.
 
 Read it top to bottom: self-attention, MLP, the block that holds them, the config and the model (its
-forward pass and loss) are GPT-2, and a reader can stop there. Then come loading and saving weights
-(OpenAI's GPT-2, Hugging Face folders, our own checkpoints), generation (KV cache, sampling, beam search)
-and the cross-attention layer the captioner adds.
+forward pass and loss) are GPT-2, and a reader can stop there. The model then loads and saves weights
+(OpenAI's GPT-2, Hugging Face folders) and generates (greedy, sampling, beam search); after it come the
+cross-attention layer the captioner adds, the KV cache that makes generation fast, the optimizers, and
+weight files and checkpoints.
 
 With `cross_attn_every=0` this is exactly GPT-2: parameter names follow OpenAI/Hugging Face
-(`transformer.h.0.attn.c_attn.weight`, ...), so their weights load directly and give the same logits.
+(`transformer.h.0.attn.c_attn.weight`, ...), so their weights load after a small conversion (transposes;
+see _convert_gpt2_weights) and give the same logits.
 With `cross_attn_every=2`, every second block (blocks 1, 3, 5, ... counting from 0) also carries a
 cross-attention layer whose queries come from the text and whose keys/values come from image tokens
 (e.g. the 50 CLIP ViT-B/32 tokens of a picture). Its output projection starts at exactly zero, so adding
@@ -33,8 +35,21 @@ EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends eve
 # The layers of GPT-2
 
 
+def causal_attention(q, k, v):
+    """Attention written out; F.scaled_dot_product_attention(q, k, v, is_causal=True) computes the same
+    (tests/test_model.py checks), without ever forming the (T, T) matrix. q, k, v: (B, nh, T, hs), nh heads
+    of hs = n_embd / nh dimensions. Each position's query is compared with every key (a dot product, scaled by
+    1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores into weights summing to
+    1, and the output is that weighted mean of the values. Causal: position t sees positions <= t only."""
+    T = q.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # True above the diagonal
+    weights = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # exp(-inf) = 0: no weight there
+    return weights @ v  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
-    """Each token attends to itself and the tokens before it, in n_head heads at once."""
+    """Each token attends to itself and the tokens before it, in n_head heads at once (causal_attention)."""
 
     def __init__(self, config):
         super().__init__()
@@ -48,9 +63,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, cache=None, layer=0):
+        """x (B, T, C). cache: while generating, a KVCache (defined further down) holding the keys and values
+        of the tokens already seen, in the slot of block number `layer`; None in training."""
         B, T, C = x.size()  # batch, sequence length, embedding width (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs): the heads become a batch dimension
+        # (B, T, C) -> (B, nh, T, hs), nh heads of hs dimensions: the heads become a batch dimension
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -59,7 +76,9 @@ class CausalSelfAttention(nn.Module):
             # flash attention on GPU: the (T, T) attention matrix is never materialised
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            # generation: the keys/values of earlier tokens are remembered, only new tokens are computed
+            # generation: the keys/values of earlier tokens are remembered, only new tokens are computed. Not
+            # is_causal=True: that mask is for T queries over the same T keys, and these T new queries come
+            # after the cached keys, so their mask is shifted (KVCache.attend makes it)
             y = cache.attend(layer, q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -117,7 +136,7 @@ class GPTConfig:
     n_embd: int = 768
     cross_attn_every: int = 0  # 0: plain GPT-2; k: blocks k-1, 2k-1, ... also cross-attend to the image
     n_embd_img: int = 768  # width of the image tokens (768 for CLIP ViT-B/32, 1024 for ViT-L/14)
-    dropout: float = 0.0  # 0 for pretraining (one epoch: no overfitting to fight), maybe 0.1 to fine-tune
+    dropout: float = 0.0  # GPT-2 used 0.1; 0 here, as in build-nanogpt: one epoch has no overfitting to fight
 
     def has_cross_attn(self, layer):
         return self.cross_attn_every > 0 and (layer + 1) % self.cross_attn_every == 0
@@ -149,7 +168,8 @@ class GPT(nn.Module):
         ))
         if config.cross_attn_every > 0:
             # image tokens come in at the encoder's width; one shared projection brings them to n_embd,
-            # then each cross-attention layer makes its own keys and values from them
+            # then each cross-attention layer makes its own keys and values from them. The LayerNorm gives them
+            # the scale of the LayerNorm'd text the queries come from, whatever the encoder's output scale
             self.transformer.img_proj = nn.Linear(config.n_embd_img, config.n_embd)
             self.transformer.ln_img = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -161,7 +181,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            std = 0.02
+            std = 0.02  # GPT-2's initializer_range, near Xavier's 1/sqrt(768) = 0.036
             if getattr(module, "RESIDUAL_PROJECTION", False):
                 # every block adds two outputs to the residual stream; scaling their init by 1/sqrt(2 * n_layer)
                 # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3)
@@ -265,13 +285,17 @@ class GPT(nn.Module):
                            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
         # the fused kernel updates all parameters in one launch instead of a loop of small ones
         fused = device_type == "cuda"
+        # betas (0.9, 0.95) and eps 1e-8: GPT-3's Adam settings (its appendix B). beta2 0.95 rather than
+        # PyTorch's 0.999: the second-moment estimate adapts faster, steadier for large transformers
         if muon_lr is not None:
             return muon_and_adamw(trainable, groups, weight_decay, learning_rate, muon_lr, betas, fused)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, fused=fused)
 
     def flops_per_token(self, seq_len):
         """Model FLOPs of one training token (forward + backward), the PaLM paper's estimate: 6 per
-        parameter, plus the attention matmuls, which grow with the sequence length."""
+        parameter (a multiply-add is 2 FLOPs in the forward pass, twice that in the backward), plus the
+        attention matmuls, which grow with the sequence length: q k^T and weights @ v are each 2 x T x C
+        per token and layer forward, x3 with the backward: 12 x T x C."""
         cfg = self.config
         attention = 12 * cfg.n_layer * cfg.n_embd * seq_len
         return 6 * self.num_params() + attention
@@ -289,6 +313,7 @@ class GPT(nn.Module):
             hf = json.load(f)
         if hf.get("vocab_size") != GPT2_VOCAB_SIZE:
             raise ValueError(f"{config_path}: vocab_size {hf.get('vocab_size')}, expected GPT-2's {GPT2_VOCAB_SIZE}")
+        # gelu_new: transformers' name for the tanh approximation of GELU, GPT-2's (see MLP)
         if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"{config_path}: not a GPT-2 architecture (n_inner or activation_function differ)")
         config = GPTConfig(block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
@@ -411,7 +436,7 @@ class GPT(nn.Module):
         for step in range(1, max_new_tokens + 1):
             logits = self.next_token_logits(new_input, image_feats, cache)  # (B*K, V)
             logprobs = F.log_softmax(logits, dim=-1).view(B, K, V)
-            # 1) ending each live beam here is a finished hypothesis of length `step`
+            # 1) ending each live beam here is a finished hypothesis of length `step` (its <|endoftext|> counts)
             ended = (scores + logprobs[:, :, EOT_TOKEN]) / step ** length_penalty  # (B, K)
             self._keep_best(ended, beams, best_score, best_tokens)
             # 2) the K best ways to go on (without ending) become the new live beams
@@ -427,7 +452,7 @@ class GPT(nn.Module):
             # length normalisation can lift them at most to score / (longest length)**length_penalty
             if (best_score >= scores.max(dim=1).values / max_new_tokens ** length_penalty).all():
                 break
-        # beams still alive at the length limit compete too
+        # beams still alive at the length limit compete too; their length has no <|endoftext|> to count
         self._keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
         return best_tokens
 
@@ -801,8 +826,9 @@ def _gpt2_files(name_or_path):
 
 
 def _convert_gpt2_weights(hf_state_dict, config):
-    """Hugging Face GPT-2 names/layouts -> ours: add the 'transformer.' prefix where missing, transpose the
-    Conv1D weights, drop the causal-mask buffers, tie lm_head to wte, pad the vocabulary rows."""
+    """Hugging Face GPT-2 names/layouts -> ours: add the 'transformer.' prefix where missing (the hub's gpt2
+    files were saved from GPT2Model, whose keys are 'h.0...'; GPT2LMHeadModel writes 'transformer.h.0...'),
+    transpose the Conv1D weights, drop the causal-mask buffers, tie lm_head to wte, pad the vocabulary rows."""
     state_dict = {}
     for name, tensor in hf_state_dict.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":

@@ -7,8 +7,9 @@ Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
     python train_gpt2.py --resume auto                            # continue the newest checkpoint in --out-dir
 
 The defaults are the GPT-2 124M recipe (GPT-3 paper's hyperparameters for that size): 2**19 = 524,288 tokens
-per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, lr 6e-4 with 715 warmup
-steps and a cosine to 6e-5 at step 19,073 (one epoch of the 10B tokens).
+per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
+lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10B tokens: one pass
+over FineWeb-Edu's 10BT sample, its first shard held out for validation).
 
 Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}' lines for plot_log.py.
 """
@@ -68,7 +69,8 @@ class ShardLoader:
     """Training data, one optimizer step at a time: next_step() -> this rank's (x, y), y being x shifted by
     one token.
 
-    A shard is cut into windows of T tokens. Every epoch visits the shards in a new random order and each
+    A shard is cut into windows of T tokens. A window may start mid-document and run across an <|endoftext|>
+    into the next, unmasked: the token tells the model that what follows is unrelated (as in GPT-3's training). Every epoch visits the shards in a new random order and each
     shard's windows in a new random order (both drawn from (seed, epoch), so every rank agrees without
     talking). Laid end to end they make the epoch's stream of windows, and each optimizer step takes the next
     `windows_per_step` (= total batch size / T) of them, whatever the number of processes or the micro-batch
@@ -203,7 +205,7 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
     untouched, so sampling never changes what training does (or its exact resume)."""
     model.eval()
     idx = torch.tensor([enc.encode(prompt)] * num_samples, device=d.device)
-    generator = torch.Generator(device=d.device).manual_seed(42)
+    generator = torch.Generator(device=d.device).manual_seed(42)  # 42 and top-k 50: build-nanogpt's samples
     max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
     out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
     for row in out.tolist():
@@ -253,6 +255,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--eval-every", type=non_negative_int, default=250,
                    help="val loss every N steps (0: only at the end)")
+    # 20 x 2**19: build-nanogpt's 20 val steps of 64 x 1024 tokens on each of 8 GPUs
     p.add_argument("--val-tokens", type=positive_int, default=10485760,
                    help="val loss over this many tokens (20 x 2**19)")
     p.add_argument("--hellaswag-every", type=non_negative_int, default=250, help="HellaSwag every N steps (0: never)")
@@ -309,7 +312,7 @@ def print_plan(args, model, train_loader, d, dtype, use_compile, grad_accum_step
         warn(f"--eval-every {args.eval_every} > --max-steps {args.max_steps}: a val loss only at the end")
     if args.save_every > args.max_steps:
         warn(f"--save-every {args.save_every} > --max-steps {args.max_steps}: a checkpoint only at the end")
-    if epochs > 1:
+    if epochs > 1.05:  # the 124M recipe's 10B tokens are a few percent over one pass of 10BT's train shards
         warn(f"{epochs:.2f} epochs: the run sees its training data more than once")
 
 

@@ -119,9 +119,9 @@ def wait_for_each_other(d):
 
 
 def autocast(device_type, dtype):
-    """bf16 autocast: matmuls run in bfloat16 (2x the tensor-core throughput of tf32), while the weights,
-    the optimizer and reductions such as the loss stay in float32. bf16 has float32's exponent range, so,
-    unlike fp16, it needs no loss scaling."""
+    """Mixed precision: matmuls run in bfloat16 or float16 (2x the tensor-core throughput of tf32), while the
+    weights, the optimizer and reductions such as the loss stay in float32. bf16 has float32's exponent range,
+    so, unlike fp16, it needs no loss scaling (grad_scaler). "float32": no autocast."""
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
@@ -367,7 +367,9 @@ class OutDirLock:
 
     The lock is a file holding the host and pid of its run, created atomically (O_EXCL) and removed at exit.
     A run killed with SIGKILL leaves it behind; it is stale when its process is gone (same host) or, from
-    another host, when the run has not touched it for STALE_AFTER seconds (heartbeat() at every step)."""
+    another host, when the run has not touched it for STALE_AFTER seconds (heartbeat() at every step).
+    15 minutes: longer than a step, a checkpoint write or an evaluation takes on a GPU, so a live run is not
+    taken for a dead one."""
     STALE_AFTER = 15 * 60
 
     def __init__(self, out_dir):

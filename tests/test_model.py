@@ -110,6 +110,19 @@ def tiny_captioner(seed=0):
     return model
 
 
+def test_written_out_attention_is_what_sdpa_computes():
+    """model.causal_attention, the formula the reader sees, against the fused kernel the model runs."""
+    from model import causal_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 7, 16).unbind(0)  # (B=2, nh=4, T=7, hs=16) each
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(causal_attention(q, k, v), fused, atol=1e-6)
+    # causal: changing the last token's key and value changes no earlier position's output
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1], v2[:, :, -1] = 5.0, 5.0
+    assert torch.equal(causal_attention(q, k2, v2)[:, :, :-1], causal_attention(q, k, v)[:, :, :-1])
+
+
 def test_recorded_cross_attention_is_the_one_sdpa_used():
     """SDPA returns no weights: recording_cross_attention computes them from the same q and k. Multiplied by the
     values they give back what SDPA handed the output projection, and each sums to 1 over the image tokens."""
