@@ -11,8 +11,9 @@ Caption every image of a split and score the captions with the standard COCO cap
 BLEU-1..4, METEOR, ROUGE-L and CIDEr-D against all (about five) references of each image, computed by
 pycocoevalcap exactly as the official COCO evaluation (`COCOEvalCap`) does: captions and references go through
 the same PTB tokenizer, then the same scorers. Only then are the numbers comparable with published ones.
-ClipCap, for instance, reports CIDEr 113 on Karpathy's test split: pycocoevalcap prints that as 1.13, papers
-multiply every metric by 100. SPICE only with --spice: it needs Stanford CoreNLP (~1 GB, downloaded once by
+ClipCap, for instance, reports CIDEr 113 on Karpathy's test split (its transformer mapper, GPT-2 frozen; 108 with
+an MLP and GPT-2 fine-tuned): pycocoevalcap prints that as 1.13, papers multiply every metric by 100. SPICE only
+with --spice: it needs Stanford CoreNLP (~1 GB, downloaded once by
 `python -m pycocoevalcap.spice.get_stanford_models`) and Java 8 (pycocoevalcap's issues report it failing on
 Java 16 and later).
 
@@ -32,15 +33,14 @@ results format [{"image_id": 42, "caption": "a dog on a beach"}, ...]; after a s
 
 --gallery PAGE.html writes one self-contained web page: for --gallery-images images, the picture, the caption
 and its references side by side, with the image's own CIDEr-D; --gallery-order worst puts the lowest first.
-After a sweep it shows the captions of the best row. The pictures come from the COCO folder coco.py read
-(--coco-dir): its features record only the file names.
+After a sweep it shows the captions of the best row. The pictures come from where coco.py read them: meta.json's
+images_dir (Flickr, your own jsonl), else the COCO folder --coco-dir (COCO's features record only file names).
 """
 
 import argparse
 import base64
 import html
 import io
-import json
 import math
 import os
 import re
@@ -193,7 +193,7 @@ def cider_d_score(predictions, references):
 def cider_d(model, split, device, dtype, n_images=500, batch_size=64, max_new_tokens=30):
     """CIDEr-D of greedy captions of the first n_images of a coco.Split: the number train_caption.py logs at
     each eval and keeps best.pt by. model: the GPT itself (not a DDP wrapper), on device; it is left in the mode
-    (train or eval) it came in. dtype: 'bfloat16' or 'float32', as for caption_images.
+    (train or eval) it came in. dtype: as for caption_images.
 
     The same images every time, so the numbers of one run compare with each other. They do not compare with a
     caption_eval.py run's: the tokenizer here is simple_tokenize, not Java's PTB tokenizer (training machines
@@ -226,8 +226,8 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
                    progress=True):
     """features: (N, N_img, width) array, memmap or tensor of image tokens, or a coco.Split -> N captions.
     Beam search when beam_size > 1, greedy decoding when it is 1 (length_penalty then plays no part). dtype
-    'bfloat16' (what default_dtype picks on a recent GPU) runs the decoder's matmuls under bf16 autocast;
-    'float32' runs them as they are. progress=False: no progress bar (training's evals).
+    'bfloat16' or 'float16' (what default_dtype picks on a recent or an older GPU) runs the decoder's matmuls
+    under autocast; 'float32' runs them as they are. progress=False: no progress bar (training's evals).
     With the model's decoding step compiled (GPT.compile_decode_step), a last batch of fewer images is padded to
     batch_size by repeating its last image: one compiled shape for the whole split instead of a second compile
     (tens of seconds) for a few images."""
@@ -505,14 +505,10 @@ def print_table(rows, best):
 
 
 def write_text(path, text):
-    """Write to a temporary file, then rename: a crash never leaves half a results file."""
+    """Write to a temporary file, then rename: a crash never leaves half a gallery page."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
 
 
 def caption_and_score(model, split, combinations, args, dtype):
@@ -537,11 +533,11 @@ def report(rows, settings, out):
     """Print the metrics (one decoding) or the table (several), and write them to the results JSON."""
     if len(rows) == 1:
         print_metrics(rows[0]["metrics"])
-        write_json(out, {**settings, **rows[0]})
+        coco.write_json(out, {**settings, **rows[0]})
     else:
         best = best_row(rows)
         print_table(rows, best)
-        write_json(out, {**settings, "best": {key: rows[best][key] for key in ("beam", "length_penalty")},
+        coco.write_json(out, {**settings, "best": {key: rows[best][key] for key in ("beam", "length_penalty")},
                          "rows": rows})
     print(f"wrote {out}")
 

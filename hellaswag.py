@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import GPT
-from training import autocast, default_device, default_dtype, use_device
+from training import autocast, default_device, default_dtype, positive_int, use_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = os.environ.get("HELLASWAG_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -173,9 +173,8 @@ def score_examples(logits, tokens, mask):
     """logits (4E, L, V) of E examples' rows, 4 consecutive rows per example -> ([pred], [pred_norm]), E each."""
     # the logits at position t predict the token at t+1: drop the last prediction and the first token
     in_ending = mask[:, 1:].bool()  # (4E, L-1): True where the token being predicted belongs to an ending
-    # Only those positions are scored, so only their logits are taken, and converted to float32 for the
-    # log-softmax (bf16 autocast gives bf16 logits). Converting all (4E, L, V) would copy ~5x as much: a
-    # HellaSwag row is mostly context.
+    # Only those positions are scored, so only their logits go to float32 for the log-softmax (autocast gives
+    # bf16 or fp16 logits): converting all (4E, L, V) would copy the context's and the padding's too, for nothing.
     ending_logits = logits[:, :-1][in_ending].float()  # (N, V), N = ending tokens in the whole batch
     ending_losses = F.cross_entropy(ending_logits, tokens[:, 1:][in_ending], reduction="none")  # (N,)
     # back into place, row by row (boolean indexing and masked_scatter walk the mask in the same order);
@@ -210,8 +209,8 @@ def crop_to_block_size(tokens, mask, block_size):
 def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None, progress=False, batch_size=16):
     """Score examples -> (num_correct, num_correct_norm, num_total), summed over all processes.
     Process `rank` of `world_size` scores examples rank, rank + world_size, ...; under torch.distributed the
-    three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32'
-    for full precision, 'bfloat16' for bf16 autocast, as in training. batch_size examples (4 rows each) go
+    three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32' for
+    full precision, 'bfloat16' or 'float16' for autocast, as in training. batch_size examples (4 rows each) go
     through the model together: 4 rows of a hundred-odd tokens are too little work to keep a GPU busy."""
     enc = tiktoken.get_encoding("gpt2")
     device_type = torch.device(device).type
@@ -250,21 +249,21 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 checkpoint (validation set)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a .pt file written by train_gpt2.py (or train_caption.py)")
+    source.add_argument("--checkpoint", help="a .pt file from train_gpt2.py (or train_caption.py: see load_model)")
     source.add_argument("--pretrained", help="OpenAI weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder")
     p.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: downloaded once into {DATA_DIR})")
-    p.add_argument("--limit", type=int, help="score only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (4 rows each)")
+    p.add_argument("--limit", type=positive_int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU that has it")
-    args = p.parse_args(argv)
-    for name in ("limit", "batch_size"):  # below 1: "no examples" (a misleading error) or a division by zero
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    return args
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on a GPU that has it, float16 on older GPUs, float32 elsewhere")
+    return p.parse_args(argv)
 
 
 def load_model(args):
+    # A caption checkpoint is scored as its text decoder: no image_feats, so the cross-attention is skipped. After
+    # the default --train cross (no --unfreeze-after) GPT-2's weights are untouched and the score is the initial
+    # LM's; after --train cross+mlp, all or --unfreeze-after it shows what captioning cost the language model.
     if args.checkpoint is not None:
         model, checkpoint = GPT.from_checkpoint(args.checkpoint)
         return model, f"{args.checkpoint} (step {checkpoint.get('step', '?')})"

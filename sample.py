@@ -2,7 +2,7 @@
 Captions for images, or text from a prompt.
 
     python sample.py --image dog.jpg cat.png                     # log_caption/best.pt (else the newest), beam search
-    python sample.py --image dog.jpg --checkpoint log_caption/model_020000.pt --beam 5
+    python sample.py --image dog.jpg --checkpoint log_caption/model_011558.pt --beam 5
     python sample.py --image dog.jpg --temperature 0.8 --top-p 0.9 --num-samples 3
     python sample.py --image dog.jpg --attention-map dog_attention.png   # where each word looked (matplotlib)
     python sample.py --prompt "Hello, I'm a language model,"     # the newest checkpoint in log/
@@ -12,7 +12,7 @@ Captions for images, or text from a prompt.
 From Python:
 
     from sample import Captioner
-    captioner = Captioner.from_checkpoint("log_caption/model_020000.pt")
+    captioner = Captioner.from_checkpoint("log_caption/model_011558.pt")
     captioner.caption(["dog.jpg", "cat.png"])        # -> ['a dog running on the grass', ...]
     captions, attention = captioner.caption(["dog.jpg"], return_attention=True)
     attention[0].words, attention[0].patches         # -> ['a', 'dog', ...], (n_words, 7, 7) arrays
@@ -53,7 +53,7 @@ from torch.nn import functional as F
 import coco
 from caption_eval import choose_checkpoint
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, check_sampling, recording_cross_attention, until_end_of_text
-from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
+from training import autocast, default_device, default_dtype, latest_checkpoint, positive_int, use_device
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
 TEXT_TOP_K = 50
@@ -390,7 +390,8 @@ def say_what_compiled(model):
 
 def autocast_for(device):
     """Autocast for the device ("cuda:1"): its type ("cuda") is what torch.autocast takes, while the dtype
-    is chosen for that very GPU, not for GPU 0 (bfloat16 where it runs natively, else float32: no autocast)."""
+    is chosen for that very GPU, not for GPU 0: bfloat16 where it runs natively, float16 on older GPUs, float32
+    (no autocast) off the GPU."""
     return autocast(torch.device(device).type, default_dtype(device))
 
 
@@ -405,13 +406,6 @@ def new_tokens_that_fit(prompt_tokens, max_new_tokens, block_size):
         print(f"sample.py: note: {room} new tokens, not {max_new_tokens}: the prompt's {prompt_tokens} tokens leave "
               f"no more room in the model's block_size of {block_size}", file=sys.stderr)
     return min(max_new_tokens, room)
-
-
-def count(text):
-    """argparse type of --beam, --num-samples, ...: a whole number >= 1."""
-    if not text.strip().isdecimal() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
-    return int(text)
 
 
 def temperature_value(text):
@@ -478,15 +472,16 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint-dir", help="where to look when --checkpoint is not given (default: log_caption for "
                                             "--image, log for --prompt)")
     p.add_argument("--pretrained", help="with --prompt: OpenAI weights (gpt2, gpt2-medium, ...) or a GPT-2 folder")
-    p.add_argument("--beam", type=count, help="beam width for captions (default 3; 1: greedy)")
+    p.add_argument("--beam", type=positive_int, help="beam width for captions (default 3; 1: greedy)")
     p.add_argument("--temperature", type=temperature_value,
                    help="sample instead of beam search (0: greedy; default 1 for --prompt, as train_gpt2.py's samples)")
-    p.add_argument("--top-k", type=count, help=f"sample among the k likeliest tokens (default {TEXT_TOP_K} for --prompt, "
-                                               f"as train_gpt2.py's samples; {GPT2_VOCAB_SIZE}: all of them)")
+    p.add_argument("--top-k", type=positive_int,
+                   help=f"sample among the k likeliest tokens (default {TEXT_TOP_K} for --prompt, as train_gpt2.py's "
+                        f"samples; {GPT2_VOCAB_SIZE}: all of them)")
     p.add_argument("--top-p", type=probability, help="sample among the likeliest tokens holding probability p")
-    p.add_argument("--num-samples", type=count, default=1, help="samples per image or prompt")
-    p.add_argument("--max-new-tokens", type=count, default=None, help="default: 30 for captions, 200 for text")
-    p.add_argument("--batch-size", type=count, default=16, help="images per batch")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per image or prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30 for captions, 200 for text")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--compile", action="store_true",

@@ -1,12 +1,13 @@
 """
-Teach a pretrained GPT-2 to caption images: cross-attention layers in every second block read frozen CLIP
-features of the image (written once by coco.py), and the decoder learns to write the COCO captions.
+Teach a pretrained GPT-2 to caption images: cross-attention layers in every second block (why: see
+--cross-attn-every) read frozen features of the image (CLIP's by default, written once by coco.py), and the
+decoder learns to write the COCO captions.
 
     python coco.py --download                                   # once: COCO 2017 -> CLIP features
     python train_caption.py --init gpt2                         # OpenAI's GPT-2 124M
     python train_caption.py --init log/model_019073.pt          # or our own pretrained checkpoint
     torchrun --standalone --nproc_per_node=8 train_caption.py --init gpt2
-    python sample.py --image dog.jpg                            # caption with the newest checkpoint
+    python sample.py --image dog.jpg                            # caption with best.pt (else the newest)
 
 By default only what captioning adds is trained: the cross-attention layers, their LayerNorms and the image
 projection (the language model keeps what it knows, and training is cheap). --train cross+mlp also trains
@@ -44,9 +45,9 @@ from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_
 def caption_batch(token_lists, max_tokens):
     """Captions (lists of token ids) -> inputs x and targets y, both (B, L).
     x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y, which the loss ignores.
-    L is the longest caption rounded up to a multiple of 16, at most max_tokens + 1: COCO captions are ~12
-    tokens, so padding every batch to the longest possible one (~50) would triple the work, while a length per
-    batch would make torch.compile build a new graph for each; this way it sees two or three shapes."""
+    L is the longest caption rounded up to a multiple of 16, at most max_tokens + 1 (41 by default): COCO
+    captions are ~12 tokens, so padding every batch to 41 would mostly compute padding, while a length per
+    batch would make torch.compile build a new graph for each; this way it sees at most three (16, 32, 41)."""
     sequences = [[EOT_TOKEN] + tokens[:max_tokens] + [EOT_TOKEN] for tokens in token_lists]
     L = min(-(-(max(len(s) for s in sequences) - 1) // 16) * 16, max_tokens + 1)
     x = torch.full((len(sequences), L), EOT_TOKEN, dtype=torch.long)
@@ -61,13 +62,15 @@ class CaptionLoader:
     """Training data, one optimizer step at a time: next_step() -> this rank's (image_feats, x, y) and the number
     of caption tokens in the whole step.
 
-    Each epoch visits the images in a new random order, and each step takes the next `images_per_step` of
-    them, whatever the number of processes or the micro-batch size. For each image one of its (about 5)
-    captions is drawn at random, so over the epochs the decoder meets them all. Both draws come from (seed,
-    epoch, position): every rank agrees without talking, and resuming replays them exactly. Only then is the
+    Each image-epoch (self.epoch) visits the images in a new random order, and each step takes the next
+    `images_per_step` of them, whatever the number of processes or the micro-batch size. For each image one of
+    its (about 5) captions is drawn at random, so over the image-epochs the decoder meets them all. (--epochs
+    and the step line count caption-epochs instead: passes over all image-caption pairs, ~5 image-epochs each.)
+    Both draws come from (seed, image-epoch, position): every rank agrees without talking, and resuming replays
+    them exactly. Only then is the
     step split: rank r of W takes the r-th of W equal slices and cuts it into micro-batches. So 8 GPUs and 1 GPU
     with 8x the accumulation train on the same images and captions at every step, and a checkpoint resumes on
-    another number of GPUs. The epoch's last < images_per_step images wait for the next epoch's order."""
+    another number of GPUs. An image-epoch's last < images_per_step images wait for the next one's order."""
 
     def __init__(self, data, images_per_step, max_tokens, seed=1337):
         self.data, self.images_per_step, self.max_tokens, self.seed = data, images_per_step, max_tokens, seed
@@ -153,9 +156,9 @@ def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
 # What trains
 
 
-# What --train trains, the three choices of published captioning recipes: only the layers captioning adds
-# (SmallCap), those plus GPT-2's MLPs and LayerNorms (where a transformer keeps most of its knowledge, and
-# its cheapest part to adapt), or everything (ClipCap's fine-tuned variant).
+# What --train trains, the three choices of published captioning recipes: only the layers captioning adds (as
+# SmallCap does), those plus GPT-2's MLPs and LayerNorms (where a transformer keeps most of its knowledge, and
+# its cheapest part to adapt), or everything (as ClipCap's MLP variant fine-tunes all of GPT-2).
 TRAINABLE = {
     "cross": is_cross_attn_param,
     "cross+mlp": lambda name: is_cross_attn_param(name) or ".mlp." in name or ".ln_" in name,
@@ -217,13 +220,17 @@ def parse_args(argv=None):
     p.add_argument("--init", default="gpt2", help="the language model to start from: gpt2, gpt2-medium, ... (HF hub), "
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
     p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
+    # Every second block rather than every block: half the added weights and compute, for fewer places where the
+    # text can look at the image. A cost/quality choice, not measured here (--cross-attn-every 1 puts one in every
+    # block, as SmallCap does); Flamingo-style models space theirs out too (OpenFlamingo-9B: every 4th block).
     p.add_argument("--cross-attn-every", type=positive_int, default=2,
                    help="a cross-attention layer in every k-th block")
     # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
-    # ~3M image-caption pairs, ~11,600 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
-    # (~5.9M pairs, GPT-2 fine-tuned too), SmallCap, which like our default trains only cross-attention,
-    # 2 epochs at batch 64 (~1.2M pairs). A micro-batch of 32 captions is only ~700 tokens: raise --batch-size
-    # on a large GPU (fewer accumulation steps, the same training).
+    # ~3M image-caption pairs, 11,558 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
+    # (~5.7M pairs of Karpathy's train split), SmallCap, which like our default trains only cross-attention,
+    # 2 epochs at batch 64 (~1.1M pairs). A micro-batch of 32 captions is only 32 x L positions, L being 32 once
+    # any of the step's 256 captions passes 15 tokens (see caption_batch): ~1K tokens. Raise --batch-size on a
+    # large GPU (fewer accumulation steps, the same training).
     p.add_argument("--total-batch-size", type=positive_int, default=256,
                    help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per micro-batch per process")
@@ -232,11 +239,17 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--stop-at", type=positive_int,
                    help="end this run after this step, with a checkpoint (then --resume auto)")
+    # 1e-4: SmallCap's rate for the same setup (new cross-attention, frozen GPT-2). The rest are choices, not tuned
+    # here: the cosine ends at 1e-5, 0.1 x --lr as in pretraining (absolute: set --min-lr when changing --lr);
+    # 500 warmup steps are ~4% of the default run, as pretraining's 715 are of 19,073; weight decay 0.01 is BERT's
+    # (and torch.optim.AdamW's default), lighter than pretraining's 0.1 for a short run; 40 caption tokens cut
+    # only the rare run-on caption (COCO's are ~12 tokens) and bound L at 41.
     p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of the new layers")
     # Pretrained weights are fine-tuned far more gently than new layers are trained: ClipCap fine-tuned GPT-2 at
     # 2e-5, BLIP its decoder at 1e-5. Both schedules follow the same cosine, scaled.
     p.add_argument("--lm-lr", type=positive_float, default=2e-5,
-                   help="peak learning rate of GPT-2's own weights, when they train (--unfreeze, --unfreeze-after)")
+                   help="peak learning rate of GPT-2's own weights, when they train (--train cross+mlp or all, "
+                        "--unfreeze-after)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
@@ -411,13 +424,14 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         if d.master:
-            epoch = (step + 1) * args.total_batch_size / n_pairs
+            caption_epochs = (step + 1) * args.total_batch_size / n_pairs  # what --epochs counts
             print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                  f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | epoch {epoch:.3f} | "
+                  f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | "
+                  f"caption-epochs {caption_epochs:.3f} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
-                        images_per_sec=args.total_batch_size / dt, epoch=epoch)
+                        images_per_sec=args.total_batch_size / dt, caption_epochs=caption_epochs)
             lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     tracker.finish()

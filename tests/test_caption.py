@@ -161,10 +161,10 @@ def features_with_captions_of_different_lengths(features, folder):
 
 
 def read_step_lines(result):
-    """{step: (loss, epoch)} from the printed step lines."""
+    """{step: (loss, caption-epochs)} from the printed step lines."""
     rows = [dict(field.strip().split(" ", 1) for field in line.split("|")) for line in result.stdout.splitlines()
-            if "| epoch" in line]
-    return {int(row["step"]): (float(row["loss"]), float(row["epoch"])) for row in rows}
+            if "| caption-epochs" in line]
+    return {int(row["step"]): (float(row["loss"]), float(row["caption-epochs"])) for row in rows}
 
 
 def test_the_step_is_the_same_however_it_is_split_over_processes_and_micro_batches(dataset, tmp_path):

@@ -471,7 +471,8 @@ def test_cli_bad_flag_values_name_the_flag(capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         hellaswag.parse_args(["--pretrained", "gpt2", flag, value])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {flag} must be at least 1, got {value}")
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: argument {flag}: must be a whole number > 0, "
+                                                             f"got {value}")
 
 
 def test_cli_on_a_numbered_gpu_uses_that_gpu_throughout(rows_path, monkeypatch):
