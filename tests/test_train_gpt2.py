@@ -366,6 +366,14 @@ def test_muon_without_its_own_rate_takes_the_adamw_rate():
     assert any(isinstance(o, torch.optim.Muon) for o in optimizer.optimizers)
 
 
+def test_recipe_fast_is_muon_at_its_measured_rate_and_flags_override_it():
+    from train_gpt2 import parse_args
+    fast = parse_args(["--recipe", "fast"])
+    assert (fast.optimizer, fast.max_lr, fast.muon_lr, fast.min_lr_ratio) == ("muon", 3.6e-3, 3.6e-3, 0.1)
+    mixed = parse_args(["--recipe", "fast", "--optimizer", "adamw", "--max-lr", "1e-3"])
+    assert (mixed.optimizer, mixed.max_lr, mixed.min_lr_ratio) == ("adamw", 1e-3, 0.1)
+
+
 def test_what_a_run_cannot_use_is_refused_with_one_line(tmp_path):
     """A GPU that is not there, token ids that are not GPT-2's, an out-dir another run holds, a resume onto
     changed data: each a one-line error naming the culprit, before any step is spent."""
