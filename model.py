@@ -763,7 +763,9 @@ def muon_and_adamw(trainable, adamw_groups, weight_decay, learning_rate, muon_lr
     gradient is. It is not meant for the embedding table (a lookup: each row is updated by its own tokens;
     here it is also the tied lm_head) or for vectors (biases, LayerNorm gains), which AdamW keeps.
     adjust_lr_fn="match_rms_adamw" scales each update to the size an AdamW update would have (Moonshot's
-    "Muon is Scalable"): Muon's rate and weight decay then mean what AdamW's do. Its groups carry
+    "Muon is Scalable": an orthogonalised (A, B) update has RMS ~1/sqrt(max(A, B)), so its rate is multiplied
+    by 0.2 x sqrt(max(A, B)), 0.2 being a typical AdamW update's RMS): Muon's rate and weight decay then mean
+    what AdamW's do. Its groups carry
     lr_scale = muon_lr / learning_rate, so the one schedule drives both optimizers."""
     hidden = {id(p) for name, p in trainable if p.dim() == 2 and ".h." in name and "wte" not in name}
     for group in adamw_groups:

@@ -186,7 +186,10 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
 
 
 def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
-    """CIDEr-D on a fixed few hundred val images (greedy), logged beside the val loss. The val loss keeps
+    """CIDEr-D on a fixed few hundred val images (greedy), logged beside the val loss. CIDEr scores a caption by
+    its n-grams (1 to 4) shared with the image's reference captions, each weighted by TF-IDF (rare words count
+    more); the -D variant, the one COCO reports, clips repeated n-grams and penalises length differences
+    (caption_eval.cider_d). The val loss keeps
     falling after the captions stop improving, so the checkpoint a paper would report is picked by the metric
     it reports: best.pt is rewritten (atomically) only when CIDEr-D improves. -> (CIDEr-D, best so far)."""
     cider = caption_eval.cider_d(model, val_data, d.device, dtype, n_images=args.eval_cider_images)

@@ -141,6 +141,8 @@ class ShardLoader:
             self.window_orders = {j: order for j, order in self.window_orders.items() if j >= k - 1}
             rng = np.random.default_rng([self.seed, self.epoch, k])
             self.window_orders[k] = rng.permutation(self.n_windows[shard])
+        # stream_ends[k] - n_windows[shard] is where the k-th shard begins in the epoch's stream: i minus that is
+        # the window's place within the shard, which the shard's shuffled order maps to a window of the file
         start = self.window_orders[k][i - (self.stream_ends[k] - self.n_windows[shard])] * self.T
         return self.shards[shard][start: start + self.T + 1]
 
