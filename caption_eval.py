@@ -444,9 +444,7 @@ def default_out(checkpoint_path, split, combinations):
 
 def check_same_encoder(checkpoint, checkpoint_path, meta, features_dir):
     """Features from another image encoder give fluent captions of nothing in particular, silently: refuse."""
-    trained_on = coco.encoder_record(checkpoint)
-    if not trained_on:
-        raise ValueError(f"{checkpoint_path}: records no image encoder (not written by train_caption.py?)")
+    trained_on = coco.trained_encoder(checkpoint, checkpoint_path)
     if not coco.same_encoder(trained_on, meta["encoder"]):
         raise ValueError(f"{checkpoint_path}: trained on features of {coco.describe_encoder(trained_on)}, "
                          f"but {features_dir} holds {coco.describe_encoder(meta['encoder'])}'s")

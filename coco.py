@@ -390,14 +390,13 @@ def load_encoder(name, weights=None, device="cpu", image_size=None):
     a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
     image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
     -> ImageEncoder, in eval mode, float32, on device."""
+    weights = weights or default_weights(name)
     if name.startswith("timm:"):
-        weights = weights or "pretrained"
         model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
         # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
         # learns which tokens to read, and registers hold image-wide information, as CLS does.
         tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
     else:
-        weights = weights or "openai"
         clip_model, preprocess = load_clip(name, weights, device)
         tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
     record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
@@ -405,6 +404,11 @@ def load_encoder(name, weights=None, device="cpu", image_size=None):
     if image_size is not None and image_size != record["image_size"]:
         raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
     return ImageEncoder(tokens, preprocess, record)
+
+
+def default_weights(name):
+    """--encoder-weights when none is given: OpenAI's CLIP weights, or a timm model's own pretrained ones."""
+    return "pretrained" if name.startswith("timm:") else "openai"
 
 
 def load_clip(model_name, pretrained, device):
@@ -514,6 +518,14 @@ def encoder_record(saved):
         return None
     return {"name": clip["model"], "weights": clip["pretrained"], "image_size": None, "prefix_tokens": 1,
             "preprocess": None}
+
+
+def trained_encoder(checkpoint, path):
+    """A caption checkpoint's encoder record; ValueError naming the file if it records none."""
+    record = encoder_record(checkpoint)
+    if not record:
+        raise ValueError(f"{path}: records no image encoder (not written by train_caption.py?)")
+    return record
 
 
 def same_encoder(a, b):
@@ -862,7 +874,7 @@ def parse_args(argv=None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.encoder_weights is None:
-        args.encoder_weights = "pretrained" if args.encoder.startswith("timm:") else "openai"
+        args.encoder_weights = default_weights(args.encoder)
     if os.path.isfile(args.encoder_weights):
         args.encoder_weights = os.path.abspath(args.encoder_weights)  # recorded: sample.py loads it from anywhere
     return args

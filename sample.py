@@ -80,9 +80,7 @@ class Captioner:
         decoder's autocast dtype, by default the best the device has (bfloat16 on a recent GPU)."""
         device = default_device() if device == "auto" else str(device)
         model, checkpoint = GPT.from_checkpoint(path, kind="caption")
-        trained_on = coco.encoder_record(checkpoint)
-        if not trained_on:
-            raise ValueError(f"{path}: records no image encoder (not written by train_caption.py?)")
+        trained_on = coco.trained_encoder(checkpoint, path)
         encoder = coco.load_encoder(trained_on["name"], trained_on["weights"], device, trained_on["image_size"])
         if not coco.same_encoder(trained_on, encoder.record):  # a timm or open_clip that preprocesses otherwise
             raise ValueError(f"{path}: its images were preprocessed as {trained_on['preprocess']}, but this "
