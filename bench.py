@@ -718,19 +718,14 @@ def bench_recipe(args):
                 f"final {target:.4f}", ["optimizer", "peak lr", "floor", "final val", "tokens to target",
                                         "speed-up", "ms/step"], rows)
     if args.out:
+        record = {"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
+                  "curves": [{"optimizer": a[0], "lr": a[1], "floor": a[2], "val": curve, "ms_per_step": ms_per_step[a]}
+                             for a, curve in curves.items()]}
         with open(args.out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
-                       "curves": [{"optimizer": a[0], "lr": a[1], "floor": a[2], "val": curve, "ms_per_step": ms_per_step[a]}
-                                  for a, curve in curves.items()]}, f, indent=1)
+            json.dump(record, f, indent=1)
         figure = os.path.splitext(args.out)[0] + ".png"
-        plot_recipe(args.out, figure)
+        recipe_figure(record).savefig(figure, dpi=110)
         print(f"curves written to {args.out}, drawn in {figure}")
-
-
-def plot_recipe(json_path, png_path):
-    with open(json_path) as f:
-        figure = recipe_figure(json.load(f))
-    figure.savefig(png_path, dpi=110)
 
 
 def recipe_figure(record):
