@@ -5,11 +5,14 @@ FineWeb-Edu (or your own text) -> GPT-2 token shards, the pretraining data for t
     python fineweb.py --max-tokens 20_000_000           # a small subset for quick runs
     python fineweb.py --local-files my.jsonl --out-dir data/mine --shard-size 1_000_000
 
+This file owns one step, text -> uint16 token shards. Its core comes first: documents -> tokens -> shards written
+whole to disk (tokenize_to_shards); the plumbing follows: local files, the hub, shard names, resuming, the CLI.
+
 Every document is tokenized with GPT-2's BPE and prefixed with <|endoftext|> (token 50256), so the model learns
 where one document ends and the next begins. The token stream is cut into shards of --shard-size tokens (100M by
-default, build-nanogpt's size: 200 MB files, 100 of them for 10B tokens), each saved as a 1-D uint16 .npy file: GPT-2's 50,257 token ids fit in 16 bits, which halves the disk
-and memory of int32, and numpy's header records the dtype and length, so the training loader can memory-map a
-shard and check what it got. The first shard is the validation split:
+default, build-nanogpt's size: 200 MB files, 100 of them for 10B tokens), each a 1-D uint16 .npy file: GPT-2's
+50,257 token ids fit in 16 bits, half the disk and memory of int32, and numpy's header records the dtype and
+length, so the training loader can memory-map a shard and check what it got. The first shard is the validation split:
 
     edu_fineweb10B/edufineweb_val_000000.npy, edufineweb_train_000001.npy, edufineweb_train_000002.npy, ...
 
@@ -17,17 +20,16 @@ Shards of --local-files are named after the files instead (wiki_00.jsonl wiki_01
 ...), so a folder says which corpus it holds; --prefix chooses another name. train_gpt2.py reads any name: it
 looks for *_train_*.npy and *_val_*.npy.
 
-The hub dataset is *streamed*: documents are downloaded as they are tokenized, so shards start appearing within
-seconds and the only disk used is the shards themselves (~20 GB for 10B tokens). The alternative, --download,
-first fetches the whole sample-10BT (~30 GB of parquet) and converts it to an uncompressed Arrow cache, larger
-still; it downloads in parallel and a re-run reads the cache instead of the network, but it costs several times
-the disk and nothing is tokenized until all of it has arrived. Streaming is what most users want, and the only
-sane choice with --max-tokens, which would otherwise download 10B tokens to keep 20M of them.
+The hub dataset is *streamed*: documents are downloaded as they are tokenized, so shards appear within seconds and
+the only disk used is the shards' (~20 GB for 10B tokens). --download instead fetches all of sample-10BT first
+(~30 GB of parquet, then an uncompressed Arrow cache, larger still): in parallel, and a re-run reads the cache, but
+at several times the disk, and nothing is tokenized until all of it has arrived. Streaming is what most users want,
+and the only sane choice with --max-tokens, which would otherwise download 10B tokens to keep 20M of them.
 
 Re-running is safe. A shard is written to a temporary name and renamed once complete, so a file under a final
-name is always whole. A small <prefix>_meta.json records the settings and, at the end, the shards written:
-a second run over a finished folder prints "already complete" and exits at once; a run that was killed is
-re-run by tokenizing the (deterministic) stream again and writing only the shards that are missing.
+name is always whole. A <prefix>_meta.json records the settings and, at the end, the shards written: a re-run over
+a finished folder prints "already complete" and exits; one over a killed run tokenizes the (deterministic) stream
+again and writes only the missing shards.
 
 Offline clusters: GPT-2's BPE files are fetched by tiktoken on first use; copy them to a folder and point
 TIKTOKEN_CACHE_DIR at it. For the documents, either use --local-files, or run `python fineweb.py --download` on a
@@ -53,7 +55,7 @@ from huggingface_hub import constants as hub_constants
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# One document -> its tokens
+# The core: documents -> tokens -> shards on disk
 
 try:
     enc = tiktoken.get_encoding("gpt2")
@@ -69,10 +71,6 @@ def tokenize(text):
     tokens = np.array([eot] + enc.encode_ordinary(text))
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "token id too large for uint16"
     return tokens.astype(np.uint16)
-
-
-# -----------------------------------------------------------------------------
-# Token stream -> shards on disk
 
 
 def shard_path(out_dir, prefix, index):
@@ -95,10 +93,9 @@ def write_shard(path, tokens):
 
 
 def tokenize_to_shards(texts, out_dir, shard_size=10**8, max_tokens=None, prefix="edufineweb", num_proc=None):
-    """Tokenize the documents in `texts` (any iterable of strings) on num_proc processes and write the stream as
-    shards of shard_size tokens, the last one shorter. Stop after max_tokens tokens if given (cutting the last
-    document short). A shard already on disk under its final name is complete and is not written again.
-    Returns [(shard file name, token count), ...]."""
+    """Tokenize `texts` (any iterable of strings) on num_proc processes into shards of shard_size tokens, the last
+    one shorter; stop after max_tokens if given (mid-document). A shard already under its final name is complete
+    and is not written again. Returns [(shard file name, token count), ...]."""
     os.makedirs(out_dir, exist_ok=True)
     shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled, reused for every shard
     filled = 0  # tokens in `shard` so far
@@ -111,12 +108,11 @@ def tokenize_to_shards(texts, out_dir, shard_size=10**8, max_tokens=None, prefix
             write_shard(path, tokens)
         shards.append((os.path.basename(path), len(tokens)))
 
-    # Processes, not threads: each worker tokenizes a chunk of documents and sends back compact uint16 arrays,
-    # while this process reads documents and copies tokens. tiktoken's own thread pool (encode_ordinary_batch)
-    # was slower: its token lists come back as Python ints that one thread must turn into arrays under the GIL.
-    # Measured on 2 cores, 5,000 English-like documents of ~4 KB, median of 5: 4.5M tokens/s with this Pool,
-    # 3.2M with encode_ordinary_batch(num_threads=2), 2.7M in a single process. chunksize=64 documents
-    # (~250 KB of text) per message keeps the inter-process overhead small: 16 gave 3.5M.
+    # Processes, not threads: workers send back compact uint16 arrays, while tiktoken's own thread pool
+    # (encode_ordinary_batch) returns Python ints that one thread must turn into arrays under the GIL. Measured on
+    # 2 cores, 5,000 English-like documents of ~4 KB, median of 5: 4.5M tokens/s with this Pool, 3.2M with
+    # encode_ordinary_batch(num_threads=2), 2.7M in one process. chunksize=64 documents (~250 KB of text) per
+    # message keeps the inter-process overhead small: 16 gave 3.5M.
     with Pool(num_proc) as pool, tqdm(total=max_tokens, unit="tokens", unit_scale=True, desc=prefix) as bar:
         for tokens in pool.imap(tokenize, texts, chunksize=64):
             if max_tokens is not None:
@@ -136,8 +132,11 @@ def tokenize_to_shards(texts, out_dir, shard_size=10**8, max_tokens=None, prefix
     return shards
 
 
+# =============================================================================
+# The plumbing: everything below feeds tokenize_to_shards its documents, names its shards, resumes it, parses flags
+
 # -----------------------------------------------------------------------------
-# Where the documents come from: the Hugging Face hub, or local files
+# Where the documents come from: local files, or the Hugging Face hub (and its errors)
 
 
 class InputError(Exception):
@@ -327,6 +326,7 @@ def is_complete(meta, out_dir):
 
 
 # -----------------------------------------------------------------------------
+# The command line: flags checked at the edge, then main() as the recipe
 
 
 def parse_args():
