@@ -46,7 +46,10 @@ stopped, and a finished split is left alone. A missing or corrupt image is repor
 (load_split never serves its row); it is never filled with zeros. A damaged feature file (cut short, say) is
 named and left as it is: neither coco.py nor load_split goes on from it.
 
-From Python:
+In this file the core comes first, in the order the data flows: ImageEncoder, load_encoder and clip_tokens (an
+image -> its tokens), extract_split (a split's images -> the files above, resumably), Split and load_split (the
+files -> what training reads). Then, under "The rest": downloading COCO, the caption sources, loading CLIP and
+timm encoders, the split files' checks and resume bookkeeping, meta.json, the command line. From Python:
 
     split = coco.load_split("coco_features", "train")     # .image_feats(rows), .captions, .tokens, .image_ids
     encoder = coco.load_encoder("ViT-B-32-quickgelu", "openai", "cuda")
@@ -75,20 +78,195 @@ from tqdm import tqdm
 
 from training import use_device
 
+
+# -----------------------------------------------------------------------------
+# The core: an image -> its encoder's tokens -> a split's images encoded into files, once -> read back as a Split
+
+TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
+
+
+class ImageEncoder:
+    """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
+    width), every token of its last layer after the final LayerNorm. `record` says how to build it again
+    (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
+    were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
+    registers) and preprocess (what the preprocessing does, as JSON)."""
+
+    def __init__(self, tokens, preprocess, record):
+        self.tokens, self.preprocess, self.record = tokens, preprocess, record
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        return self.tokens(pixels)  # (B, n_tokens, width)
+
+
+def load_encoder(name, weights=None, device="cpu", image_size=None):
+    """name: an open_clip model ('ViT-B-32-quickgelu') or 'timm:' + a timm model ('timm:vit_small_patch14_dinov2
+    .lvd142m'). weights: an open_clip tag (default 'openai'), 'pretrained' (timm's own, the default for timm),
+    a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
+    image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
+    -> ImageEncoder, in eval mode, float32, on device."""
+    weights = weights or default_weights(name)
+    if name.startswith("timm:"):
+        model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
+        # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
+        # learns which tokens to read, and registers hold image-wide information, as CLS does.
+        tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
+    else:
+        clip_model, preprocess = load_clip(name, weights, device)
+        tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
+    record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
+              "preprocess": describe_preprocess(preprocess)}
+    if image_size is not None and image_size != record["image_size"]:
+        raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
+    return ImageEncoder(tokens, preprocess, record)
+
+
+def clip_tokens(clip_model, images):
+    """(B, 3, 224, 224) preprocessed images -> (B, N, width), ViT-B/32 (B, 50, 768), ViT-L/14 (B, 257, 1024):
+    every token of CLIP's ViT (CLS and patches) after its final LayerNorm `ln_post`, before pooling and projection."""
+    # open_clip applies ln_post to every token, then keeps only CLS (and `output_tokens=True` gives the patches
+    # without CLS): a forward hook on ln_post catches them all on the way through.
+    ln_post = getattr(clip_model.visual, "ln_post", None)  # a ResNet CLIP has none
+    captured = []
+    hook = ln_post and ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        clip_model.encode_image(images)
+    finally:
+        hook and hook.remove()
+    if len(captured) != 1 or captured[0].dim() != 3:  # also: a ViT whose ln_post comes after pooling
+        raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; coco.py "
+                         f"needs a plain CLIP ViT")
+    return captured[0]  # (B, N, width)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
+    part on a GPU machine. A file that cannot be used gives, instead of its pixels, the reason why."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if not os.path.isfile(self.paths[i]):
+            return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
+        try:
+            with Image.open(self.paths[i]) as image:
+                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
+        except Image.DecompressionBombError:
+            return i, "too large to decode safely"
+        except (OSError, SyntaxError, ValueError):
+            return i, "not a readable image"
+
+
+def collate_images(items):
+    """[(position, pixels or why not)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
+    [(position, why not)] of the others). Bad images leave the batch here, so they are never encoded."""
+    good = [(i, pixels) for i, pixels in items if torch.is_tensor(pixels)]
+    bad = [(i, reason) for i, reason in items if not torch.is_tensor(reason)]
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256, num_workers=0,
+                  device="cpu"):
+    """Encode a split's images into {split}_features.npy, continuing from {split}_status.npy, which is rewritten
+    after every batch. Returns the file names of the images that could not be read."""
+    features, status = open_split(split, images, out_dir, feature_shape)
+    todo = np.flatnonzero(status == TODO)  # rows still to encode, in order
+    if len(todo) == 0:
+        print(f"{split}: {len(images)} images already done")
+    else:
+        dataset = ImageFiles([images[row].path for row in todo], encoder.preprocess)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=collate_images, pin_memory=device.startswith("cuda"))
+        for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
+            for position, reason in bad:
+                tqdm.write(f"coco.py: {images[todo[position]].path}: {reason}, skipped", file=sys.stderr)
+            status[todo[[position for position, _ in bad]]] = SKIPPED
+            if positions:
+                rows = todo[positions]
+                feats = encoder(pixels.to(device))  # (B, n_tokens, width)
+                features[rows] = feats.to(torch.float16).cpu().numpy()  # fp16: see the top of the file
+                features.flush()  # the features reach the disk before the status says they are there
+                status[rows] = DONE
+            write_status(split_file(out_dir, split, "status"), status)
+    skipped = [images[row].file for row in np.flatnonzero(status == SKIPPED)]
+    if skipped:
+        print(f"{split}: {len(skipped)} missing or unreadable images left out (listed in meta.json): "
+              f"{', '.join(skipped[:5])}"
+              f"{', ...' if len(skipped) > 5 else ''}")
+    return skipped
+
+
+@dataclass
+class Split:
+    """A split's encoded images, row-aligned: image_ids[i], captions[i], tokens[i] and image_feats([i]) are all
+    the same picture. Images that could not be read are not in it."""
+    all_features: np.ndarray  # (N_file, n_tokens, width) float16, memory-mapped: every row of the file
+    rows: np.ndarray  # (N,) int64: the rows of all_features that hold an encoded image
+    image_ids: np.ndarray  # (N,) int64: image ids (Record.image_id)
+    files: list  # N file names, e.g. '000000000042.jpg' (Record.file)
+    captions: list  # N lists of reference captions (5 or more per image in COCO)
+    tokens: list  # N lists of GPT-2 token lists, one per caption, without <|endoftext|>
+
+    def __len__(self):
+        return len(self.rows)
+
+    def image_feats(self, indices):
+        """Images `indices` (0..N-1) -> (len(indices), n_tokens, width) float16 tensor, read from disk now."""
+        return torch.from_numpy(np.asarray(self.all_features[self.rows[indices]]))
+
+    def first(self, n):
+        """The first n images only (quick evaluations)."""
+        return replace(self, rows=self.rows[:n], image_ids=self.image_ids[:n], files=self.files[:n],
+                       captions=self.captions[:n], tokens=self.tokens[:n])
+
+    @property
+    def n_tokens(self):
+        return self.all_features.shape[1]
+
+    @property
+    def width(self):
+        return self.all_features.shape[2]
+
+
+def load_split(features_dir, split):
+    """What coco.py wrote for one split -> Split. Refuses an unfinished extraction."""
+    index_path, status_path, features_path = (split_file(features_dir, split, kind)
+                                              for kind in ("index", "status", "features"))
+    for path in (index_path, status_path, features_path):
+        require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
+    status = read_status(status_path, split)
+    if (status == TODO).any():
+        raise ValueError(f"{status_path}: {int((status == TODO).sum())} of {len(status)} images not encoded yet; "
+                         f"run coco.py again to finish")
+    index = read_index(index_path, split)
+    features = read_features(features_path, split)
+    check_rows(features_path, split, features, status, len(index["image_ids"]))
+    rows = np.flatnonzero(status == DONE)
+    pick = lambda values: [values[row] for row in rows]
+    return Split(features, rows, np.array(pick(index["image_ids"]), dtype=np.int64), pick(index["files"]),
+                 pick(index["captions"]), pick(index["tokens"]))
+
+
+# -----------------------------------------------------------------------------
+# The rest: downloading COCO, the caption sources (COCO, Karpathy, Flickr, jsonl), loading CLIP and timm encoders,
+# the split files' checks and resume bookkeeping, meta.json, the command line
+
 COCO_URLS = {  # the official archives; each unpacks into the folder of its name
     "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",  # 241 MB
     "train2017": "http://images.cocodataset.org/zips/train2017.zip",  # 18 GB, 118,287 images
     "val2017": "http://images.cocodataset.org/zips/val2017.zip",  # 778 MB, 5,000 images
 }
 
-# -----------------------------------------------------------------------------
-# Getting COCO
-
 
 def download(url, path):
-    """Resumable download. Bytes go to path.part; a rerun asks the server only for the bytes it does not have
-    yet (an HTTP Range request). The size is checked against the one the server announced, and only a complete
-    file is renamed to path."""
+    """Resumable download: bytes go to path.part, and a rerun asks the server only for those it does not have yet
+    (an HTTP Range request). Only a file of the size the server announced is renamed to path."""
     part = path + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -164,10 +342,8 @@ def download_coco(coco_dir):
 
 
 # -----------------------------------------------------------------------------
-# Captions and splits
-#
-# Each source has its own small reader, and every reader gives the same thing: {split: [Record]}, sorted by
-# image id. From there on coco.py does not ask where an image came from.
+# Captions and splits: each source has its own small reader, and every reader gives the same {split: [Record]},
+# sorted by image id. From there on coco.py does not ask where an image came from.
 
 
 class Record(NamedTuple):
@@ -189,8 +365,7 @@ def require(path, kind, hint=""):
 
 
 def read_captions(coco_dir, split):
-    """annotations/captions_{split}.json (the official schema) -> [Record] sorted by image id. split: 'train2017'
-    or 'val2017'."""
+    """annotations/captions_{split}.json (the official schema), split 'train2017' or 'val2017' -> [Record] by id."""
     path = os.path.join(coco_dir, "annotations", f"captions_{split}.json")
     image_dir = os.path.join(coco_dir, split)
     hint = " (pass --download to fetch COCO 2017 into --coco-dir)"
@@ -326,8 +501,7 @@ def jsonl_splits(captions_jsonl, val_fraction=0.05):
 
 
 def coco_splits(coco_dir, karpathy_json=None):
-    """{'train': [...], 'val': [...]} as COCO 2017 cuts it, or Karpathy's {'train', 'val', 'test'}, each a list of
-    Records sorted by image id."""
+    """{'train', 'val'} as COCO 2017 cuts it, or Karpathy's {'train', 'val', 'test'}: each [Record], sorted by id."""
     train2017, val2017 = read_captions(coco_dir, "train2017"), read_captions(coco_dir, "val2017")
     if karpathy_json is None:
         return {"train": train2017, "val": val2017}
@@ -366,44 +540,7 @@ def images_dir(args):
 
 
 # -----------------------------------------------------------------------------
-# The image encoder: CLIP (open_clip), or any vision transformer in timm (DINOv2, DINOv3, ImageNet ViTs)
-
-
-class ImageEncoder:
-    """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
-    width), every token of its last layer after the final LayerNorm. `record` says how to build it again
-    (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
-    were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
-    registers) and preprocess (what the preprocessing does, as JSON)."""
-
-    def __init__(self, tokens, preprocess, record):
-        self.tokens, self.preprocess, self.record = tokens, preprocess, record
-
-    @torch.no_grad()
-    def __call__(self, pixels):
-        return self.tokens(pixels)  # (B, n_tokens, width)
-
-
-def load_encoder(name, weights=None, device="cpu", image_size=None):
-    """name: an open_clip model ('ViT-B-32-quickgelu') or 'timm:' + a timm model ('timm:vit_small_patch14_dinov2
-    .lvd142m'). weights: an open_clip tag (default 'openai'), 'pretrained' (timm's own, the default for timm),
-    a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
-    image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
-    -> ImageEncoder, in eval mode, float32, on device."""
-    weights = weights or default_weights(name)
-    if name.startswith("timm:"):
-        model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
-        # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
-        # learns which tokens to read, and registers hold image-wide information, as CLS does.
-        tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
-    else:
-        clip_model, preprocess = load_clip(name, weights, device)
-        tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
-    record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
-              "preprocess": describe_preprocess(preprocess)}
-    if image_size is not None and image_size != record["image_size"]:
-        raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
-    return ImageEncoder(tokens, preprocess, record)
+# Loading an encoder: CLIP (open_clip), or any vision transformer in timm (DINOv2, DINOv3, ImageNet ViTs)
 
 
 def default_weights(name):
@@ -465,26 +602,6 @@ def weights_error(weights, model_name, e):
                              f"a machine with internet and set HF_HUB_OFFLINE=1")
 
 
-def clip_tokens(clip_model, images):
-    """(B, 3, 224, 224) preprocessed images -> (B, N, width): every token of CLIP's vision transformer (CLS and
-    patches) after its final LayerNorm `ln_post`, before pooling and the projection. ViT-B/32: (B, 50, 768);
-    ViT-L/14: (B, 257, 1024)."""
-    # open_clip's visual forward applies ln_post to the whole token sequence, then keeps only the CLS token
-    # (its `output_tokens=True` returns the patches alone, without CLS). A forward hook on ln_post catches
-    # all of them on the way through.
-    ln_post = getattr(clip_model.visual, "ln_post", None)  # a ResNet CLIP has none
-    captured = []
-    hook = ln_post and ln_post.register_forward_hook(lambda module, inputs, output: captured.append(output))
-    try:
-        clip_model.encode_image(images)
-    finally:
-        hook and hook.remove()
-    if len(captured) != 1 or captured[0].dim() != 3:  # also: a ViT whose ln_post comes after pooling
-        raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; coco.py "
-                         f"needs a plain CLIP ViT")
-    return captured[0]  # (B, N, width)
-
-
 def describe_preprocess(preprocess):
     """The steps of a torchvision preprocessing that decide what the encoder sees, as JSON: resize (side,
     interpolation), centre crop, normalisation (mean, std). sample.py compares them with the recorded ones."""
@@ -538,41 +655,8 @@ def describe_encoder(record):
     return f"{record['name']} ({record['weights']}{size})"
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
-    part on a GPU machine. A file that cannot be used gives, instead of its pixels, the reason why."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        if not os.path.isfile(self.paths[i]):
-            return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
-        try:
-            with Image.open(self.paths[i]) as image:
-                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
-        except Image.DecompressionBombError:
-            return i, "too large to decode safely"
-        except (OSError, SyntaxError, ValueError):
-            return i, "not a readable image"
-
-
-def collate_images(items):
-    """[(position, pixels or why not)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
-    [(position, why not)] of the others). Bad images leave the batch here, so they are never encoded."""
-    good = [(i, pixels) for i, pixels in items if torch.is_tensor(pixels)]
-    bad = [(i, reason) for i, reason in items if not torch.is_tensor(reason)]
-    pixels = torch.stack([pixels for _, pixels in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
 # -----------------------------------------------------------------------------
-# Extraction, resumable
-
-TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
+# The files of a split on disk: reading them with checks, writing them atomically, resuming, meta.json
 
 
 def split_file(out_dir, split, kind):
@@ -717,92 +801,6 @@ def open_split(split, images, out_dir, feature_shape):
     return features, status
 
 
-def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256, num_workers=0,
-                  device="cpu"):
-    """Encode a split's images into {split}_features.npy, continuing from {split}_status.npy, which is rewritten
-    after every batch. Returns the file names of the images that could not be read."""
-    features, status = open_split(split, images, out_dir, feature_shape)
-    todo = np.flatnonzero(status == TODO)  # rows still to encode, in order
-    if len(todo) == 0:
-        print(f"{split}: {len(images)} images already done")
-    else:
-        dataset = ImageFiles([images[row].path for row in todo], encoder.preprocess)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=collate_images, pin_memory=device.startswith("cuda"))
-        for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
-            for position, reason in bad:
-                tqdm.write(f"coco.py: {images[todo[position]].path}: {reason}, skipped", file=sys.stderr)
-            status[todo[[position for position, _ in bad]]] = SKIPPED
-            if positions:
-                rows = todo[positions]
-                feats = encoder(pixels.to(device))  # (B, n_tokens, width)
-                features[rows] = feats.to(torch.float16).cpu().numpy()  # fp16: see the top of the file
-                features.flush()  # the features reach the disk before the status says they are there
-                status[rows] = DONE
-            write_status(split_file(out_dir, split, "status"), status)
-    skipped = [images[row].file for row in np.flatnonzero(status == SKIPPED)]
-    if skipped:
-        print(f"{split}: {len(skipped)} missing or unreadable images left out (listed in meta.json): "
-              f"{', '.join(skipped[:5])}"
-              f"{', ...' if len(skipped) > 5 else ''}")
-    return skipped
-
-
-# -----------------------------------------------------------------------------
-# Reading the features back (train_caption.py, caption_eval.py)
-
-
-@dataclass
-class Split:
-    """A split's encoded images, row-aligned: image_ids[i], captions[i], tokens[i] and image_feats([i]) are all
-    the same picture. Images that could not be read are not in it."""
-    all_features: np.ndarray  # (N_file, n_tokens, width) float16, memory-mapped: every row of the file
-    rows: np.ndarray  # (N,) int64: the rows of all_features that hold an encoded image
-    image_ids: np.ndarray  # (N,) int64: image ids (Record.image_id)
-    files: list  # N file names, e.g. '000000000042.jpg' (Record.file)
-    captions: list  # N lists of reference captions (5 or more per image in COCO)
-    tokens: list  # N lists of GPT-2 token lists, one per caption, without <|endoftext|>
-
-    def __len__(self):
-        return len(self.rows)
-
-    def image_feats(self, indices):
-        """Images `indices` (0..N-1) -> (len(indices), n_tokens, width) float16 tensor, read from disk now."""
-        return torch.from_numpy(np.asarray(self.all_features[self.rows[indices]]))
-
-    def first(self, n):
-        """The first n images only (quick evaluations)."""
-        return replace(self, rows=self.rows[:n], image_ids=self.image_ids[:n], files=self.files[:n],
-                       captions=self.captions[:n], tokens=self.tokens[:n])
-
-    @property
-    def n_tokens(self):
-        return self.all_features.shape[1]
-
-    @property
-    def width(self):
-        return self.all_features.shape[2]
-
-
-def load_split(features_dir, split):
-    """What coco.py wrote for one split -> Split. Refuses an unfinished extraction."""
-    index_path, status_path, features_path = (split_file(features_dir, split, kind)
-                                              for kind in ("index", "status", "features"))
-    for path in (index_path, status_path, features_path):
-        require(path, "file", f" (write it with: python coco.py --out-dir {features_dir})")
-    status = read_status(status_path, split)
-    if (status == TODO).any():
-        raise ValueError(f"{status_path}: {int((status == TODO).sum())} of {len(status)} images not encoded yet; "
-                         f"run coco.py again to finish")
-    index = read_index(index_path, split)
-    features = read_features(features_path, split)
-    check_rows(features_path, split, features, status, len(index["image_ids"]))
-    rows = np.flatnonzero(status == DONE)
-    pick = lambda values: [values[row] for row in rows]
-    return Split(features, rows, np.array(pick(index["image_ids"]), dtype=np.int64), pick(index["files"]),
-                 pick(index["captions"]), pick(index["tokens"]))
-
-
 def read_meta(features_dir):
     """-> {'encoder', 'n_tokens', 'width', 'splits', 'karpathy_json', 'captions_jsonl',
     'images_dir', 'skipped'} (the source's three from this version on; older features lack them)"""
@@ -822,6 +820,7 @@ def read_meta(features_dir):
 
 
 # -----------------------------------------------------------------------------
+# The command line
 
 
 def parse_args(argv=None):
