@@ -44,6 +44,8 @@ import time
 import numpy as np
 import torch
 
+from export_hf import save_pretrained
+from generate import beam_search, compile_decode_step, generate, generate_tokens
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
 from training import autocast, default_device, peak_flops, use_device
 
@@ -227,7 +229,7 @@ def bench_sample(args):
         speeds = {}
         for use_cache in (True, False):
             # a random model rarely emits <|endoftext|>; the check below makes sure every token was generated
-            run = lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+            run = lambda: generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
             seconds = timed(run, device, warmup=1, iters=1)
             assert run().size(1) == 16 + new_tokens
             speeds[use_cache] = new_tokens / seconds
@@ -238,7 +240,7 @@ def bench_sample(args):
     captioner = GPT(GPTConfig(**PRESETS[args.model], cross_attn_every=2)).to(device).eval()
     images = torch.randn(args.batch_size, 50, 768, device=device)
     start = torch.full((args.batch_size, 1), EOT_TOKEN, device=device)
-    seconds = timed(lambda: captioner.beam_search(start, images, beam_size=3, max_new_tokens=20), device, 1, 1)
+    seconds = timed(lambda: beam_search(captioner, start, images, beam_size=3, max_new_tokens=20), device, 1, 1)
     print_table(f"beam search (beam 3, up to 20 tokens) on {device_name(device)}", ["model", "images", "captions/s"],
                 [[args.model, args.batch_size, f"{args.batch_size / seconds:,.1f}"]])
 
@@ -266,9 +268,9 @@ def bench_generate(args):
         raise ValueError(f"--new-tokens {max(args.new_tokens)} + a {GENERATE_PROMPT_TOKENS}-token prompt exceed "
                          f"{args.model}'s block_size {model.config.block_size}")
     with tempfile.TemporaryDirectory() as folder:  # the same weights, through our Hugging Face export
-        model.save_pretrained(folder)
+        save_pretrained(model, folder)
         reference = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    compiled_step = model.compile_decode_step()  # used only when switched on below; compiles on first use
+    compiled_step = compile_decode_step(model)  # used only when switched on below; compiles on first use
     bandwidth = memory_bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"{args.model}, float32 | measured memory bandwidth {bandwidth / 1e9:.0f} GB/s: reading the weights "
@@ -276,7 +278,7 @@ def bench_generate(args):
 
     def ours(prompt, n, use_compile):
         model.compiled_step = compiled_step if use_compile else None
-        return step_times(model.generate_tokens(prompt, n, temperature=0), device)
+        return step_times(generate_tokens(model, prompt, n, temperature=0), device)
 
     def theirs(prompt, n):
         timestamps = StepTimes(device)

@@ -55,8 +55,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import coco
-from model import EOT_TOKEN, GPT, until_end_of_text
-from training import autocast, default_device, default_dtype, latest_checkpoint, use_device
+from checkpoint import latest_checkpoint, load_model
+from generate import beam_search, compile_decode_step, generate, until_end_of_text
+from model import EOT_TOKEN
+from training import autocast, default_device, default_dtype, use_device
 
 # the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -228,7 +230,7 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
     Beam search when beam_size > 1, greedy decoding when it is 1 (length_penalty then plays no part). dtype
     'bfloat16' or 'float16' (what default_dtype picks on a recent or an older GPU) runs the decoder's matmuls
     under autocast; 'float32' runs them as they are. progress=False: no progress bar (training's evals).
-    With the model's decoding step compiled (GPT.compile_decode_step), a last batch of fewer images is padded to
+    With the model's decoding step compiled (generate.compile_decode_step), a last batch of fewer images is padded to
     batch_size by repeating its last image: one compiled shape for the whole split instead of a second compile
     (tens of seconds) for a few images."""
     enc = tiktoken.get_encoding("gpt2")
@@ -240,17 +242,17 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
         image_feats = read_features(features, start, min(start + batch_size, len(features))).to(device)
         n_images = len(image_feats)
         rows = min(batch_size, len(features))  # every batch's size but the last's
-        if model.compiled_step is not None and n_images < rows:
+        if getattr(model, "compiled_step", None) is not None and n_images < rows:
             padding = image_feats[-1:].expand(rows - n_images, *image_feats.shape[1:])
             image_feats = torch.cat([image_feats, padding])  # (rows, N_img, width)
         # every caption starts after an <|endoftext|>, as in training: (B, 1)
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, dtype=torch.long, device=device)
         with autocast(device_type, dtype):
             if beam_size > 1:  # already without the prompt and the final <|endoftext|>
-                token_lists = model.beam_search(prompt, image_feats, beam_size=beam_size,
-                                                max_new_tokens=max_new_tokens, length_penalty=length_penalty)
+                token_lists = beam_search(model, prompt, image_feats, beam_size=beam_size,
+                                          max_new_tokens=max_new_tokens, length_penalty=length_penalty)
             else:
-                tokens = model.generate(prompt, max_new_tokens, temperature=0, image_feats=image_feats)
+                tokens = generate(model, prompt, max_new_tokens, temperature=0, image_feats=image_feats)
                 token_lists = [until_end_of_text(row[1:]) for row in tokens.tolist()]
         captions += [enc.decode(tokens).strip() for tokens in token_lists[:n_images]]
     return captions
@@ -575,7 +577,7 @@ def main(argv=None):
               f"without showing them", file=sys.stderr)
     use_device(args.device)
 
-    model, checkpoint = GPT.from_checkpoint(checkpoint_path, kind="caption")
+    model, checkpoint = load_model(checkpoint_path, kind="caption")
     print(f"checkpoint {checkpoint_path} (step {checkpoint.get('step', '?')}; {why})")
     meta = coco.read_meta(args.features_dir)
     check_same_encoder(checkpoint, checkpoint_path, meta, args.features_dir)
@@ -595,7 +597,7 @@ def main(argv=None):
 
     model.to(args.device)
     if args.compile:
-        model.compile_decode_step()
+        compile_decode_step(model)
     rows = caption_and_score(model, split, combinations, args, dtype)
     if args.compile:
         for (rows_at_once, max_len), seconds in model.compiled_step.compiled.items():

@@ -5,7 +5,7 @@ lm-evaluation-harness, the Hugging Face hub).
     python export_hf.py log/model_019073.pt out/gpt2-fineweb
     lm_eval --model hf --model_args pretrained=out/gpt2-fineweb --tasks hellaswag
 
-The folder gets what GPT.save_pretrained writes, config.json and model.safetensors (transformers' parameter
+The folder gets what save_pretrained (below) writes, config.json and model.safetensors (transformers' parameter
 names and layouts, written with safetensors: transformers is not needed here), and GPT-2's tokenizer:
 vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe, the very files tiktoken's "gpt2" encoding
 is built from, copied from tiktoken's cache. If the cache does not have them, the command says so and the
@@ -28,7 +28,84 @@ import shutil
 import sys
 import tempfile
 
-from model import GPT, is_cross_attn_param
+from safetensors.torch import save_file
+
+from checkpoint import load_model
+from model import CONV1D_WEIGHTS, EOT_TOKEN, GPT2_VOCAB_SIZE, is_cross_attn_param
+
+# -----------------------------------------------------------------------------
+# Our weights in Hugging Face's GPT-2 layout
+
+
+def save_pretrained(model, folder, language_model_only=False):
+    """The mirror of GPT.from_pretrained: write folder/config.json and folder/model.safetensors in Hugging
+    Face's GPT-2 format (its parameter names and Conv1D layouts), which transformers'
+    GPT2LMHeadModel.from_pretrained loads, and so the tools built on it (lm-evaluation-harness, the hub).
+    Written with safetensors and json alone: transformers is not needed here.
+    Hugging Face's GPT-2 has no cross-attention, so a captioner is refused unless language_model_only=True,
+    which writes its text decoder and leaves the cross-attention layers and image projection out."""
+    if model.config.cross_attn_every > 0 and not language_model_only:
+        raise ValueError("this model has cross-attention layers, which Hugging Face's GPT-2 has no place for; "
+                         "pass language_model_only=True to save its language model without them")
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {model.config.vocab_size}: Hugging Face's GPT-2 has {GPT2_VOCAB_SIZE} tokens")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_gpt2_config(model.config), f, indent=2)
+    # "format": "pt" tells transformers these are PyTorch tensors (it refuses a file without the tag)
+    save_file(to_hf_gpt2_weights(model.state_dict()), os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def to_hf_gpt2_weights(state_dict):
+    """Ours -> Hugging Face GPT-2 names/layouts, the inverse of model.convert_gpt2_weights: the Conv1D weights
+    transposed back to (in, out), the vocabulary cut to GPT-2's 50257 rows (the padding rows are no tokens),
+    lm_head left out (it is wte: transformers ties the two again on loading, as tie_word_embeddings says),
+    and the captioner's cross-attention parameters left out."""
+    hf_state_dict = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" or is_cross_attn_param(name):
+            continue
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if name == "transformer.wte.weight":
+            tensor = tensor[:GPT2_VOCAB_SIZE]
+        # safetensors writes each tensor's own memory: a contiguous CPU copy, shared with no other tensor
+        hf_state_dict[name] = tensor.detach().cpu().contiguous().clone()
+    return hf_state_dict
+
+
+def hf_gpt2_config(config):
+    """Our config -> the config.json of a Hugging Face GPT-2 (the fields of transformers' GPT2Config that
+    describe this architecture; the rest keep transformers' defaults)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": GPT2_VOCAB_SIZE,  # the real tokens: our padding rows are not written
+        "n_positions": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd, our MLP's width
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU (our MLP's)
+        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which we use
+        "resid_pdrop": config.dropout,  # our one dropout rate is used in all three places
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,  # GPT._init_weights's std, for anyone training the export further
+        "scale_attn_weights": True,  # scores / sqrt(head size), as F.scaled_dot_product_attention does
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,  # lm_head is wte
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "use_cache": True,
+    }
+
+
+# -----------------------------------------------------------------------------
+# GPT-2's tokenizer files
+
 
 # Hugging Face's name for each of GPT-2's two BPE files -> (the URL tiktoken downloads it from, its SHA-256,
 # which tiktoken checks too). tiktoken caches a download under the SHA-1 of its URL.
@@ -96,13 +173,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, _ = GPT.from_checkpoint(args.checkpoint)
+    model, _ = load_model(args.checkpoint)
     if model.config.cross_attn_every > 0:
         left_out = sum(p.numel() for name, p in model.named_parameters() if is_cross_attn_param(name))
         print(f"export_hf.py: note: {args.checkpoint} is a captioner: its language model is exported; its cross-"
               f"attention layers and image projection ({left_out:,} parameters) are left out, Hugging Face's GPT-2 "
               f"has no place for them", file=sys.stderr)
-    model.save_pretrained(args.out_dir, language_model_only=True)
+    save_pretrained(model, args.out_dir, language_model_only=True)
     print(f"{args.out_dir}: config.json, model.safetensors (transformers.GPT2LMHeadModel.from_pretrained reads them)")
     if write_tokenizer(args.out_dir, model.config.block_size):
         print(f"{args.out_dir}: vocab.json, merges.txt, tokenizer_config.json (GPT-2's tokenizer, from tiktoken's cache)")

@@ -23,10 +23,12 @@ tokens get the lowest cross-entropy loss. Two ways to add up that loss give two 
 - acc_norm: the lowest *mean* loss per ending token, which takes the length out. This is the number
             train_gpt2.py logs, and the one to compare with GPT-2 and GPT-3.
 
-Guessing scores 0.25. GPT-2 124M scores acc_norm 0.2945 this way: the reference line of build-nanogpt's
-training plot (play.ipynb, 0.294463), which train_gpt2.py and plot_log.py compare with. EleutherAI's
-lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little and divides
-by the ending's characters instead of its tokens.
+Guessing scores 0.25. Two numbers for GPT-2 124M scored this way, both build-nanogpt's: 0.2945, the reference
+line of its training plot (play.ipynb's hella2_baseline, 0.294463), which train_gpt2.py and plot_log.py
+compare with; and 0.2955, what its own hellaswag.py printed for that model (its docstring). The notebook does
+not say how its line was measured, so why the two differ (~10 of 10,042 examples) is not known.
+EleutherAI's lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little
+and divides by the ending's characters instead of its tokens.
 
 The validation set (10,042 examples) is downloaded once into $HELLASWAG_DIR, by default the folder
 hellaswag/ beside this file; under DDP, once per node, in case the nodes do not share that folder.
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import checkpoint
 from model import GPT
 from training import autocast, default_device, default_dtype, positive_int, use_device
 
@@ -265,8 +268,8 @@ def load_model(args):
     # the default --train cross (no --unfreeze-after) GPT-2's weights are untouched and the score is the initial
     # LM's; after --train cross+mlp, all or --unfreeze-after it shows what captioning cost the language model.
     if args.checkpoint is not None:
-        model, checkpoint = GPT.from_checkpoint(args.checkpoint)
-        return model, f"{args.checkpoint} (step {checkpoint.get('step', '?')})"
+        model, saved = checkpoint.load_model(args.checkpoint)
+        return model, f"{args.checkpoint} (step {saved.get('step', '?')})"
     return GPT.from_pretrained(args.pretrained), args.pretrained
 
 

@@ -42,6 +42,7 @@ import math
 import os
 import sys
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,10 @@ from torch.nn import functional as F
 
 import coco
 from caption_eval import choose_checkpoint
-from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, check_sampling, recording_cross_attention, until_end_of_text
-from training import autocast, default_device, default_dtype, latest_checkpoint, positive_int, use_device
+from checkpoint import latest_checkpoint, load_model
+from generate import beam_search, check_sampling, compile_decode_step, generate, until_end_of_text
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE
+from training import autocast, default_device, default_dtype, positive_int, use_device
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
 TEXT_TOP_K = 50
@@ -79,7 +82,7 @@ class Captioner:
         """device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; the decoder and the image encoder both go there. dtype: the
         decoder's autocast dtype, by default the best the device has (bfloat16 on a recent GPU)."""
         device = default_device() if device == "auto" else str(device)
-        model, checkpoint = GPT.from_checkpoint(path, kind="caption")
+        model, checkpoint = load_model(path, kind="caption")
         trained_on = coco.trained_encoder(checkpoint, path)
         encoder = coco.load_encoder(trained_on["name"], trained_on["weights"], device, trained_on["image_size"])
         if not coco.same_encoder(trained_on, encoder.record):  # a timm or open_clip that preprocesses otherwise
@@ -124,11 +127,11 @@ class Captioner:
         prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=self.device)
         with autocast(self.device_type, self.dtype):
             if beam_size > 1:
-                token_lists = self.model.beam_search(prompt, image_feats, beam_size=beam_size,
-                                                     max_new_tokens=max_new_tokens)
+                token_lists = beam_search(self.model, prompt, image_feats, beam_size=beam_size,
+                                          max_new_tokens=max_new_tokens)
             else:
-                out = self.model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, image_feats=image_feats, generator=generator)
+                out = generate(self.model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, image_feats=image_feats, generator=generator)
                 token_lists = [until_end_of_text(row[1:]) for row in out.tolist()]
         captions = [self.enc.decode(tokens).strip() for tokens in token_lists]
         return (captions, self.attention(image_feats, token_lists)) if return_attention else captions
@@ -146,7 +149,7 @@ class Captioner:
         # padded on the right: causal attention keeps the padding out of every position read below
         idx = torch.tensor([row + [EOT_TOKEN] * (width - len(row)) for row in rows], device=self.device)
         with autocast(self.device_type, self.dtype), recording_cross_attention(self.model) as layers:
-            self.model.hidden_states(idx, image_feats)
+            self.model(idx, image_feats=image_feats)
         weights = torch.stack(layers).mean(dim=(0, 2)).cpu()  # (layers, B, nh, T, N) -> (B, T, N)
         prefix = self.prefix_tokens
         side = patch_grid_side(weights.size(-1), prefix)
@@ -219,6 +222,40 @@ def open_image(path, size=None):
         raise ValueError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+# -----------------------------------------------------------------------------
+# Recording where the cross-attention looks
+
+
+def attention_weights(q, k):
+    """The weights scaled_dot_product_attention gives the values, made explicit: softmax(q k^T / sqrt(hs)),
+    in float32. q (B, nh, T, hs), k (B, nh, N, hs) -> (B, nh, T, N), each row summing to 1 over the N keys.
+    (Without dropout: with it, SDPA also zeroes some weights at random while training.)"""
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, N)
+    return F.softmax(scores, dim=-1)
+
+
+@contextmanager
+def recording_cross_attention(model):
+    """with recording_cross_attention(model) as weights: every forward pass inside appends each cross-attention
+    layer's attention weights to the list `weights`, in block order: one (B, nh, T, N_img) float32 tensor per
+    layer and pass. SDPA's fused kernels never form the weights, so a forward hook on each model.CrossAttention
+    recomputes them from its very inputs: q from c_q of the same x, k from the same image keys. Outside the
+    block no hook is attached: training and generation never compute them."""
+    weights = []
+
+    def record(layer, inputs, output):
+        x, (k, _) = inputs  # CrossAttention.forward(x, image_kv)
+        B, T, C = x.size()
+        q = layer.c_q(x).view(B, T, layer.n_head, C // layer.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        weights.append(attention_weights(q, k))
+    hooks = [block.xattn.register_forward_hook(record) for block in model.transformer.h if hasattr(block, "xattn")]
+    try:
+        yield weights
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # -----------------------------------------------------------------------------
@@ -302,7 +339,7 @@ def caption_files(args):
         print(f"sample.py: using {path} ({why})", file=sys.stderr)
     captioner = Captioner.from_checkpoint(path, args.device)
     if args.compile:
-        captioner.model.compile_decode_step()
+        compile_decode_step(captioner.model)
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
     drawing = args.attention_map is not None
     map_paths = attention_map_paths(args.attention_map, args.image) if drawing else {}
@@ -345,10 +382,10 @@ def generate_text(args):
     if args.pretrained:
         model = GPT.from_pretrained(args.pretrained)
     else:
-        model, _ = GPT.from_checkpoint(text_checkpoint(args))  # an lm checkpoint, or a captioner without an image
+        model, _ = load_model(text_checkpoint(args))  # an lm checkpoint, or a captioner without an image
     model.to(device).eval()
     if args.compile:
-        model.compile_decode_step()
+        compile_decode_step(model)
     enc = tiktoken.get_encoding("gpt2")
     # "<|endoftext|>" in the prompt is the token that starts a document; an empty prompt is just that token
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
@@ -356,8 +393,8 @@ def generate_text(args):
     idx = torch.tensor([prompt] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with autocast_for(device):
-        out = model.generate(idx, max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             generator=generator)
+        out = generate(model, idx, max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       generator=generator)
     for row in out.tolist():
         print(args.prompt + enc.decode(until_end_of_text(row[len(prompt):])))
         print("---")
@@ -379,9 +416,10 @@ def text_checkpoint(args):
 
 def say_what_compiled(model):
     """--compile: one line on stderr per (batch size, cache length) the decoding step was compiled for."""
-    if model.compiled_step is None:
+    step = getattr(model, "compiled_step", None)  # set by compile_decode_step
+    if step is None:
         return
-    for (batch_size, max_len), seconds in model.compiled_step.compiled.items():
+    for (batch_size, max_len), seconds in step.compiled.items():
         print(f"sample.py: --compile: compiled the decoding step for a batch of {batch_size} and {max_len} "
               f"positions in {seconds:.1f} s (once for this shape)", file=sys.stderr)
 

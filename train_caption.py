@@ -15,6 +15,15 @@ GPT-2's MLPs and LayerNorms, --train all the whole decoder; --unfreeze-after N t
 
 A training sequence is  <|endoftext|> caption <|endoftext|> : the first token is the prompt sample.py also
 starts from, the loss covers the caption tokens and the final <|endoftext|> (so the model learns to stop).
+
+The captioning algorithm, in the order it runs (the rest of this file is plumbing):
+  coco.extract_split        each image -> its encoder's tokens (B, N_img, width), written once, frozen
+  CaptionLoader.next_step   a step's images, one caption each -> caption_batch: x, y with -1 where no loss
+  build_model               GPT-2 + model.CrossAttention in every second model.Block (c_proj at zero)
+  set_trainable, TRAINABLE  what trains (--train); configure_optimizers: at which rate (--lr; GPT-2's own
+                            weights, when they train, at --lm-lr through lr_scale)
+  main, "one optimizer step"  the loss: a mean over the step's caption tokens, whatever the split
+  evaluate                  val loss, val CIDEr-D (keep_best -> best.pt), captions by generate.beam_search
 """
 
 import argparse
@@ -31,12 +40,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import caption_eval
 import coco
+from checkpoint import load_model, save_checkpoint
+from generate import beam_search
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
-                      gather_objects, grad_scaler, load_on_every_rank, non_negative_int, positive_float, positive_int,
-                      prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                      start_log, take_out_dir, wait_for_each_other)
+                      check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
+                      load_on_every_rank, non_negative_int, positive_float, positive_int, resume_path, save_on_rank0,
+                      set_rng_state, setup_distributed, start_log, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -70,7 +80,8 @@ class CaptionLoader:
     them exactly. Only then is the
     step split: rank r of W takes the r-th of W equal slices and cuts it into micro-batches. So 8 GPUs and 1 GPU
     with 8x the accumulation train on the same images and captions at every step, and a checkpoint resumes on
-    another number of GPUs. An image-epoch's last < images_per_step images wait for the next one's order."""
+    another number of GPUs. An image-epoch's last < images_per_step images are left out of that image-epoch (the
+    next one draws a new order over all images, so different ones are left out each time)."""
 
     def __init__(self, data, images_per_step, max_tokens, seed=1337):
         self.data, self.images_per_step, self.max_tokens, self.seed = data, images_per_step, max_tokens, seed
@@ -98,7 +109,9 @@ class CaptionLoader:
         step's caption tokens on all ranks (what its loss is the mean over)."""
         if self.pos + self.images_per_step > len(self.order):
             self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
-        images = np.sort(self.order[self.pos: self.pos + self.images_per_step])  # sorted: faster reads
+        # sorted: the features file is read in ascending order (forward through the memory map, not jumping back
+        # and forth); within a step the order of rows does not matter to the loss
+        images = np.sort(self.order[self.pos: self.pos + self.images_per_step])
         rng = np.random.default_rng([self.seed, self.epoch, self.pos])
         captions = [self.data.tokens[i][rng.integers(len(self.data.tokens[i]))] for i in images]
         self.pos += self.images_per_step
@@ -142,12 +155,14 @@ def validation_loss(model, data, batches, d, dtype):
 
 
 def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
-    """Captions of a fixed few val images with their first reference, to watch the captioner learn."""
+    """Captions of a fixed few val images with their first reference, to watch the captioner learn. Beam 3,
+    sample.py's default: what a user would get. (CIDEr-D for best.pt decodes greedily instead: a few hundred
+    images at every eval, at a third of beam 3's cost, only to rank one run's checkpoints.)"""
     model.eval()
     image_feats = data.image_feats(np.arange(min(n_images, len(data.image_ids)))).to(d.device)
     prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=d.device)
     with autocast(d.device_type, dtype):
-        captions = model.beam_search(prompt, image_feats, beam_size=beam_size, max_new_tokens=30)
+        captions = beam_search(model, prompt, image_feats, beam_size=beam_size, max_new_tokens=30)
     model.train()
     return [(int(data.image_ids[i]), enc.decode(tokens).strip(), data.captions[i][0]) for i, tokens in enumerate(captions)]
 
@@ -202,6 +217,25 @@ def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
                          "cider": cider, "encoder": meta["encoder"]},
                         os.path.join(args.out_dir, caption_eval.BEST_CHECKPOINT))
     return cider, max(cider, best_cider)
+
+
+def evaluate(step, raw_model, val_data, val_data_batches, meta, enc, args, d, dtype, tracker, best_cider):
+    """The val loss, then on rank 0 val CIDEr-D (best.pt kept by it) and a few captions written to samples.txt.
+    raw_model: the uncompiled module, whose shapes may vary (the last val batch is short) without making
+    torch.compile build new graphs; it shares the compiled model's parameters. -> the best CIDEr-D so far."""
+    val_loss = validation_loss(raw_model, val_data, val_data_batches, d, dtype)
+    if d.master:
+        print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
+        append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+        tracker.log(step, val_loss=val_loss)
+        if args.eval_cider_images > 0:
+            cider, best_cider = keep_best(raw_model, val_data, d, dtype, args, meta, step, best_cider)
+            tracker.log(step, val_cider=cider)
+        with open(os.path.join(args.out_dir, "samples.txt"), "a") as f:
+            for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
+                print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
+                f.write(f"{step}\t{image_id}\t{caption}\n")
+    return best_cider
 
 
 def wrap_model(raw_model, use_compile, d):
@@ -293,10 +327,10 @@ def build_model(args, resume_from, image_width, d):
     """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
     sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
     if resume_from is not None:
-        return load_on_every_rank(lambda: GPT.from_checkpoint(resume_from, kind="caption"), resume_from, d)
+        return load_on_every_rank(lambda: load_model(resume_from, kind="caption"), resume_from, d)
     new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
     if args.init.endswith(".pt"):
-        return GPT.from_checkpoint(args.init, kind="lm", **new_layers)[0], None
+        return load_model(args.init, kind="lm", **new_layers)[0], None
     return GPT.from_pretrained(args.init, **new_layers), None
 
 
@@ -367,45 +401,28 @@ def main(args):
                 print(f"step {step:5d} | GPT-2's weights train from here (--unfreeze-after)"
                       + (": the model is compiled again, once" if use_compile else ""))
         if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
-            # raw_model: the uncompiled module, whose shapes may vary (the last val batch is short) without
-            # making torch.compile build new graphs; it shares the compiled model's parameters
-            val_loss = validation_loss(raw_model, val_data, val_data_batches, d, dtype)
-            if d.master:
-                print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
-                append_log(args.out_dir, f"{step} val {val_loss:.4f}")
-                tracker.log(step, val_loss=val_loss)
-                if args.eval_cider_images > 0:
-                    cider, best_cider = keep_best(raw_model, val_data, d, dtype, args, meta, step, best_cider)
-                    tracker.log(step, val_cider=cider)
-                with open(os.path.join(args.out_dir, "samples.txt"), "a") as f:
-                    for image_id, caption, reference in caption_examples(raw_model, val_data, enc, d, dtype):
-                        print(f"  image {image_id}: {caption!r} (a reference: {reference!r})")
-                        f.write(f"{step}\t{image_id}\t{caption}\n")
+            best_cider = evaluate(step, raw_model, val_data, val_data_batches, meta, enc, args, d, dtype, tracker,
+                                  best_cider)
         if step > start_step and (step % args.save_every == 0 or last or stopping):
-            rng = gather_objects(rng_state(d.device), d)  # one state per rank
-            if d.master:
-                saved = checkpoint_path(args.out_dir, step)
-                save_checkpoint({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
-                                 "step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state_dict(),
-                                 "scaler": scaler.state_dict(), "best_cider": best_cider, "rng": rng,
-                                 "wandb_id": tracker.run_id, "args": vars(args),
-                                 "encoder": meta["encoder"]},
-                                saved)
-                if args.keep_last:
-                    prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
-            wait_for_each_other(d)
+            saved = save_on_rank0({"kind": "caption", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                                   "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                   "loader": train_loader.state_dict(), "best_cider": best_cider,
+                                   "wandb_id": tracker.run_id, "args": vars(args), "encoder": meta["encoder"]},
+                                  step, args, d)
         if last or stopping:
             break
 
-        # --- one optimizer step
+        # --- one optimizer step (as in train_gpt2.py; lines marked fp16 or DDP do nothing in other runs)
         t0 = time.time()
         image_feats_step, x_step, y_step, n_tokens = train_loader.next_step(d.rank, d.world_size)
+        # the step's loss for the step line, summed in float64 so the order of the sum (ranks x micro-steps) does
+        # not show in its printed digits (MPS has no float64)
         loss_accum = torch.zeros((), device=d.device, dtype=torch.float32 if d.device_type == "mps" else torch.float64)
         for micro_step in range(grad_accum_steps):
             micro = slice(micro_step * B, (micro_step + 1) * B)
             image_feats, x, y = (t[micro].to(d.device) for t in (image_feats_step, x_step, y_step))
-            if d.ddp:
-                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1  # before the forward
+            if d.ddp:  # DDP: all-reduce the gradients on the last micro-step only (set before the forward)
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast(d.device_type, dtype):
                 loss = model(x, y, image_feats=image_feats)[1]  # the mean over this micro-batch's caption tokens
             # The step's loss is the mean over all its caption tokens, on every rank: captions differ in length,
@@ -413,17 +430,18 @@ def main(args):
             # would change with the split). DDP averages the ranks' gradients: x world_size undoes that.
             loss = loss * (y != -1).sum() / n_tokens
             loss_accum += loss.detach()
-            scaler.scale(loss * d.world_size).backward()
-        all_reduce_sum(loss_accum, d)
+            scaler.scale(loss * d.world_size).backward()  # fp16: times the loss scale; otherwise as it is
+        all_reduce_sum(loss_accum, d)  # DDP: the step's loss over all ranks, for the step line
         scaler.unscale_(optimizer)  # fp16: the true gradients, before they are clipped
         trainable = [p for p in raw_model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)  # waits for the GPU
+        # the NaN/inf guard: a diverging run stops here, before its update poisons the weights (waits for the GPU)
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)
         lr = cosine_lr(step, args.lr, args.min_lr, args.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # GPT-2's own weights, when they train, at --lm-lr / --lr of it
-        scaler.step(optimizer)  # optimizer.step(), except in fp16 when a gradient overflowed: then skipped
-        scaler.update()
+        scaler.step(optimizer)  # = optimizer.step(); fp16: skipped when a gradient overflowed
+        scaler.update()  # fp16: adjust the loss scale
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         if d.master:

@@ -8,8 +8,8 @@ Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
 
 The defaults are the GPT-2 124M recipe (GPT-3 paper's hyperparameters for that size): 2**19 = 524,288 tokens
 per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
-lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10B tokens: one pass
-over FineWeb-Edu's 10BT sample, its first shard held out for validation).
+lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: a few percent
+over one pass of the train shards of FineWeb-Edu's 10BT sample, whose first shard is held out for validation).
 
 Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}' lines for plot_log.py.
 """
@@ -28,13 +28,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
+from checkpoint import load_model
+from generate import generate
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, checkpoint_path, cleanup_distributed, cosine_lr, default_dtype, fp16_note,
-                      grad_scaler,
-                      gather_objects, load_on_every_rank, non_negative_int, peak_flops, positive_float, positive_int,
-                      prune_checkpoints, resume_path, rng_state, save_checkpoint, set_rng_state, setup_distributed,
-                      start_log, take_out_dir, wait_for_each_other, warn)
+                      check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
+                      load_on_every_rank, muon_and_adamw, non_negative_int, peak_flops, positive_float, positive_int,
+                      resume_path, save_on_rank0, set_rng_state, setup_distributed, start_log, take_out_dir, warn)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -202,6 +202,27 @@ def validation_loss(model, batches, B, T, d, dtype):
     return (total[0] / total[1]).item()
 
 
+def evaluate(step, last, model, raw_model, val_data, hellaswag_examples, enc, args, d, dtype, tracker):
+    """What is due at this step: the val loss (every --eval-every steps and after the last update), HellaSwag and
+    a few samples (every --hellaswag-every / --sample-every steps and at the end). model: the compiled, DDP-
+    wrapped one, for the val loss; raw_model for the rest, whose shapes vary (see main)."""
+    if (args.eval_every > 0 and step % args.eval_every == 0) or last:
+        val_loss = validation_loss(model, val_data, args.batch_size, args.seq_len, d, dtype)
+        if d.master:
+            print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
+            append_log(args.out_dir, f"{step} val {val_loss:.4f}")
+            tracker.log(step, val_loss=val_loss)
+    if hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
+        correct, correct_norm, total = hellaswag.evaluate(raw_model, hellaswag_examples, d.device, d.rank,
+                                                          d.world_size, autocast_dtype=dtype)
+        if d.master:
+            print(f"step {step:5d} | HellaSwag acc_norm {correct_norm / total:.4f} ({correct_norm}/{total})")
+            append_log(args.out_dir, f"{step} hella {correct_norm / total:.4f}")
+            tracker.log(step, hellaswag=correct_norm / total)
+    if d.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
+        print_samples(raw_model, enc, d)
+
+
 def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32):
     """A few continuations, to see the model learn to write. A private generator keeps the training RNG
     untouched, so sampling never changes what training does (or its exact resume)."""
@@ -209,7 +230,7 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
     idx = torch.tensor([enc.encode(prompt)] * num_samples, device=d.device)
     generator = torch.Generator(device=d.device).manual_seed(42)  # 42 and top-k 50: build-nanogpt's samples
     max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
-    out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
+    out = generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator)
     for row in out.tolist():
         text = enc.decode([t for t in row if t != EOT_TOKEN])
         print(f"sample: {text!r}")
@@ -287,7 +308,7 @@ def parse_args(argv=None):
     for name, value in RECIPES[args.recipe].items():  # what the command line did not set, the recipe does
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.muon_lr is None:  # with match_rms_adamw (model.py) Muon's rate means what AdamW's does
+    if args.muon_lr is None:  # with match_rms_adamw (training.muon_and_adamw) Muon's rate means what AdamW's does
         args.muon_lr = args.max_lr
     n_embd = args.n_embd or PRESETS[args.model].get("n_embd", GPTConfig.n_embd)
     n_head = args.n_head or PRESETS[args.model].get("n_head", GPTConfig.n_head)
@@ -326,10 +347,10 @@ def build_model(args, resume_from, d):
     """The model to train -> (model, checkpoint being resumed or None): from that checkpoint, from
     pretrained weights (--init), or random."""
     if resume_from is not None:
-        return load_on_every_rank(lambda: GPT.from_checkpoint(resume_from, kind="lm"), resume_from, d)
+        return load_on_every_rank(lambda: load_model(resume_from, kind="lm"), resume_from, d)
     if args.init is not None:
         if args.init.endswith(".pt"):
-            return GPT.from_checkpoint(args.init, kind="lm")[0], None
+            return load_model(args.init, kind="lm")[0], None
         return GPT.from_pretrained(args.init), None
     sizes = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head), ("n_embd", args.n_embd)) if v}
     return GPT(GPTConfig(**{**PRESETS[args.model], **sizes})), None
@@ -339,7 +360,7 @@ def main(args):
     d = setup_distributed(args.device, args.dist_timeout)
     dtype = args.dtype or default_dtype(d.device)
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights (see set_rng_state)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
     enc = tiktoken.get_encoding("gpt2")
 
@@ -364,8 +385,10 @@ def main(args):
     raw_model.to(d.device)
     if T > raw_model.config.block_size:
         raise ValueError(f"--seq-len {T} exceeds the model's block_size {raw_model.config.block_size}")
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type,
-                                               muon_lr=args.muon_lr if args.optimizer == "muon" else None)
+    if args.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest (see muon_and_adamw)
+        optimizer = muon_and_adamw(raw_model, args.weight_decay, args.max_lr, args.muon_lr, d.device_type)
+    else:
+        optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
     scaler = grad_scaler(d, dtype)
     start_step = 0
     tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
@@ -400,47 +423,28 @@ def main(args):
         last = step == args.max_steps  # the schedule is done: evaluate and save the final model
         # this run ends here (the run continues with --resume): --stop-at, or a signal
         stopping = step == args.stop_at or stop.requested(d)
-        # --- evaluation: at step 0, every N steps, and after the last update
-        if not stopping and ((args.eval_every > 0 and step % args.eval_every == 0) or last):
-            val_loss = validation_loss(model, val_data, B, T, d, dtype)
-            if d.master:
-                print(f"step {step:5d} | val loss {val_loss:.4f} | perplexity {math.exp(val_loss):.2f}")
-                append_log(args.out_dir, f"{step} val {val_loss:.4f}")
-                tracker.log(step, val_loss=val_loss)
-        if not stopping and hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
-            correct, correct_norm, total = hellaswag.evaluate(raw_model, hellaswag_examples, d.device, d.rank,
-                                                              d.world_size, autocast_dtype=dtype)
-            if d.master:
-                print(f"step {step:5d} | HellaSwag acc_norm {correct_norm / total:.4f} ({correct_norm}/{total})")
-                append_log(args.out_dir, f"{step} hella {correct_norm / total:.4f}")
-                tracker.log(step, hellaswag=correct_norm / total)
-        if not stopping and d.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
-            print_samples(raw_model, enc, d)
+        if not stopping:
+            evaluate(step, last, model, raw_model, val_data, hellaswag_examples, enc, args, d, dtype, tracker)
         if step > start_step and (step % args.save_every == 0 or last or stopping):
-            # `step` updates are done; resuming starts the loop at this step
-            rng = gather_objects(rng_state(d.device), d)  # one state per rank
-            if d.master:
-                saved = checkpoint_path(args.out_dir, step)
-                save_checkpoint({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
-                                 "step": step, "optimizer": optimizer.state_dict(),
-                                 "loader": train_loader.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                                 "wandb_id": tracker.run_id, "args": vars(args)}, saved)
-                if args.keep_last:
-                    prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
-            wait_for_each_other(d)
+            saved = save_on_rank0({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
+                                   "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                   "loader": train_loader.state_dict(), "wandb_id": tracker.run_id, "args": vars(args)},
+                                  step, args, d)
         if last or stopping:
             break
 
-        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed
+        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed. Lines marked "fp16",
+        # "DDP" or "Muon" do nothing in other runs: a reader of a bf16 AdamW run on one GPU may skip them.
         t0 = time.time()
         x_step, y_step = train_loader.next_step(d.rank, d.world_size)  # (B * grad_accum_steps, T)
-        # the step's mean loss, summed in float64: its printed digits then do not depend on how the step is
-        # split over ranks and micro-steps (MPS has no float64)
+        # the step's mean loss, for the step line only. Summed in float64 so that the order of the sum (ranks x
+        # micro-steps) no longer shows in the printed digits; the micro-batch losses themselves can still differ
+        # in their last bits with another split (MPS has no float64)
         loss_accum = torch.zeros((), device=d.device, dtype=torch.float32 if d.device_type == "mps" else torch.float64)
         for micro_step in range(grad_accum_steps):
             x = x_step[micro_step * B: (micro_step + 1) * B].to(d.device, non_blocking=True)  # (B, T)
             y = y_step[micro_step * B: (micro_step + 1) * B].to(d.device, non_blocking=True)
-            if d.ddp:
+            if d.ddp:  # DDP
                 # all-reduce the gradients only on the last micro-step. DDP reads this flag during the
                 # forward pass (to prepare its hooks), so it must be set before the forward, not the backward
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
@@ -452,19 +456,20 @@ def main(args):
             # the summed gradient the gradient of the mean over the whole batch (DDP then averages the ranks)
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
-            scaler.scale(loss).backward()
-        all_reduce_sum(loss_accum, d)
+            scaler.scale(loss).backward()  # = loss.backward(); fp16: the loss times the loss scale (grad_scaler)
+        all_reduce_sum(loss_accum, d)  # DDP: the mean over ranks, for the step line (DDP averaged the gradients)
         loss_accum /= d.world_size
-        scaler.unscale_(optimizer)  # the true gradients, before they are clipped
+        scaler.unscale_(optimizer)  # fp16: divide the loss scale back out of the gradients before clipping them
         # clip the global gradient norm (one bad batch cannot throw the weights far); the norm before
         # clipping is worth watching: its spikes come before loss spikes
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)  # waits for the GPU
+        # a guard that only a diverging run trips: NaN/inf stops it before the update (and waits for the GPU)
+        loss_value, norm_value = check_finite(loss_accum, norm, step, args.out_dir, scaler)
         lr = cosine_lr(step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # Muon's groups: at --muon-lr / --max-lr of AdamW's rate
-        scaler.step(optimizer)  # optimizer.step(), except in fp16 when a gradient overflowed: then skipped
-        scaler.update()
+            group["lr"] = lr * group["lr_scale"]  # lr_scale is 1 but for Muon's group: --muon-lr / --max-lr
+        scaler.step(optimizer)  # = optimizer.step(); fp16: skipped when a gradient overflowed
+        scaler.update()  # fp16: adjust the loss scale (otherwise nothing)
         optimizer.zero_grad(set_to_none=True)
         # the step's one wait for the GPU is in check_finite; it also waited for the previous step's update,
         # so in a steady run dt is one whole step

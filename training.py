@@ -1,7 +1,12 @@
 """
-What the two training scripts (train_gpt2.py, train_caption.py) share: setting up processes and devices
-(one process or DDP under torchrun), the learning-rate schedule, mixed precision, checkpoints that survive
-being killed, and the log file. Everything else lives in the script that uses it.
+What the two training scripts (train_gpt2.py, train_caption.py) share, so that each script keeps only its
+algorithm in sight.
+
+First, in the order a training step uses them: processes and DDP, autocast (mixed precision), the sum over
+ranks, the NaN/inf guard and the learning-rate schedule. Then what only some runs need (fp16 loss scaling,
+device choices, the GPU's peak FLOPs), the Muon + AdamW optimizer pair (--optimizer muon), resuming (which
+checkpoint, decided by rank 0; per-rank random state), and the plumbing every long run needs: one run per
+out-dir, stopping cleanly on SIGTERM, warnings, argument types and the log. Checkpoint files: checkpoint.py.
 """
 
 import argparse
@@ -9,7 +14,6 @@ import atexit
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -21,8 +25,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from checkpoint import checkpoint_path, checkpoint_step, checkpoints, latest_checkpoint, prune_checkpoints, save_checkpoint
+
 # -----------------------------------------------------------------------------
-# Processes and devices
+# What the training step uses, in its order
 
 
 @dataclass
@@ -42,21 +48,6 @@ class Distributed:
     @property
     def master(self):  # rank 0 prints, logs, samples and writes checkpoints
         return self.rank == 0
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def use_device(device):
-    """Make a numbered GPU ("cuda:3") the current CUDA device. Whatever names no device (torch.cuda calls,
-    the CUDA context they create, the DataLoader's pin-memory thread) uses the current one: GPU 0 otherwise."""
-    if device.startswith("cuda") and torch.device(device).index is not None:
-        torch.cuda.set_device(device)
 
 
 def setup_distributed(device="auto", timeout_minutes=10):
@@ -90,9 +81,13 @@ def setup_distributed(device="auto", timeout_minutes=10):
     return Distributed(True, rank, local_rank, world_size, device, cpu_group)
 
 
-def cleanup_distributed(d):
-    if d.ddp:
-        dist.destroy_process_group()
+def autocast(device_type, dtype):
+    """Mixed precision: matmuls run in bfloat16 or float16 (2x the tensor-core throughput of tf32), while the
+    weights, the optimizer and reductions such as the loss stay in float32. bf16 has float32's exponent range,
+    so, unlike fp16, it needs no loss scaling (grad_scaler). "float32": no autocast."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def all_reduce_sum(tensor, d):
@@ -101,6 +96,54 @@ def all_reduce_sum(tensor, d):
     if d.ddp:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def check_finite(loss, norm, step, out_dir, scaler=None):
+    """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
+    poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
+    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host). With fp16
+    loss scaling an overflowing gradient is expected now and then: the scaler skips that step itself."""
+    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
+    norm_may_overflow = scaler is not None and scaler.is_enabled()
+    if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
+        last = latest_checkpoint(out_dir) or "none written yet"
+        raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}: stopping before the update, "
+                                 f"saving nothing (last checkpoint: {last}). Try a lower learning rate.")
+    return loss, norm
+
+
+def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup from max_lr / warmup_steps to max_lr, then a cosine down to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Processes, devices and precision: the rest
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def use_device(device):
+    """Make a numbered GPU ("cuda:3") the current CUDA device. Whatever names no device (torch.cuda calls,
+    the CUDA context they create, the DataLoader's pin-memory thread) uses the current one: GPU 0 otherwise."""
+    if device.startswith("cuda") and torch.device(device).index is not None:
+        torch.cuda.set_device(device)
+
+
+def cleanup_distributed(d):
+    if d.ddp:
+        dist.destroy_process_group()
 
 
 def gather_objects(obj, d):
@@ -116,15 +159,6 @@ def wait_for_each_other(d):
     """A barrier on the CPU group, whose timeout is long enough for rank 0 to write a large checkpoint."""
     if d.ddp:
         dist.barrier(group=d.cpu_group)
-
-
-def autocast(device_type, dtype):
-    """Mixed precision: matmuls run in bfloat16 or float16 (2x the tensor-core throughput of tf32), while the
-    weights, the optimizer and reductions such as the loss stay in float32. bf16 has float32's exponent range,
-    so, unlike fp16, it needs no loss scaling (grad_scaler). "float32": no autocast."""
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def default_dtype(device):
@@ -152,20 +186,6 @@ def fp16_note(scaler, norm):
     return f" | fp16 scale {scaler.get_scale():g}" + ("" if math.isfinite(norm) else " (overflow: step skipped)")
 
 
-# -----------------------------------------------------------------------------
-# Schedule and speed
-
-
-def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup from max_lr / warmup_steps to max_lr, then a cosine down to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
 # dense bf16 tensor-core peak of common GPUs, FLOP/s (the datasheets' "with sparsity" numbers are 2x these)
 PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
                    "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
@@ -183,36 +203,58 @@ def peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Muon + AdamW (--optimizer muon)
 
 
-def checkpoint_path(out_dir, step):
-    return os.path.join(out_dir, f"model_{step:06d}.pt")
+def muon_and_adamw(model, weight_decay, learning_rate, muon_lr, device_type, betas=(0.9, 0.95)):
+    """Muon for the 2-D weights inside the blocks, AdamW (model.configure_optimizers) for everything else,
+    stepped as one optimizer.
+
+    Muon (momentum, then Newton-Schulz iterations that make the update matrix nearly orthogonal) suits the
+    hidden layers' matmuls: every direction of a weight matrix gets a comparable step, however skewed the
+    gradient is. It is not meant for the embedding table (a lookup: each row is updated by its own tokens;
+    here it is also the tied lm_head) or for vectors (biases, LayerNorm gains), which AdamW keeps.
+    adjust_lr_fn="match_rms_adamw" scales each update to the size an AdamW update would have (Moonshot's
+    "Muon is Scalable": an orthogonalised (A, B) update has RMS ~1/sqrt(max(A, B)), so its rate is multiplied
+    by 0.2 x sqrt(max(A, B)), 0.2 being a typical AdamW update's RMS): Muon's rate and weight decay then mean
+    what AdamW's do. Its group carries lr_scale = muon_lr / learning_rate, so the one schedule drives both."""
+    hidden = [p for name, p in model.named_parameters()
+              if p.requires_grad and p.dim() == 2 and ".h." in name and "wte" not in name]
+    adamw = model.configure_optimizers(weight_decay, learning_rate, device_type, betas, leave_out=hidden)
+    muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / learning_rate}],
+                            lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Optimizers(adamw, muon)
 
 
-def checkpoint_step(path):
-    """model_001200.pt -> 1200; None for a file not named that way."""
-    m = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
-    return int(m.group(1)) if m else None
+class Optimizers:
+    """Several optimizers used as one: what the training loop (param_groups, step, zero_grad) and checkpoints
+    (state_dict, load_state_dict) ask of an optimizer, and torch.amp.GradScaler too."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
 
 
-def checkpoints(out_dir):
-    """The checkpoints in out_dir, oldest step first. Half-written files end in .tmp and are never matched.
-    A folder that cannot be listed is an error, not an empty folder: a run that took it for one would start
-    afresh and overwrite what is there."""
-    try:
-        names = os.listdir(out_dir)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise ValueError(f"{out_dir}: cannot list this folder ({e.strerror})") from None
-    return sorted((os.path.join(out_dir, n) for n in names if checkpoint_step(n) is not None), key=checkpoint_step)
-
-
-def latest_checkpoint(out_dir):
-    """The checkpoint with the highest step in out_dir, or None."""
-    found = checkpoints(out_dir)
-    return found[-1] if found else None
+# -----------------------------------------------------------------------------
+# Resuming
 
 
 def master_decides(decide, d):
@@ -276,44 +318,27 @@ def load_on_every_rank(load, path, d):
     return result
 
 
+def save_on_rank0(checkpoint, step, args, d):
+    """The checkpoint after `step` updates (resuming starts the loop at this step), with every rank's random
+    state added: rank 0 writes it (atomically, checkpoint.save_checkpoint) while the others wait, then
+    --keep-last prunes the older ones. -> its path on rank 0, None elsewhere."""
+    rng = gather_objects(rng_state(d.device), d)  # one state per rank
+    path = None
+    if d.master:
+        path = checkpoint_path(args.out_dir, step)
+        save_checkpoint({**checkpoint, "rng": rng}, path)
+        if args.keep_last:
+            prune_checkpoints(args.out_dir, args.keep_last, keep=[args.resume])
+    wait_for_each_other(d)
+    return path
+
+
 def check_resume_step(step, max_steps, stop_at, path):
     """A resumed run must have steps left to run, and --stop-at must lie ahead of it."""
     if step > max_steps:
         raise ValueError(f"{path} is at step {step}, past --max-steps {max_steps}: nothing left to train")
     if stop_at is not None and stop_at <= step:
         raise ValueError(f"--stop-at {stop_at} is not after the step {path} resumes at, {step}")
-
-
-def save_checkpoint(checkpoint, path):
-    """Write to path.tmp, flush it to disk, then rename over path. A rename within a folder is atomic, so a
-    run killed at any moment leaves either the previous file or the new one, never half of one. Weights
-    that are not finite are never written: every checkpoint on disk is one worth resuming."""
-    for name, tensor in checkpoint["model"].items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise FloatingPointError(f"{path}: not written, {name} holds NaN or inf "
-                                     f"(last checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'})")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ValueError(f"{path}: checkpoint not written ({why_write_failed(e, os.path.dirname(path))}); last "
-                         f"checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'}") from None
-
-
-def why_write_failed(error, folder):
-    """The cause of a failed write, in words: OSErrors carry it (disk full, read-only, permission denied);
-    torch.save's RuntimeError does not, so a nearly full disk is looked at directly."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    if shutil.disk_usage(folder or ".").free < 100 * 2**20:
-        return "no space left on the device"
-    return str(error).splitlines()[0][:200]
 
 
 def rng_state(device):
@@ -328,9 +353,12 @@ def rng_state(device):
 
 def set_rng_state(states, d, seed):
     """Restore this rank's generators from one state per rank. A checkpoint written by another number of
-    processes has no state for this one: each rank is re-seeded instead, and says so. The data order does
-    not depend on these generators (the loaders draw from the seed and the step), so it stays exact; only
-    the dropout masks will differ from an uninterrupted run."""
+    processes has no state for this one: each rank is re-seeded with seed + rank instead, and says so. The data
+    order does not depend on these generators (the loaders draw from the seed and the step), so it stays exact;
+    only the dropout masks will differ from an uninterrupted run. Why seed + rank here, when a fresh run seeds
+    every rank alike: there the shared seed makes every rank build the same initial weights; here the weights
+    come from the checkpoint and the generators only draw dropout masks, which distinct seeds keep independent
+    across ranks. (A fresh run's ranks draw alike masks on different data; at the default dropout 0, none.)"""
     if len(states) != d.world_size:
         if d.master:
             print(f"checkpoint written by {len(states)} process(es), resumed by {d.world_size}: random generators "
@@ -341,20 +369,6 @@ def set_rng_state(states, d, seed):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and d.device.startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"], d.device)
-
-
-def check_finite(loss, norm, step, out_dir, scaler=None):
-    """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
-    poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
-    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host). With fp16
-    loss scaling an overflowing gradient is expected now and then: the scaler skips that step itself."""
-    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
-    norm_may_overflow = scaler is not None and scaler.is_enabled()
-    if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
-        last = latest_checkpoint(out_dir) or "none written yet"
-        raise FloatingPointError(f"loss {loss}, gradient norm {norm} at step {step}: stopping before the update, "
-                                 f"saving nothing (last checkpoint: {last}). Try a lower learning rate.")
-    return loss, norm
 
 
 # -----------------------------------------------------------------------------
@@ -442,16 +456,6 @@ def take_out_dir(out_dir, d):
 
     master_decides(take, d)
     return lock
-
-
-def prune_checkpoints(out_dir, keep_last, keep=()):
-    """--keep-last N: after a successful save, delete all but the N newest checkpoints (a 124M checkpoint with
-    its optimizer is ~1.5 GB). The newest is always kept, and so is any path in `keep` (one the user named)."""
-    found = checkpoints(out_dir)
-    keep = {os.path.abspath(p) for p in keep if p}
-    for path in found[:-max(1, keep_last)]:
-        if os.path.abspath(path) not in keep:
-            os.remove(path)
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from PIL import Image
 
 import caption_eval
 import coco
+from generate import beam_search, compile_decode_step, generate
 from model import EOT_TOKEN, GPT, GPTConfig
 
 needs_metrics = pytest.mark.skipif(caption_eval.shutil.which("java") is None or
@@ -265,7 +266,7 @@ def test_greedy_captions_are_generate_decoded():
     model, features = tiny_captioner(), random_features()
     captions = caption_eval.caption_images(model, features, 2, 1, 8, "cpu", "float32")
     # the reference: one generate() call over all images, cut at the first <|endoftext|> after the prompt
-    rows = model.generate(torch.full((5, 1), EOT_TOKEN), 8, temperature=0,
+    rows = generate(model, torch.full((5, 1), EOT_TOKEN), 8, temperature=0,
                           image_feats=torch.from_numpy(features)).tolist()
     enc = tiktoken.get_encoding("gpt2")
     expected = [enc.decode(row[1:][:row[1:].index(EOT_TOKEN)] if EOT_TOKEN in row[1:] else row[1:]).strip()
@@ -281,7 +282,7 @@ def test_greedy_captions_are_generate_decoded():
 def test_beam_search_captions_are_beam_search_decoded():
     model, features = tiny_captioner(), random_features()
     captions = caption_eval.caption_images(model, features, 2, 3, 8, "cpu", "float32")
-    token_lists = model.beam_search(torch.full((5, 1), EOT_TOKEN), torch.from_numpy(features), beam_size=3,
+    token_lists = beam_search(model, torch.full((5, 1), EOT_TOKEN), torch.from_numpy(features), beam_size=3,
                                     max_new_tokens=8)
     enc = tiktoken.get_encoding("gpt2")
     assert captions == [enc.decode(tokens).strip() for tokens in token_lists]
@@ -338,7 +339,7 @@ def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tm
     fake_features_dir(monkeypatch)
     model = save_tiny_checkpoint(tmp_path / "model.pt")
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
-    monkeypatch.setattr(caption_eval.GPT, "from_checkpoint", lambda path, kind: (model, checkpoint))
+    monkeypatch.setattr(caption_eval, "load_model", lambda path, kind: (model, checkpoint))
     monkeypatch.setattr(model, "to", lambda device: calls.append(("to", device)) or model)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     # the dtype is asked of the GPU in use ("cuda:1"), not of "cuda", which is GPU 0
@@ -535,7 +536,7 @@ def test_compiled_decoding_pads_the_last_batch_and_compiles_once_per_decoding():
     torch._dynamo.reset()
     try:
         counter = CompileCounterWithBackend("aot_eager")
-        model.compile_decode_step(backend=counter)
+        compile_decode_step(model, backend=counter)
         for beam in (1, 3):
             assert caption_eval.caption_images(model, features, 2, beam, 8, "cpu", "float32") == eager[beam]
     finally:
@@ -549,8 +550,7 @@ def test_command_line_compile_says_what_it_compiled(monkeypatch, tmp_path, capsy
     from torch._dynamo.testing import CompileCounterWithBackend
     fake_features_dir(monkeypatch)
     save_tiny_checkpoint(tmp_path / "model.pt")
-    compile_decode_step = GPT.compile_decode_step
-    monkeypatch.setattr(GPT, "compile_decode_step",
+    monkeypatch.setattr(caption_eval, "compile_decode_step",
                         lambda model: compile_decode_step(model, backend=CompileCounterWithBackend("aot_eager")))
     torch._dynamo.reset()
     try:

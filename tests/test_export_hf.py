@@ -1,4 +1,4 @@
-"""export_hf.py and GPT.save_pretrained: a checkpoint of ours, exported, is the same model in transformers (same
+"""export_hf.py and its save_pretrained: a checkpoint of ours, exported, is the same model in transformers (same
 logits, same greedy tokens) and comes back through GPT.from_pretrained with the same weights; a captioner
 exports its language model and says what it left out; GPT-2's tokenizer goes along when tiktoken has it."""
 import json
@@ -12,6 +12,8 @@ import torch
 import transformers  # test-only: the independent reader of the export
 
 import export_hf
+from export_hf import save_pretrained
+from generate import generate
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, GPTConfig
 from scripts import ROOT
 
@@ -56,7 +58,7 @@ def test_transformers_gives_the_same_logits_and_greedy_tokens(exported):
     prompt = torch.randint(0, EOT_TOKEN, (1, 5))
     theirs = hf.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=EOT_TOKEN,
                          attention_mask=torch.ones_like(prompt))
-    mine = ours.generate(prompt, max_new_tokens=30, temperature=0)  # stops at <|endoftext|>; theirs goes on
+    mine = generate(ours, prompt, max_new_tokens=30, temperature=0)  # stops at <|endoftext|>; theirs goes on
     assert mine.size(1) > prompt.size(1) + 5 and torch.equal(mine, theirs[:, :mine.size(1)])
 
 
@@ -105,7 +107,7 @@ def test_captioner_exports_its_language_model_and_says_so(tmp_path, capsys):
     captioner = trained_looking(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, cross_attn_every=2,
                                           n_embd_img=32))
     with pytest.raises(ValueError, match="cross-attention"):  # from Python, leaving layers out is asked for
-        captioner.save_pretrained(tmp_path / "refused")
+        save_pretrained(captioner, tmp_path / "refused")
     checkpoint = save_checkpoint(captioner, tmp_path / "caption.pt", "caption")
     assert export_hf.main([str(checkpoint), str(tmp_path / "hf")]) == 0
     assert "cross-attention layers and image projection" in capsys.readouterr().err

@@ -17,6 +17,7 @@ import torch.nn as nn
 import hellaswag
 from hellaswag import (crop_to_block_size, evaluate, load_examples, pad_and_stack, render_example, score_example,
                        score_examples)
+from checkpoint import load_model
 from model import GPT, GPTConfig
 from scripts import run_script
 
@@ -436,7 +437,7 @@ def test_cli_prints_the_accuracies_of_a_checkpoint(checkpoint_path, rows_path):
                         "--dtype", "float32")
     match = re.search(r"^acc (\d\.\d{4}) acc_norm (\d\.\d{4}) \(n=6\)$", result.stdout, re.MULTILINE)
     assert match, result.stdout
-    model, _ = GPT.from_checkpoint(checkpoint_path)
+    model, _ = load_model(checkpoint_path)
     correct, correct_norm, total = evaluate(model, load_examples(rows_path), "cpu")
     assert correct != correct_norm
     assert float(match.group(1)) == pytest.approx(correct / total, abs=1e-4)

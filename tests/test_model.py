@@ -4,8 +4,12 @@ import pytest
 import torch
 import transformers  # test-only: the independent reference, installed by requirements-dev.txt
 
-from model import (EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig, KVCache, load_checkpoint,
-                   recording_cross_attention)
+import generate as generate_module
+import sample
+from checkpoint import load_checkpoint, load_model
+from generate import KVCache, beam_search, compile_decode_step, generate, hidden_states, next_token_logits
+from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
+from sample import recording_cross_attention
 
 
 SHAPES = [  # (n_layer, n_head, n_embd, n_positions): not only 124M's proportions
@@ -59,7 +63,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
     expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
                            pad_token_id=EOT_TOKEN, attention_mask=torch.ones_like(prompt))
     # min_new_tokens keeps transformers going past <|endoftext|>; ours stops there, so compare up to it
-    got = ours.generate(prompt, max_new_tokens=20, temperature=0)
+    got = generate(ours, prompt, max_new_tokens=20, temperature=0)
     assert got.size(1) > prompt.size(1)
     assert torch.equal(got, expected[:, :got.size(1)])
 
@@ -146,15 +150,14 @@ def test_recorded_cross_attention_is_the_one_sdpa_used():
 
 def test_attention_weights_are_computed_only_while_recording(monkeypatch):
     """Training and generation never form the (T, N_img) weights: SDPA's fused kernels are left to do their job."""
-    import model as model_module
     model = tiny_captioner()
     idx, images = torch.randint(0, EOT_TOKEN, (2, 6)), torch.randn(2, 7, 48)
     with recording_cross_attention(model):
         pass  # switched on and off again
-    monkeypatch.setattr(model_module, "attention_weights", lambda q, k: pytest.fail("weights computed unasked"))
+    monkeypatch.setattr(sample, "attention_weights", lambda q, k: pytest.fail("weights computed unasked"))
     _, loss = model(idx, targets=idx, image_feats=images)
     loss.backward()
-    model.generate(idx, 3, temperature=0, image_feats=images)
+    generate(model, idx, 3, temperature=0, image_feats=images)
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -162,22 +165,22 @@ def test_kv_cache_equals_recomputation(with_image):
     model = tiny_captioner()
     prompt = torch.randint(0, EOT_TOKEN, (3, 5))
     images = torch.randn(3, 7, 48) if with_image else None
-    fast = model.generate(prompt, 40, temperature=0, image_feats=images, use_cache=True)
-    slow = model.generate(prompt, 40, temperature=0, image_feats=images, use_cache=False)
+    fast = generate(model, prompt, 40, temperature=0, image_feats=images, use_cache=True)
+    slow = generate(model, prompt, 40, temperature=0, image_feats=images, use_cache=False)
     assert torch.equal(fast, slow)
     if with_image:  # the image changes what is generated
-        other = model.generate(prompt, 40, temperature=0, image_feats=images.flip(0), use_cache=True)
+        other = generate(model, prompt, 40, temperature=0, image_feats=images.flip(0), use_cache=True)
         assert not torch.equal(fast, other)
 
 
 def test_sampling_is_seeded_and_respects_top_k():
     model = tiny_captioner()
     prompt = torch.full((4, 1), EOT_TOKEN)
-    run = lambda seed, **kw: model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+    run = lambda seed, **kw: generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
     # top_k=1 and a tiny top_p are both greedy decoding
-    greedy = model.generate(prompt, 20, temperature=0)
+    greedy = generate(model, prompt, 20, temperature=0)
     assert torch.equal(run(3, top_k=1), greedy)
     assert torch.equal(run(4, top_p=1e-6), greedy)
 
@@ -195,7 +198,7 @@ def test_sampling_is_seeded_and_respects_top_k():
 def test_generate_refuses_bad_options(options, message):
     call = {"idx": torch.full((2, 1), EOT_TOKEN), "max_new_tokens": 5, **options}
     with pytest.raises(ValueError, match=message):
-        tiny_captioner().generate(**call)
+        generate(tiny_captioner(), **call)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -206,11 +209,11 @@ def test_generate_refuses_bad_options(options, message):
 def test_beam_search_refuses_bad_options(options, message):
     call = {"idx": torch.full((2, 1), EOT_TOKEN), "max_new_tokens": 5, **options}
     with pytest.raises(ValueError, match=message):
-        tiny_captioner().beam_search(**call)
+        beam_search(tiny_captioner(), **call)
 
 
 def test_temperature_zero_and_tiny_temperatures_are_greedy():
-    from model import sample_next_token
+    from generate import sample_next_token
     logits = torch.randn(4, GPT2_VOCAB_SIZE) * 10
     greedy = logits.argmax(dim=-1, keepdim=True)
     assert torch.equal(sample_next_token(logits, temperature=0), greedy)
@@ -220,10 +223,9 @@ def test_temperature_zero_and_tiny_temperatures_are_greedy():
 
 
 def test_generation_stops_each_row_at_end_of_text(monkeypatch):
-    import model as model_module
     script = iter([[11, 21], [EOT_TOKEN, 22], [13, 23], [14, EOT_TOKEN], [15, 25]])  # row 0 ends at step 2, row 1 at 4
-    monkeypatch.setattr(model_module, "sample_next_token", lambda *a, **k: torch.tensor(next(script))[:, None])
-    out = tiny_captioner().generate(torch.tensor([[5], [7]]), 10, temperature=1.0)
+    monkeypatch.setattr(generate_module, "sample_next_token", lambda *a, **k: torch.tensor(next(script))[:, None])
+    out = generate(tiny_captioner(), torch.tensor([[5], [7]]), 10, temperature=1.0)
     assert out.tolist() == [[5, 11, EOT_TOKEN, EOT_TOKEN, EOT_TOKEN], [7, 21, 22, 23, EOT_TOKEN]]
 
 
@@ -233,7 +235,7 @@ def test_beam_search_with_one_beam_ranks_the_greedy_prefixes():
     model = tiny_captioner(seed=2)
     images = torch.randn(2, 7, 48)
     for length_penalty in (0.0, 1.0):
-        got = model.beam_search(torch.full((2, 1), EOT_TOKEN), images, beam_size=1, max_new_tokens=12,
+        got = beam_search(model, torch.full((2, 1), EOT_TOKEN), images, beam_size=1, max_new_tokens=12,
                                 length_penalty=length_penalty)
         for b in range(2):
             path = []  # greedy without <|endoftext|>, recomputing the whole prefix each step (no cache)
@@ -254,8 +256,8 @@ def test_wider_beam_finds_a_likelier_caption():
     model = tiny_captioner(seed=2)
     prompt = torch.full((3, 1), EOT_TOKEN)
     images = torch.randn(3, 7, 48)
-    beam1 = model.beam_search(prompt, images, beam_size=1, max_new_tokens=12, length_penalty=0.0)
-    beam4 = model.beam_search(prompt, images, beam_size=4, max_new_tokens=12, length_penalty=0.0)
+    beam1 = beam_search(model, prompt, images, beam_size=1, max_new_tokens=12, length_penalty=0.0)
+    beam4 = beam_search(model, prompt, images, beam_size=4, max_new_tokens=12, length_penalty=0.0)
     for b in range(3):
         one = sequence_logprob(model, beam1[b], images[b:b + 1], 12)
         four = sequence_logprob(model, beam4[b], images[b:b + 1], 12)
@@ -310,7 +312,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     model = tiny_captioner()
     path = tmp_path / "ckpt.pt"
     torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": 3}, path)
-    loaded, checkpoint = GPT.from_checkpoint(str(path), kind="caption")
+    loaded, checkpoint = load_model(str(path), kind="caption")
     assert checkpoint["step"] == 3
     idx = torch.randint(0, EOT_TOKEN, (1, 6))
     assert torch.equal(model(idx)[0], loaded(idx)[0])
@@ -331,7 +333,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     config = asdict(model.config) | {"n_embd": 64}
     torch.save({"kind": "caption", "model": model.state_dict(), "config": config}, wrong_shape)
     with pytest.raises(ValueError, match="wide.pt: weights do not fit the model: wrong shape"):
-        GPT.from_checkpoint(str(wrong_shape))
+        load_model(str(wrong_shape))
 
 
 def test_checkpoint_is_memory_mapped_not_read_into_ram(tmp_path):
@@ -369,7 +371,7 @@ def test_lm_checkpoint_becomes_captioner_with_identical_logits(tmp_path):
     lm = GPT(GPTConfig(**PRESETS["tiny"])).eval()
     path = tmp_path / "lm.pt"
     torch.save({"kind": "lm", "model": lm.state_dict(), "config": asdict(lm.config)}, path)
-    captioner, _ = GPT.from_checkpoint(str(path), kind="lm", cross_attn_every=2)
+    captioner, _ = load_model(str(path), kind="lm", cross_attn_every=2)
     idx = torch.randint(0, EOT_TOKEN, (2, 9))
     assert torch.equal(lm(idx)[0], captioner.eval()(idx, image_feats=torch.randn(2, 50, 768))[0])
 
@@ -403,18 +405,17 @@ class ConcatenatingKVCache:
 
 def decode_each_way(model, prompt, images):
     """Greedy, seeded top-k sampling and beam search of one prompt batch: what the cache must not change."""
-    return (model.generate(prompt, 30, temperature=0, image_feats=images),
-            model.generate(prompt, 30, temperature=1.0, top_k=20, image_feats=images,
+    return (generate(model, prompt, 30, temperature=0, image_feats=images),
+            generate(model, prompt, 30, temperature=1.0, top_k=20, image_feats=images,
                            generator=torch.Generator().manual_seed(7)),
-            model.beam_search(prompt, images, beam_size=3, max_new_tokens=12))
+            beam_search(model, prompt, images, beam_size=3, max_new_tokens=12))
 
 
 def test_preallocated_cache_gives_the_tokens_of_the_concatenating_one(monkeypatch):
-    import model as model_module
     model = tiny_captioner(seed=3)
     prompt, images = torch.randint(0, EOT_TOKEN, (3, 4)), torch.randn(3, 7, 48)
     now = decode_each_way(model, prompt, images)
-    monkeypatch.setattr(model_module, "KVCache", ConcatenatingKVCache)
+    monkeypatch.setattr(generate_module, "KVCache", ConcatenatingKVCache)
     before = decode_each_way(model, prompt, images)
     assert torch.equal(now[0], before[0]) and torch.equal(now[1], before[1]) and now[2] == before[2]
     assert not torch.equal(now[0], now[1])  # sampling really sampled
@@ -423,16 +424,16 @@ def test_preallocated_cache_gives_the_tokens_of_the_concatenating_one(monkeypatc
 def test_cache_is_one_buffer_per_layer_written_in_place_and_bounded():
     model = tiny_captioner()
     cache = KVCache(max_len=9)
-    model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 5)), None, cache)  # the prompt
+    next_token_logits(model, torch.randint(0, EOT_TOKEN, (2, 5)), None, cache)  # the prompt
     buffers = [(cache.keys[layer], cache.values[layer]) for layer in range(4)]
     assert all(k.shape == v.shape == (2, 4, 9, 32) for k, v in buffers)  # (B, nh, max_len, hs), from the start
     for _ in range(4):
-        model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
+        next_token_logits(model, torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
     assert cache.pos == 9
     for layer, (k, v) in enumerate(buffers):  # still the very same memory: written in place, never reallocated
         assert cache.keys[layer] is k and cache.values[layer] is v
     with pytest.raises(ValueError, match=r"^KV cache of 9 positions: 9 cached \+ 1 new tokens do not fit$"):
-        model.next_token_logits(torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
+        next_token_logits(model, torch.randint(0, EOT_TOKEN, (2, 1)), None, cache)
 
 
 def test_a_prompt_continued_in_pieces_gives_the_logits_of_one_pass():
@@ -442,8 +443,9 @@ def test_a_prompt_continued_in_pieces_gives_the_logits_of_one_pass():
     with torch.no_grad():
         whole, _ = model(idx)
         cache = KVCache(max_len=11)
-        pieces = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 4), (4, 5), (5, 11))]
-    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+        pieces = [model.lm_head(hidden_states(model, idx[:, a:b], cache=cache)) for a, b in ((0, 4), (4, 5), (5, 11))]
+    V = GPT2_VOCAB_SIZE  # the padding columns are -inf in model()'s logits
+    assert torch.allclose(torch.cat(pieces, dim=1)[..., :V], whole[..., :V], atol=1e-5)
 
 
 def test_prompt_is_causal_and_a_single_new_token_needs_no_mask(monkeypatch):
@@ -456,21 +458,20 @@ def test_prompt_is_causal_and_a_single_new_token_needs_no_mask(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
-    model.generate(torch.randint(0, EOT_TOKEN, (2, 5)), 3, temperature=0)
+    generate(model, torch.randint(0, EOT_TOKEN, (2, 5)), 3, temperature=0)
     # (new tokens, keys attended, is_causal, no mask): 2 layers x (the prompt, then 2 one-token steps)
     assert calls == [(5, 5, True, True)] * 2 + [(1, 6, False, True)] * 2 + [(1, 7, False, True)] * 2
 
 
 def test_beam_search_reorders_the_cache_in_place(monkeypatch):
-    import model as model_module
     seen = []
 
     class RecordingKVCache(KVCache):
         def reorder(self, index):
             super().reorder(index)
             seen.append([buffer.data_ptr() for buffer in (*self.keys.values(), *self.values.values())])
-    monkeypatch.setattr(model_module, "KVCache", RecordingKVCache)
-    tiny_captioner(seed=2).beam_search(torch.full((2, 1), EOT_TOKEN), torch.randn(2, 7, 48), beam_size=3,
+    monkeypatch.setattr(generate_module, "KVCache", RecordingKVCache)
+    beam_search(tiny_captioner(seed=2), torch.full((2, 1), EOT_TOKEN), torch.randn(2, 7, 48), beam_size=3,
                                        max_new_tokens=8)
     assert len(seen) >= 3 and all(pointers == seen[0] for pointers in seen)
 
@@ -483,9 +484,9 @@ def test_image_keys_values_are_computed_once_per_generation(monkeypatch):
                         lambda self, image_embs: calls.append(1) or real(self, image_embs))
     model = tiny_captioner()
     images = torch.randn(2, 7, 48)
-    model.generate(torch.full((2, 1), EOT_TOKEN), 10, temperature=0, image_feats=images)
+    generate(model, torch.full((2, 1), EOT_TOKEN), 10, temperature=0, image_feats=images)
     assert len(calls) == 2  # the two cross-attention layers, on the first step only
-    model.beam_search(torch.full((2, 1), EOT_TOKEN), images, beam_size=3, max_new_tokens=10)
+    beam_search(model, torch.full((2, 1), EOT_TOKEN), images, beam_size=3, max_new_tokens=10)
     assert len(calls) == 4
 
 
@@ -503,17 +504,17 @@ def test_compiled_step_gives_the_eager_tokens_and_compiles_once_per_shape(fresh_
     from torch._dynamo.testing import CompileCounterWithBackend
     model = tiny_captioner(seed=1)
     prompt, images = torch.full((3, 1), EOT_TOKEN), torch.randn(3, 7, 48)
-    eager = [model.generate(prompt, 24, temperature=0, image_feats=images),
-             model.generate(prompt, 24, temperature=0, image_feats=images.flip(0)),
-             model.beam_search(prompt, images, beam_size=3, max_new_tokens=10)]
+    eager = [generate(model, prompt, 24, temperature=0, image_feats=images),
+             generate(model, prompt, 24, temperature=0, image_feats=images.flip(0)),
+             beam_search(model, prompt, images, beam_size=3, max_new_tokens=10)]
     counter = CompileCounterWithBackend("aot_eager")
-    step = model.compile_decode_step(backend=counter)
-    assert torch.equal(model.generate(prompt, 24, temperature=0, image_feats=images), eager[0])
+    step = compile_decode_step(model, backend=counter)
+    assert torch.equal(generate(model, prompt, 24, temperature=0, image_feats=images), eager[0])
     assert counter.frame_count == 1  # 23 steps, one graph: nothing in it changes as the position grows
     # the same shape again, other images: the same graph and the same (emptied) cache
-    assert torch.equal(model.generate(prompt, 24, temperature=0, image_feats=images.flip(0)), eager[1])
+    assert torch.equal(generate(model, prompt, 24, temperature=0, image_feats=images.flip(0)), eager[1])
     assert counter.frame_count == 1
-    assert model.beam_search(prompt, images, beam_size=3, max_new_tokens=10) == eager[2]
+    assert beam_search(model, prompt, images, beam_size=3, max_new_tokens=10) == eager[2]
     assert counter.frame_count == 2  # 3 images x 3 beams and 11 positions: a new shape, compiled once
     assert sorted(step.compiled) == [(3, 25), (9, 11)]  # (batch size, cache length) -> seconds of the compile
 
@@ -528,18 +529,18 @@ def test_inductor_compiled_step_gives_the_eager_tokens(fresh_dynamo):
             if p.dim() == 2 and name.startswith("transformer.h."):
                 p.mul_(10)
     prompt = torch.randint(0, EOT_TOKEN, (3, 5))
-    eager = model.generate(prompt, 16, temperature=0)
+    eager = generate(model, prompt, 16, temperature=0)
     assert all(len(row[5:].unique()) > 8 for row in eager)
-    model.compile_decode_step()
-    assert torch.equal(model.generate(prompt, 16, temperature=0), eager)
+    compile_decode_step(model)
+    assert torch.equal(generate(model, prompt, 16, temperature=0), eager)
     assert list(model.compiled_step.compiled) == [(3, 21)]
 
 
 def test_compiled_step_refuses_a_full_cache():
-    from model import CompiledDecodeStep
+    from generate import CompiledDecodeStep
     model = tiny_captioner()
     step = CompiledDecodeStep(model, backend="eager")  # the bound is checked before anything is compiled
     cache = KVCache(max_len=5)
-    model.next_token_logits(torch.randint(0, EOT_TOKEN, (1, 5)), None, cache)
+    next_token_logits(model, torch.randint(0, EOT_TOKEN, (1, 5)), None, cache)
     with pytest.raises(ValueError, match=r"^KV cache of 5 positions is full$"):
         step(torch.full((1, 1), EOT_TOKEN), cache)

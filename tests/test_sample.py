@@ -14,7 +14,9 @@ from PIL import Image
 
 import coco
 import sample
-from model import EOT_TOKEN, GPT, GPTConfig, recording_cross_attention
+from generate import compile_decode_step, generate
+from model import EOT_TOKEN, GPT, GPTConfig
+from sample import recording_cross_attention
 from scripts import ROOT
 
 CLIP_WIDTH = 48
@@ -253,7 +255,7 @@ def test_command_line_makes_the_named_gpu_current_before_loading(what, monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(sample.Captioner, "from_checkpoint", lambda path, device: load("captioner", device))
-    monkeypatch.setattr(GPT, "from_checkpoint", lambda path: load("lm", path))
+    monkeypatch.setattr(sample, "load_model", lambda path: load("lm", path))
     with pytest.raises(Loaded):
         sample.main(what + ["--device", "cuda:1"])
     assert calls[0] == ("set_device", "cuda:1") and len(calls) == 2
@@ -317,7 +319,7 @@ def test_maps_are_the_weights_decoding_used():
     captioner = sample.Captioner(model, tiny_encoder(), "cpu")
     image_feats = torch.randn(2, 50, CLIP_WIDTH)
     with torch.no_grad(), recording_cross_attention(model) as steps:  # one cross-attention layer: one entry a step
-        model.generate(torch.full((2, 1), EOT_TOKEN), 6, temperature=0, image_feats=image_feats)
+        generate(model, torch.full((2, 1), EOT_TOKEN), 6, temperature=0, image_feats=image_feats)
     _, attention = captioner.caption_features(image_feats, beam_size=1, max_new_tokens=6, return_attention=True)
     for b, maps in enumerate(attention):
         n = len(maps.words)
@@ -408,7 +410,9 @@ def test_text_is_sampled_as_training_samples_are_and_help_says_so(checkpoints, m
 
     import train_gpt2
     asked = []
-    monkeypatch.setattr(GPT, "generate", lambda model, idx, max_new_tokens, **options: asked.append(options) or idx)
+    recorder = lambda model, idx, max_new_tokens, **options: asked.append(options) or idx
+    monkeypatch.setattr(sample, "generate", recorder)
+    monkeypatch.setattr(train_gpt2, "generate", recorder)
     _, lm = checkpoints
     run("--prompt", "Hi", "--checkpoint", lm)
     train_gpt2.print_samples(tiny_decoder(cross_attn_every=0), sample.tiktoken.get_encoding("gpt2"),
@@ -459,8 +463,7 @@ def test_compile_gives_the_eager_text_and_says_what_it_compiled(checkpoints, cap
     argv = ["--prompt", "Hello", "--checkpoint", str(lm), "--temperature", "0", "--max-new-tokens", "12",
             "--device", "cpu"]
     counter = CompileCounterWithBackend("aot_eager")
-    compile_decode_step = GPT.compile_decode_step
-    monkeypatch.setattr(GPT, "compile_decode_step", lambda model: compile_decode_step(model, backend=counter))
+    monkeypatch.setattr(sample, "compile_decode_step", lambda model: compile_decode_step(model, backend=counter))
     torch._dynamo.reset()
     try:
         assert sample.main(argv) == 0

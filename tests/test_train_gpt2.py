@@ -358,11 +358,12 @@ def test_muon_without_its_own_rate_takes_the_adamw_rate():
     """--optimizer muon alone must give Muon (not fall back to AdamW for everything) at --max-lr."""
     import model
     from train_gpt2 import parse_args
+    from training import muon_and_adamw
     args = parse_args(TINY + ["--optimizer", "muon", "--max-lr", "2e-3"])
     assert args.muon_lr == 2e-3
     gpt = model.GPT(model.GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
-    optimizer = gpt.configure_optimizers(weight_decay=0.1, learning_rate=args.max_lr, device_type="cpu",
-                                         muon_lr=args.muon_lr)
+    optimizer = muon_and_adamw(gpt, weight_decay=0.1, learning_rate=args.max_lr, muon_lr=args.muon_lr,
+                               device_type="cpu")
     assert any(isinstance(o, torch.optim.Muon) for o in optimizer.optimizers)
 
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import training
-from training import Distributed, rng_state, save_checkpoint, set_rng_state, start_log
+from checkpoint import prune_checkpoints, save_checkpoint
+from training import Distributed, rng_state, set_rng_state, start_log
 
 
 def test_default_dtype_asks_the_device_in_use_and_takes_fp16_where_bf16_is_emulated(monkeypatch):
@@ -106,7 +108,7 @@ def test_a_failed_checkpoint_write_names_the_cause_and_leaves_no_tmp(tmp_path, m
         raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda folder: shutil_usage(free=0))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: shutil_usage(free=0))
     with pytest.raises(ValueError, match=r"model_000004.pt: checkpoint not written \(no space left on the device\); "
                                          r"last checkpoint: .*model_000002.pt"):
         save_checkpoint({"model": {"w": torch.ones(2)}}, path)
@@ -175,7 +177,7 @@ def test_an_unreadable_newest_checkpoint_names_the_previous_one(tmp_path):
     d = Distributed(False, 0, 0, 1, "cpu")
     save_checkpoint({"model": {"w": torch.ones(1)}}, str(tmp_path / "model_000010.pt"))
     (tmp_path / "model_000020.pt").write_bytes(b"truncated")
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     newest = str(tmp_path / "model_000020.pt")
     with pytest.raises(ValueError, match="model_000020.pt: not a readable checkpoint.*move it aside.*model_000010.pt"):
         training.load_on_every_rank(lambda: load_checkpoint(newest), newest, d)
@@ -209,9 +211,9 @@ def test_every_option_explains_itself_and_shows_its_default(script, capsys):
 def test_keep_last_deletes_old_checkpoints_but_never_the_newest_or_a_named_one(tmp_path):
     for step in (1, 2, 3, 4, 5):
         (tmp_path / f"model_{step:06d}.pt").write_text("")
-    training.prune_checkpoints(str(tmp_path), 2, keep=[str(tmp_path / "model_000001.pt")])
+    prune_checkpoints(str(tmp_path), 2, keep=[str(tmp_path / "model_000001.pt")])
     assert sorted(os.listdir(tmp_path)) == ["model_000001.pt", "model_000004.pt", "model_000005.pt"]
-    training.prune_checkpoints(str(tmp_path), 1)
+    prune_checkpoints(str(tmp_path), 1)
     assert os.listdir(tmp_path) == ["model_000005.pt"]
 
 

@@ -1,0 +1,132 @@
+"""
+Checkpoint files: what train_gpt2.py and train_caption.py write, and what every other script reads.
+
+A checkpoint is one torch.save'd dict: {"kind": "lm" | "caption", "model": state_dict, "config": GPTConfig's
+fields, "step", and, for resuming, "optimizer", "loader", "scaler", "rng", "args"}. Files are named
+model_{step:06d}.pt, written atomically (a killed run never leaves half a file), never with NaN weights, and
+read back with errors that name the file.
+"""
+
+import os
+import re
+import shutil
+import zipfile
+
+import torch
+
+from model import GPT, GPTConfig, load_weights
+
+# -----------------------------------------------------------------------------
+# Writing, finding and pruning checkpoint files
+
+
+def checkpoint_path(out_dir, step):
+    return os.path.join(out_dir, f"model_{step:06d}.pt")
+
+
+def checkpoint_step(path):
+    """model_001200.pt -> 1200; None for a file not named that way."""
+    m = re.fullmatch(r"model_(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(out_dir):
+    """The checkpoints in out_dir, oldest step first. Half-written files end in .tmp and are never matched.
+    A folder that cannot be listed is an error, not an empty folder: a run that took it for one would start
+    afresh and overwrite what is there."""
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise ValueError(f"{out_dir}: cannot list this folder ({e.strerror})") from None
+    return sorted((os.path.join(out_dir, n) for n in names if checkpoint_step(n) is not None), key=checkpoint_step)
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint with the highest step in out_dir, or None."""
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(checkpoint, path):
+    """Write to path.tmp, flush it to disk, then rename over path. A rename within a folder is atomic, so a
+    run killed at any moment leaves either the previous file or the new one, never half of one. Weights
+    that are not finite are never written: every checkpoint on disk is one worth resuming."""
+    for name, tensor in checkpoint["model"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"{path}: not written, {name} holds NaN or inf "
+                                     f"(last checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'})")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ValueError(f"{path}: checkpoint not written ({why_write_failed(e, os.path.dirname(path))}); last "
+                         f"checkpoint: {latest_checkpoint(os.path.dirname(path)) or 'none'}") from None
+
+
+def why_write_failed(error, folder):
+    """The cause of a failed write, in words: OSErrors carry it (disk full, read-only, permission denied);
+    torch.save's RuntimeError does not, so a nearly full disk is looked at directly."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if shutil.disk_usage(folder or ".").free < 100 * 2**20:
+        return "no space left on the device"
+    return str(error).splitlines()[0][:200]
+
+
+def prune_checkpoints(out_dir, keep_last, keep=()):
+    """--keep-last N: after a successful save, delete all but the N newest checkpoints (a 124M checkpoint with
+    its optimizer is ~1.5 GB). The newest is always kept, and so is any path in `keep` (one the user named)."""
+    found = checkpoints(out_dir)
+    keep = {os.path.abspath(p) for p in keep if p}
+    for path in found[:-max(1, keep_last)]:
+        if os.path.abspath(path) not in keep:
+            os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# Reading a checkpoint, and the model in it
+
+
+def load_checkpoint(path, kind=None):
+    """Read a checkpoint of this codebase onto the CPU, checking it is one, and of the expected kind.
+    Every error names the file: a wrong path, a truncated file, some other .pt, an LM where a captioner
+    was expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    # mmap: the tensors stay in the file and are paged in as they are used, so 8 ranks resuming a large model
+    # share the file's pages in the OS cache instead of each reading a private copy into host RAM. (The map is
+    # copy-on-write: changing a loaded tensor never changes the file; and save_checkpoint replaces a file by
+    # renaming, never rewrites it in place under a reader.)
+    # Only torch.save's zip format can be mapped; anything else (the pre-1.6 format, a truncated file, not a
+    # checkpoint at all) is read whole, which loads the old format and gives the true reason for the others.
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        reason = str(e).splitlines()[0][:120] if str(e).strip() else "no message"  # an empty file's has none
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(checkpoint, dict) or not {"kind", "model", "config"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a checkpoint of this codebase (needs the keys kind, model, config)")
+    if kind is not None and checkpoint["kind"] != kind:
+        raise ValueError(f"{path}: is a '{checkpoint['kind']}' checkpoint, expected '{kind}'")
+    return checkpoint
+
+
+def load_model(path, kind=None, **overrides):
+    """A checkpoint written by train_gpt2.py ('lm') or train_caption.py ('caption') -> (model, checkpoint).
+    Overrides (e.g. cross_attn_every=2 on an 'lm' checkpoint) add fresh layers as GPT.from_pretrained does."""
+    checkpoint = load_checkpoint(path, kind)
+    try:
+        config = GPTConfig(**{**checkpoint["config"], **overrides})
+    except TypeError as e:
+        raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
+    model = GPT(config)
+    load_weights(model, checkpoint["model"], path)
+    return model, checkpoint
