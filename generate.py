@@ -72,7 +72,7 @@ class KVCache:
     One buffer per layer, (B, nh, max_len, hs), allocated on the first step and written in place: a step at
     token 900 costs what a step at token 10 does, but for attending over more keys. (Concatenating each step's
     keys onto the cache instead copies the whole cache every step: O(T^2) copying, and at batch 8 and 900 tokens
-    up to 267 ms for a step that otherwise takes ~120 ms, issue 24.) Positions from pos on are not written yet.
+    up to 267 ms for a step that otherwise takes ~120 ms, measured for 124M on this project's 2-core CPU.) Positions from pos on are not written yet.
     Also holds the image keys/values, computed on the first step and reused: the image does not change."""
 
     def __init__(self, max_len):
@@ -257,15 +257,18 @@ def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 def beam_search(model, idx, image_feats=None, beam_size=3, max_new_tokens=30, length_penalty=1.0):
     """Batched beam search: for each row of idx (B, T), keep the beam_size most likely continuations,
     and return the best finished one per row (a list of B token lists, without <|endoftext|>), ranked
-    by log-probability / length**length_penalty so that short captions are not favoured unfairly
-    (length_penalty 0: raw log-probability, which favours short ones; below 0 favours them even more)."""
+    by log-probability / length**length_penalty. The default 1 ranks by the mean log-probability per token,
+    so that short captions are not favoured unfairly (0: the raw sum, which favours short ones; below 0 favours
+    them even more); caption_eval.py --length-penalty sweeps it on val."""
     check_lengths(model, idx, max_new_tokens)
     if beam_size < 1:
         raise ValueError(f"beam_size {beam_size}: must be at least 1 (1 is greedy decoding)")
     B, T = idx.size()
     K, V = beam_size, GPT2_VOCAB_SIZE
     device = idx.device
-    # every row becomes K beams: (B*K, T); the first step expands only beam 0 (the others start at -inf)
+    # every row becomes K beams: (B*K, T); the first step expands only beam 0 (the others start at -inf). The
+    # image is copied to each of its K beams too (not expanded): the model and the cache then see one plain
+    # batch of B*K rows, at the cost of K copies of the image keys/values
     idx = idx.repeat_interleave(K, dim=0)
     if image_feats is not None:
         image_feats = image_feats.repeat_interleave(K, dim=0)
@@ -291,14 +294,15 @@ def beam_search(model, idx, image_feats=None, beam_size=3, max_new_tokens=30, le
         beams = torch.cat([parent_beams, token[:, :, None]], dim=2)  # (B, K, step)
         cache.reorder((torch.arange(B, device=device)[:, None] * K + parent).view(-1))
         new_input = token.view(B * K, 1)
-        # Stop when no live beam can still beat the best finished one: raw scores only fall, and dividing by
-        # length**length_penalty lifts a (negative) score at most to score / max_new_tokens**length_penalty.
-        # That bound holds for length_penalty >= 0; below 0 a longer beam is pushed further down instead, the
-        # bound is then loose (too high), and the search only runs longer than it needs to, never stops early.
-        if (best_score >= scores.max(dim=1).values / max_new_tokens ** length_penalty).all():
+        # Stop when no live beam can still beat the best finished one. Raw scores (sums of log-probabilities,
+        # <= 0) only fall as a beam grows, and a beam finishes at a length of step + 1 or more. Dividing by
+        # length**length_penalty lifts a score the most at the longest length when length_penalty >= 0, and at
+        # the shortest, step + 1, when it is below 0 (length**penalty < 1 then, and shrinks as length grows).
+        best_length = max_new_tokens if length_penalty >= 0 else step + 1
+        if (best_score >= scores.max(dim=1).values / best_length ** length_penalty).all():
             break
-    # beams still alive at the length limit compete too; their length has no <|endoftext|> to count
-    keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
+    else:  # the length limit, reached: beams still alive compete too; their length has no <|endoftext|> to count
+        keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
     return best_tokens
 
 

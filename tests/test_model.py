@@ -544,3 +544,25 @@ def test_compiled_step_refuses_a_full_cache():
     next_token_logits(model, torch.randint(0, EOT_TOKEN, (1, 5)), None, cache)
     with pytest.raises(ValueError, match=r"^KV cache of 5 positions is full$"):
         step(torch.full((1, 1), EOT_TOKEN), cache)
+
+
+def test_beam_search_with_a_negative_length_penalty_does_not_stop_before_the_best_caption(monkeypatch):
+    """The model wants 5, 7, <|endoftext|>. Below 0 a length penalty favours short captions, but ending at once
+    (log-prob -2) still loses to [5, 7] (-0.61 x 3 = -1.83 at length_penalty -1). The early stop used the bound
+    of length_penalty >= 0, stopped after the first step and returned the unfinished beam [5]."""
+    script = {1: {EOT_TOKEN: -2.0, 5: -0.5}, 2: {7: -0.1, EOT_TOKEN: -5.0}, 3: {EOT_TOKEN: -0.01}}
+    calls = []
+
+    def scripted_logits(model, idx, image_feats=None, cache=None):
+        step = len(calls) + 1
+        calls.append(step)
+        logprobs = torch.full((idx.size(0), GPT2_VOCAB_SIZE), -30.0)  # every other token: all but impossible
+        for token, logprob in script.get(step, {}).items():
+            logprobs[:, token] = logprob
+        return logprobs
+    monkeypatch.setattr(generate_module, "next_token_logits", scripted_logits)
+    model = tiny_captioner()
+    for length_penalty in (1.0, 0.0, -0.5, -1.0):
+        calls.clear()
+        assert beam_search(model, torch.full((1, 1), EOT_TOKEN), beam_size=2, max_new_tokens=10,
+                           length_penalty=length_penalty) == [[5, 7]], length_penalty
