@@ -57,12 +57,14 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # The core: documents -> tokens -> shards on disk
 
+# Loaded at import, not in main: the worker processes that tokenize import this module and need enc too. A
+# missing BPE file is then one line at start-up, from whichever process meets it first.
 try:
     enc = tiktoken.get_encoding("gpt2")
 except Exception as e:  # no network and no cached BPE files: an error of the set-up, not a bug
     sys.exit(f"fineweb.py: cannot load GPT-2's BPE files ({type(e).__name__}); offline? "
              "copy them to a folder and set TIKTOKEN_CACHE_DIR to it")
-eot = enc._special_tokens["<|endoftext|>"]  # 50256, the document separator
+eot = enc.eot_token  # 50256, <|endoftext|>: the document separator
 
 
 def tokenize(text):
@@ -74,8 +76,8 @@ def tokenize(text):
 
 
 def shard_path(out_dir, prefix, index):
-    # the first shard is held out for validation: the dataset's rows come in no particular order of topic, so
-    # its first 100M tokens are as good a sample as any (build-nanogpt's choice)
+    # the first shard is held out for validation (build-nanogpt's choice): the dataset's rows come in no
+    # particular order of topic, so its first shard (100M tokens at the default --shard-size) is as good as any
     split = "val" if index == 0 else "train"
     return os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.npy")
 

@@ -24,8 +24,8 @@ tokens get the lowest cross-entropy loss. Two ways to add up that loss give two 
             train_gpt2.py logs, and the one to compare with GPT-2 and GPT-3.
 
 Guessing scores 0.25. Two numbers for GPT-2 124M scored this way, both build-nanogpt's: 0.2945, the reference
-line of its training plot (play.ipynb's hella2_baseline, 0.294463), which train_gpt2.py and plot_log.py
-compare with; and 0.2955, what its own hellaswag.py printed for that model (its docstring). The notebook does
+line of its training plot (play.ipynb's hella2_baseline, 0.294463), which plot_log.py --reference gpt2
+draws; and 0.2955, what its own hellaswag.py printed for that model (its docstring). The notebook does
 not say how its line was measured, so why the two differ (~10 of 10,042 examples) is not known.
 EleutherAI's lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little
 and divides by the ending's characters instead of its tokens.
@@ -96,6 +96,7 @@ def download_if_missing(local_master=True):
         # reached even when the download failed: the other processes then find no file and stop with an
         # error too, instead of waiting at the barrier for a process that has left
         if dist.is_initialized():
+            # the default group's barrier, so --dist-timeout bounds it: one small file, well within that
             dist.barrier()
     return path
 
@@ -149,6 +150,8 @@ def render_example(example, enc):
     padded with zeros to the longest row; mask is 1 on the ending's tokens, the only ones we score.
     The ending is encoded with a leading space: GPT-2's BPE glues the space to the word that follows it
     (" roof" is one token), so "ctx" + " ending" is tokenized the way the sentence would be in running text."""
+    # no <|endoftext|> before the context (training documents start with one): build-nanogpt's hellaswag.py
+    # scores it this way, so our numbers and its reference numbers compare
     ctx_tokens = enc.encode(example["ctx"])
     rows, masks = [], []
     for ending in example["endings"]:

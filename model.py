@@ -33,8 +33,9 @@ EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends eve
 
 
 def causal_attention(q, k, v):
-    """Attention written out; F.scaled_dot_product_attention(q, k, v, is_causal=True) computes the same
-    (tests/test_model.py checks), without ever forming the (T, T) matrix. q, k, v: (B, nh, T, hs), nh heads
+    """Attention written out, for reading; the model calls F.scaled_dot_product_attention(q, k, v,
+    is_causal=True), which computes the same (tests/test_model.py checks; SDPA adds dropout on the weights when
+    asked) and, in its fused kernels (flash, memory-efficient), never forms the (T, T) matrix. q, k, v: (B, nh, T, hs), nh heads
     of hs = n_embd / nh dimensions. Each position's query is compared with every key (a dot product, scaled by
     1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores into weights summing to
     1, and the output is that weighted mean of the values. Causal: position t sees positions <= t only."""
@@ -46,7 +47,8 @@ def causal_attention(q, k, v):
 
 
 class CausalSelfAttention(nn.Module):
-    """Each token attends to itself and the tokens before it, in n_head heads at once (causal_attention)."""
+    """Each token attends to itself and the tokens before it, in n_head heads at once (the formula:
+    causal_attention above)."""
 
     def __init__(self, config):
         super().__init__()
@@ -92,43 +94,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-class CrossAttention(nn.Module):
-    """What the captioner adds: text queries attend to image tokens. No causal mask: every caption position may
-    look at every image token. Unlike attn and mlp, no residual dropout after c_proj (only SDPA's dropout of
-    attention weights): a simplification that changes nothing at the default dropout of 0 (GPTConfig)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_q = nn.Linear(config.n_embd, config.n_embd)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained, so a
-        # pretrained LM keeps its logits bit for bit when cross-attention is bolted on. On the first step only
-        # c_proj gets a gradient (q, kv and img_proj sit behind its zeros, as behind a closed gate); once
-        # c_proj is nonzero they all learn. What differs from a tanh gate: the opening is c_proj itself, a
-        # full matrix moving at the learning rate, not one scalar per layer squeezed through tanh.
-        self.c_proj.ZERO_INIT = True
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-
-    def image_keys_values(self, image_embs):
-        """(B, N, C) image tokens, already projected to n_embd -> this layer's keys and values (B, nh, N, hs)."""
-        B, N, C = image_embs.size()
-        k, v = self.c_kv(image_embs).split(C, dim=2)
-        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
-        return k, v
-
-    def forward(self, x, image_kv):
-        B, T, C = x.size()
-        k, v = image_kv  # (B, nh, N, hs) each
-        q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), [x + xattn(ln(x), image)], x + mlp(ln(x))."""
 
@@ -148,6 +113,49 @@ class Block(nn.Module):
             x = x + self.xattn(self.ln_x(x), image_kv)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+class CrossAttention(nn.Module):
+    """What the captioner adds: text queries attend to image tokens. No causal mask: every caption position may
+    look at every image token. Unlike attn and mlp, no residual dropout after c_proj (only SDPA's dropout of
+    attention weights): a simplification that changes nothing at the default dropout of 0 (GPTConfig)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_q = nn.Linear(config.n_embd, config.n_embd)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained, so a
+        # pretrained LM keeps its logits bit for bit when cross-attention is bolted on. On the first step only
+        # c_proj gets a gradient (c_q, c_kv, ln_x, img_proj and ln_img sit behind its zeros, as behind a closed
+        # gate; weight decay still shrinks their matrices a little); once c_proj is nonzero they all learn. What differs from a tanh gate: the opening is c_proj itself, a
+        # full matrix moving at the learning rate, not one scalar per layer squeezed through tanh.
+        self.c_proj.ZERO_INIT = True
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def image_keys_values(self, image_embs):
+        """(B, N, C) image tokens, already projected to n_embd -> this layer's keys and values (B, nh, N, hs)."""
+        B, N, C = image_embs.size()
+        k, v = self.c_kv(image_embs).split(C, dim=2)
+        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, image_kv):
+        B, T, C = x.size()
+        # (B, nh, N, hs) each. No position embedding here: the encoder added its own to every patch token
+        k, v = image_kv
+        q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+def is_cross_attn_param(name):
+    """The parameters a captioner adds to GPT-2: cross-attention layers, their LayerNorms, the image projection."""
+    return ".xattn." in name or ".ln_x." in name or ".img_proj." in name or ".ln_img." in name
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +182,7 @@ class GPTConfig:
 # presets: overrides of the defaults above; the four sizes OpenAI released, and one for CPU smoke runs
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~7M, trains on a laptop CPU
@@ -196,9 +204,10 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         if config.cross_attn_every > 0:
-            # image tokens come in at the encoder's width; one shared projection brings them to n_embd,
-            # then each cross-attention layer makes its own keys and values from them. The LayerNorm gives them
-            # the scale of the LayerNorm'd text the queries come from, whatever the encoder's output scale
+            # image tokens come in at the encoder's width; one projection, shared by all cross-attention layers,
+            # brings them to n_embd (it only changes width: each layer's c_kv then makes its own keys and values,
+            # so a projection per layer would repeat c_kv's job). The LayerNorm gives them the scale of the
+            # LayerNorm'd text the queries come from, whatever the encoder's output scale
             self.transformer.img_proj = nn.Linear(config.n_embd_img, config.n_embd)
             self.transformer.ln_img = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -220,13 +229,9 @@ class GPT(nn.Module):
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
+            # both embeddings at 0.02, as build-nanogpt (GPT-2's own code drew wpe at 0.01). The tied wte/lm_head
+            # matrix is drawn twice, as lm_head (a Linear) and as wte: the same N(0, 0.02), so either draw serves
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self, non_embedding=True):
-        """Parameter count; the position embeddings are left out by default (the token embeddings stay:
-        they are also the lm_head, which does real work)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, image_feats=None):
         """idx: (B, T) token ids; targets: (B, T), -1 where no loss is wanted (padding, prompt tokens);
@@ -244,16 +249,39 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab_size)
         # The 47 padding rows are not tokens. With weights loaded from GPT-2 they are zero, so their logit would
         # be 0 while real logits sit far below it: that would swallow the softmax. -inf keeps them out of every
-        # loss and every sample, whatever their weights.
+        # loss and every sample, whatever their weights. (Writing in place is safe for autograd: lm_head's
+        # backward needs its input and weight, not its output.)
         logits[..., GPT2_VOCAB_SIZE:] = float("-inf")
         loss = None
         if targets is not None:
             # ignore_index=-1: positions whose target is -1 add nothing to the loss or to its average.
-            # view needs contiguous memory, which lm_head's fresh output has. targets may not have it: the
-            # loader's y is rows[:, 1:] of (B, T + 1) windows (train_gpt2.ShardLoader), and reshape copies then.
+            # view needs contiguous memory, which lm_head's fresh output always has; reshape also takes targets
+            # that are a strided slice (say tokens[:, 1:], which a caller may pass), copying only then.
             # (under bf16 autocast, cross_entropy runs in fp32 by itself)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0,
+                             leave_out=()):
+        """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
+        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts.
+        A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
+        separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
+        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind.
+        leave_out: parameters another optimizer steps (Muon's matrices: training.muon_and_adamw)."""
+        def decayed_and_not(params, lr_scale):
+            return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
+                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
+        skip = {id(p) for p in leave_out}
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad and id(p) not in skip]
+        new_layers = [p for name, p in trainable if is_cross_attn_param(name)]  # none in a plain GPT-2
+        gpt2 = [p for name, p in trainable if not is_cross_attn_param(name)]
+        groups = decayed_and_not(new_layers, 1.0) + decayed_and_not(gpt2, lm_lr_scale)
+        # betas (0.9, 0.95) and eps 1e-8: GPT-3's Adam settings (its appendix B). beta2 0.95 rather than
+        # PyTorch's 0.999: the second-moment estimate adapts faster, steadier for large transformers.
+        # fused: on CUDA a few kernel launches update all the parameters, instead of several per tensor
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
+                                 fused=device_type == "cuda")
 
     def image_keys_values(self, image_feats):
         """Project the image tokens once, then give every cross-attention block its keys and values:
@@ -270,28 +298,11 @@ class GPT(nn.Module):
         return [block.xattn.image_keys_values(image_embs) if hasattr(block, "xattn") else None
                 for block in self.transformer.h]
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0,
-                             leave_out=()):
-        """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
-        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts.
-        A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
-        separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
-        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind.
-        leave_out: parameters another optimizer steps (Muon's matrices: training.muon_and_adamw)."""
-        skip = {id(p) for p in leave_out}
-        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad and id(p) not in skip]
-        groups = []
-        for new_layers, lr_scale in ((True, 1.0), (False, lm_lr_scale)):
-            params = [p for name, p in trainable if is_cross_attn_param(name) == new_layers]
-            if params:
-                groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
-                            "lr_scale": lr_scale},
-                           {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
-        # betas (0.9, 0.95) and eps 1e-8: GPT-3's Adam settings (its appendix B). beta2 0.95 rather than
-        # PyTorch's 0.999: the second-moment estimate adapts faster, steadier for large transformers.
-        # fused: on CUDA one kernel launch updates all parameters instead of a loop of small ones
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
-                                 fused=device_type == "cuda")
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token embeddings stay:
+        they are also the lm_head, which does real work)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len):
         """Model FLOPs of one training token (forward + backward), the PaLM paper's estimate: 6 per
@@ -329,11 +340,6 @@ class GPT(nn.Module):
 # GPT-2 was written in TensorFlow with "Conv1D" layers that store their weights as (in, out); nn.Linear
 # stores (out, in), so these four are transposed on the way in (and back on the way out: export_hf.py)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def is_cross_attn_param(name):
-    """The parameters a captioner adds to GPT-2: cross-attention layers, their LayerNorms, the image projection."""
-    return ".xattn." in name or ".ln_x." in name or ".img_proj." in name or ".ln_img." in name
 
 
 def gpt2_files(name_or_path):

@@ -8,7 +8,7 @@ Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
 
 The defaults are the GPT-2 124M recipe (GPT-3 paper's hyperparameters for that size): 2**19 = 524,288 tokens
 per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
-lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: a few percent
+lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: 1-2%
 over one pass of the train shards of FineWeb-Edu's 10BT sample, whose first shard is held out for validation).
 
 Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}' lines for plot_log.py.
@@ -122,9 +122,13 @@ class ShardLoader:
             self.name_bad_shard(range(first, first + share))
         rows = torch.from_numpy(rows.astype(np.int64))
         self.pos += self.windows_per_step
-        if self.pin_memory:  # page-locked memory: the copies to the GPU can then run while the CPU goes on
-            rows = rows.pin_memory()
-        return rows[:, :-1], rows[:, 1:]  # (share, T) each
+        # x, y: (share, T) each, made contiguous here so that every micro-batch (a slice of rows) is one block of
+        # memory. A strided slice would be packed into a fresh, pageable tensor by the copy to the GPU, and
+        # pinning would be lost. Page-locked (pinned) memory lets that copy run while the CPU goes on.
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
     def name_bad_shard(self, windows):
         for i in windows:
@@ -169,6 +173,7 @@ def val_batches(data_dir, B, T, val_tokens):
     batches, wanted = [], -(-val_tokens // (B * T))  # ceil: at least val_tokens tokens
     for path in find_shards(data_dir, "val"):
         tokens = open_shard(path)
+        # a batch starting at s reads B*T + 1 tokens (the targets run one further), so s < len(tokens) - B*T
         starts = range(0, len(tokens) - B * T, B * T)[:wanted - len(batches)]
         if starts and tokens[:starts[-1] + B * T + 1].max() >= GPT2_VOCAB_SIZE:
             raise ValueError(f"{path}: holds token ids that are not GPT-2 tokens (ids go up to {GPT2_VOCAB_SIZE - 1}); "
@@ -246,7 +251,7 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
 # reference numbers (val loss 3.2924 and HellaSwag 0.2945) are compared with. fast: the winner of
 # `bench.py recipe` (BENCHMARKS.md): Muon for the blocks' matrices, at 6x the peak rate (AdamW's part too),
 # which reached the gpt2 recipe's val loss in 4x fewer tokens, on a 4-layer model and 300K tokens of
-# Shakespeare. Small models flatter every lever: untested at 124M, so gpt2 stays the default.
+# Shakespeare (300 steps with 30 warmup there; the recipe keeps 715 warmup steps for 124M's 19,073). Small models flatter every lever: untested at 124M, so gpt2 stays the default.
 RECIPES = {
     "gpt2": dict(optimizer="adamw", max_lr=6e-4, muon_lr=None, warmup_steps=715, min_lr_ratio=0.1),
     "fast": dict(optimizer="muon", max_lr=3.6e-3, muon_lr=3.6e-3, warmup_steps=715, min_lr_ratio=0.1),
@@ -339,7 +344,7 @@ def print_plan(args, model, train_loader, d, dtype, use_compile, grad_accum_step
         warn(f"--eval-every {args.eval_every} > --max-steps {args.max_steps}: a val loss only at the end")
     if args.save_every > args.max_steps:
         warn(f"--save-every {args.save_every} > --max-steps {args.max_steps}: a checkpoint only at the end")
-    if epochs > 1.05:  # the 124M recipe's 10B tokens are a few percent over one pass of 10BT's train shards
+    if epochs > 1.05:  # the 124M recipe's 10B tokens are 1-2% over one pass of 10BT's train shards
         warn(f"{epochs:.2f} epochs: the run sees its training data more than once")
 
 
@@ -356,11 +361,27 @@ def build_model(args, resume_from, d):
     return GPT(GPTConfig(**{**PRESETS[args.model], **sizes})), None
 
 
+def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
+    """Everything else an exact resume needs from the checkpoint (the weights are in the model already):
+    the optimizer's moments, the fp16 loss scale, the loader's place, each rank's random state. -> its step."""
+    if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
+        raise ValueError(f"{path}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
+                         f"resumed with --optimizer {args.optimizer}: give the same")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"], d, args.seed)
+    check_resume_step(checkpoint["step"], args.max_steps, args.stop_at, path)
+    return checkpoint["step"]
+
+
 def main(args):
     d = setup_distributed(args.device, args.dist_timeout)
     dtype = args.dtype or default_dtype(d.device)
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights (see set_rng_state)
+    # one seed for every rank: the same initial weights everywhere (DDP also copies rank 0's to the others when
+    # it wraps the model) and a run that --seed reproduces; after the init the generators only draw dropout
+    torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
     enc = tiktoken.get_encoding("gpt2")
 
@@ -389,31 +410,23 @@ def main(args):
         optimizer = muon_and_adamw(raw_model, args.weight_decay, args.max_lr, args.muon_lr, d.device_type)
     else:
         optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, d.device_type)
-    scaler = grad_scaler(d, dtype)
-    start_step = 0
+    scaler = grad_scaler(d, dtype)  # fp16 only: loss scaling (otherwise every call on it is a no-op)
+    # The compiled (and DDP-wrapped) model trains and computes the val loss, whose shapes never change.
+    # HellaSwag and sampling use raw_model: their shapes vary, and feeding those to the compiled model is
+    # what made build-nanogpt switch compile off. Both share the same parameters. Compiled first, then
+    # wrapped: build-nanogpt's order, and the one the DDP tests here run.
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if d.ddp:
+        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
                       run_id=checkpoint.get("wandb_id") if checkpoint is not None else None)
+    start_step = 0
     if checkpoint is not None:
-        if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
-            raise ValueError(f"{resume_from}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
-                             f"resumed with --optimizer {args.optimizer}: give the same")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"], d, args.seed)
-        start_step = checkpoint["step"]
-        check_resume_step(start_step, args.max_steps, args.stop_at, resume_from)
+        start_step = resume_state(checkpoint, optimizer, scaler, train_loader, resume_from, args, d)
         del checkpoint  # its tensors are copied into the model and optimizer
     if d.master:
         start_log(os.path.join(args.out_dir, "log.txt"), start_step if resume_from else None)
         print_plan(args, raw_model, train_loader, d, dtype, use_compile, grad_accum_steps, resume_from, start_step)
-
-    # The compiled (and DDP-wrapped) model trains and computes the val loss, whose shapes never change.
-    # HellaSwag and sampling use raw_model: their shapes vary, and feeding those to the compiled model is
-    # what made build-nanogpt switch compile off. Both share the same parameters.
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if d.ddp:
-        model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     # MFU is per GPU: the FLOPs every GPU does per second, against one GPU's peak
     peak = peak_flops(d.device)
     flops_per_step_per_gpu = raw_model.flops_per_token(T) * args.total_batch_size / d.world_size
@@ -422,9 +435,11 @@ def main(args):
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps  # the schedule is done: evaluate and save the final model
         # this run ends here (the run continues with --resume): --stop-at, or a signal
+        # (--stop-at is a planned end: every rank knows it, so no signal is asked for and the exit status is 0)
         stopping = step == args.stop_at or stop.requested(d)
         if not stopping:
             evaluate(step, last, model, raw_model, val_data, hellaswag_examples, enc, args, d, dtype, tracker)
+        # never at the step the run started from: step 0 has learned nothing, a resumed step is its checkpoint
         if step > start_step and (step % args.save_every == 0 or last or stopping):
             saved = save_on_rank0({"kind": "lm", "model": raw_model.state_dict(), "config": asdict(raw_model.config),
                                    "step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

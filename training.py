@@ -28,7 +28,8 @@ import torch.distributed as dist
 from checkpoint import checkpoint_path, checkpoint_step, checkpoints, latest_checkpoint, prune_checkpoints, save_checkpoint
 
 # -----------------------------------------------------------------------------
-# What the training step uses, in its order
+# What the training loop uses, in its order: the processes (before the loop), then in the step autocast,
+# the sum over ranks, the NaN/inf guard and the learning-rate schedule
 
 
 @dataclass
@@ -187,8 +188,9 @@ def fp16_note(scaler, norm):
 
 
 # dense bf16 tensor-core peak of common GPUs, FLOP/s (the datasheets' "with sparsity" numbers are 2x these)
-PEAK_BF16_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-                   "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+# (the first name that matches wins: H100 NVL and PCIe before plain H100, the SXM card, "NVIDIA H100 80GB HBM3")
+PEAK_BF16_FLOPS = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
 
 def peak_flops(device):
@@ -197,7 +199,7 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
+        if re.search(rf"\b{re.escape(key)}\b", name):  # whole words: "L4" is not the L40S, "A100" not an A1000
             return flops
     return None
 
@@ -354,11 +356,12 @@ def rng_state(device):
 def set_rng_state(states, d, seed):
     """Restore this rank's generators from one state per rank. A checkpoint written by another number of
     processes has no state for this one: each rank is re-seeded with seed + rank instead, and says so. The data
-    order does not depend on these generators (the loaders draw from the seed and the step), so it stays exact;
-    only the dropout masks will differ from an uninterrupted run. Why seed + rank here, when a fresh run seeds
-    every rank alike: there the shared seed makes every rank build the same initial weights; here the weights
-    come from the checkpoint and the generators only draw dropout masks, which distinct seeds keep independent
-    across ranks. (A fresh run's ranks draw alike masks on different data; at the default dropout 0, none.)"""
+    order does not depend on these generators (the loaders draw from the seed, the epoch and the position), so
+    it stays exact; only the dropout masks will differ from an uninterrupted run. Why seed + rank here, when a
+    fresh run seeds every rank alike: there the one seed builds the same initial weights everywhere and makes
+    the run reproducible from --seed; here the weights come from the checkpoint and the generators only draw
+    dropout masks, which distinct seeds keep independent across ranks. (A fresh run's ranks draw alike masks
+    on different data; at the default dropout of 0 there are none.)"""
     if len(states) != d.world_size:
         if d.master:
             print(f"checkpoint written by {len(states)} process(es), resumed by {d.world_size}: random generators "
@@ -526,7 +529,8 @@ def duration(seconds):
 
 
 class StepTimer:
-    """dt of each step, and an ETA from their moving average (the first, compiling, steps fall out of it)."""
+    """dt of each step, and an ETA from their exponential moving average (weight 0.1 on the newest): a slow
+    first, compiling, step fades from it by a factor of 10 every ~22 steps."""
 
     def __init__(self, max_steps):
         self.max_steps, self.average = max_steps, None

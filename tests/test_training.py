@@ -227,3 +227,12 @@ def test_a_stalled_peer_ends_the_run_after_dist_timeout_on_the_cpu_too(monkeypat
     monkeypatch.setattr(dist, "new_group", lambda **kw: "cpu group")
     training.setup_distributed("cpu", timeout_minutes=0.5)
     assert calls == [{"backend": "gloo", "timeout": calls[0]["timeout"]}] and calls[0]["timeout"].total_seconds() == 30
+
+
+def test_peak_flops_matches_whole_gpu_names_only(monkeypatch):
+    """A substring match gave an L40S the L4's peak (3x the MFU); the SXM H100 names itself "H100 80GB HBM3"."""
+    names = {"cuda:0": "NVIDIA L4", "cuda:1": "NVIDIA L40S", "cuda:2": "NVIDIA H100 80GB HBM3", "cuda:3": "NVIDIA H100 PCIe",
+             "cuda:4": "NVIDIA A100-SXM4-80GB", "cuda:5": "NVIDIA RTX A1000"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device])
+    assert [training.peak_flops(f"cuda:{i}") for i in range(6)] == [121e12, None, 989e12, 756e12, 312e12, None]
+    assert training.peak_flops("cpu") is None
