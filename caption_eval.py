@@ -14,8 +14,9 @@ the same PTB tokenizer, then the same scorers. Only then are the numbers compara
 ClipCap, for instance, reports CIDEr 113 on Karpathy's test split (its transformer mapper, GPT-2 frozen; 108 with
 an MLP and GPT-2 fine-tuned): pycocoevalcap prints that as 1.13, papers multiply every metric by 100. SPICE only
 with --spice: it needs Stanford CoreNLP (~1 GB, downloaded once by
-`python -m pycocoevalcap.spice.get_stanford_models`) and Java 8 (pycocoevalcap's issues report it failing on
-Java 16 and later).
+`python -m pycocoevalcap.spice.get_stanford_models`) and Java 8: SPICE's jar is reported failing on JDK 16.0.2
+(github.com/audio-captioning/dcase-2020-baseline issue 14, fixed by installing Java 8) and on JRE 17 and 19
+(github.com/yangbang18/MultiCapCLIP issue 2), with an InaccessibleObjectException from java.lang.
 
 Needs `pip install pycocoevalcap` and Java (the PTB tokenizer and METEOR are Java programs). Without Java we
 stop, before any captioning, and say how to install it, rather than fall back to a home-made tokenizer: the
@@ -150,7 +151,7 @@ def cider_d_per_image(predictions, references):
 def spice_score(gts, res):
     """{'SPICE': score}: the F-score of the scene-graph tuples (objects, attributes, relations) that caption and
     references share. {} if the SPICE program fails: the other metrics took the same captioning hours and are
-    kept. (pycocoevalcap's issues report it failing on Java 16 and later; Java 8 runs it.)"""
+    kept. (It is reported failing on Java 16, 17 and 19, and running on Java 8: see the top of the file.)"""
     from pycocoevalcap.spice.spice import Spice
     try:
         score, _ = Spice().compute_score(gts, res)
@@ -195,7 +196,8 @@ def cider_d_score(predictions, references):
 def cider_d(model, split, device, dtype, n_images=500, batch_size=64, max_new_tokens=30):
     """CIDEr-D of greedy captions of the first n_images of a coco.Split: the number train_caption.py logs at
     each eval and keeps best.pt by. model: the GPT itself (not a DDP wrapper), on device; it is left in the mode
-    (train or eval) it came in. dtype: as for caption_images.
+    (train or eval) it came in. dtype: as for caption_images. max_new_tokens: 30, as everywhere captions are
+    decoded (why: at --max-new-tokens in parse_args).
 
     The same images every time, so the numbers of one run compare with each other. They do not compare with a
     caption_eval.py run's: the tokenizer here is simple_tokenize, not Java's PTB tokenizer (training machines
@@ -392,9 +394,18 @@ def parse_args(argv=None):
     p.add_argument("--split", default="val", help="val; test with Karpathy's split (coco.py --karpathy-json)")
     p.add_argument("--beam-size", "--beam", type=comma_list(int), default=[3],
                    help="beam width, or several: 1,3,5 (1 is greedy decoding)")
+    # 1: a caption's score is its mean log-probability per token (generate.beam_search), so a short caption does
+    # not win by being short, as it would under the raw sum (0). Not tuned here: sweep 0,0.5,1 on val (the top of
+    # this file, docs/captioning.md), then report test with the best row's decoding.
     p.add_argument("--length-penalty", type=comma_list(float), default=[1.0],
                    help="beam search ranks captions by log-probability / length**this; several: 0,0.5,1")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    # 30, here and wherever captions are decoded (sample.py, train_caption.py's examples, cider_d): room for a long
+    # caption, while a decoding that runs on, repeating itself, stops there instead of at block_size. COCO's caption
+    # lengths are not measured in this repo; for scale, SmallCap decodes at most 25 GPT-2 tokens (its infer.py
+    # CAPTION_LENGTH). Training keeps captions up to 40 tokens (train_caption.py --max-caption-tokens), where a cut
+    # loses words to learn from; BLIP has the same two limits, 40 to train and 30 to decode (its models/blip.py),
+    # in its own tokens. A caption cut at 30 never reached its <|endoftext|>: it is scored unfinished, as it stands.
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in GPT-2 tokens")
     p.add_argument("--limit", type=int, help="only the first N images (CIDEr then differs: see coco_metrics)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR, the slowest metric")

@@ -23,11 +23,21 @@ The caption decoder never changes the image encoder, so every image is encoded o
 the stored result. We keep all of CLIP's output tokens, not just the one pooled vector: for ViT-B/32 the CLS
 token and the 7x7 patches, 50 tokens of width 768, taken after the final LayerNorm `ln_post` and before the
 projection to CLIP's joint text-image space. That projection (768 -> 512) was only ever trained on the pooled
-CLS token, to match it with a caption; the tokens before it hold what the ViT computed for every patch (SmallCap
-cross-attends to the same 50 x 768; LLaVA also feeds its LM unprojected patch tokens, from the layer before last).
-The decoder cross-attends to them, so it can look at where things are in the picture. A timm encoder gives its
-last layer's tokens after its final norm in the same way (DINOv2 ViT-B/14 at 224 px: CLS and 16x16 patches, 257
-of width 768), normalised with its own mean and std.
+CLS token, to match it with a caption; the tokens before it hold what the ViT computed for every patch, and the
+decoder cross-attends to them, so it can look at where things are in the picture. Others skip that projection
+too but take other tokens. SmallCap cross-attends to the same shape, 50 x 768, but not the same tokens: its
+src/extract_features.py keeps Hugging Face CLIPVisionModel's last_hidden_state, which comes before that model's
+post_layernorm (only the pooled CLS token goes through it). LLaVA takes the patch tokens (no CLS) of the layer
+before last and passes them through a projector of its own, learned (a linear layer in LLaVA, a two-layer MLP in
+LLaVA-1.5: llava/model/multimodal_projector/builder.py).
+
+A timm encoder gives its last layer's tokens as its forward_features returns them (DINOv2 ViT-B/14 at 224 px:
+CLS and 16x16 patches, 257 of width 768), from pixels normalised with its own mean and std. Whether they are
+normalised depends on where timm put the final norm. A ViT that pools its CLS token (DINOv2, ImageNet ViTs such
+as vit_base_patch16_224) applies it to every token, as CLIP's ln_post does, and so does DINOv3 (timm builds it
+with use_fc_norm=False). A ViT that averages its tokens may instead normalise only the average: its `norm` is
+then an Identity and its `fc_norm` the LayerNorm (eva02_base_patch14_224, vit_betwixt_patch16_reg4_gap_256), and
+its tokens come out un-normalised.
 
 On disk, per split (train, val; or train, val, test with Karpathy's split, or a jsonl that names test):
 
@@ -37,19 +47,23 @@ On disk, per split (train, val; or train, val, test with Karpathy's split, or a 
     coco_features/{split}_index.json       per row: image_ids, files, captions, tokens (GPT-2, no <|endoftext|>)
     coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 missing or unreadable (skipped)
 
-float16 halves float32's disk and memory (train2017: 118,287 x 50 x 768 is 9.1 GB instead of 18). The tokens
-come out of a LayerNorm, far inside fp16's range (65504), and fp16 keeps more mantissa bits (10) than the bf16
-(7) the decoder usually computes in.
+float16 halves float32's disk and memory (train2017: 118,287 x 50 x 768 is 9.1 GB instead of 18). Normalised
+tokens (CLIP's, and those of the timm ViTs above that normalise every token) are far inside fp16's range (65504):
+a LayerNorm's normalised values stay below sqrt(width) in size (~28 for 768) before its learned scale, and fp16
+keeps more mantissa bits (10) than the bf16 (7) the decoder usually computes in. For un-normalised tokens that
+range is not guaranteed: a value past 65504 is stored as inf, and nothing in coco.py checks for one. (The
+decoder's ln_img, after img_proj, rescales any finite value; an inf turns into NaN there, and a training batch
+holding that image gets a NaN loss, on which train_caption.py's guard, check_finite, stops the run.)
 
 Extraction is resumable: the status file is rewritten after every batch, so a killed run continues where it
 stopped, and a finished split is left alone. A missing or corrupt image is reported by name and left out
 (load_split never serves its row); it is never filled with zeros. A damaged feature file (cut short, say) is
 named and left as it is: neither coco.py nor load_split goes on from it.
 
-In this file the core comes first, in the order the data flows: ImageEncoder, load_encoder and clip_tokens (an
-image -> its tokens), extract_split (a split's images -> the files above, resumably), Split and load_split (the
-files -> what training reads). Then, under "The rest": downloading COCO, the caption sources, loading CLIP and
-timm encoders, the split files' checks and resume bookkeeping, meta.json, the command line. From Python:
+In this file the core comes first, in the order the data flows: ImageEncoder, load_encoder, load_clip and
+clip_tokens (an image -> its tokens), extract_split (a split's images -> the files above, resumably), Split and
+load_split (the files -> what training reads). Then, under "The rest": downloading COCO, the caption sources,
+loading timm encoders, the split files' checks and resume bookkeeping, meta.json, the command line. From Python:
 
     split = coco.load_split("coco_features", "train")     # .image_feats(rows), .captions, .tokens, .image_ids
     encoder = coco.load_encoder("ViT-B-32-quickgelu", "openai", "cuda")
@@ -87,7 +101,8 @@ TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
 
 class ImageEncoder:
     """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
-    width), every token of its last layer after the final LayerNorm. `record` says how to build it again
+    width), every token of its last layer (after the final LayerNorm for CLIP and for most timm ViTs, not for
+    those that normalise only the pooled average: see the top of the file). `record` says how to build it again
     (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
     were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
     registers) and preprocess (what the preprocessing does, as JSON)."""
@@ -120,6 +135,35 @@ def load_encoder(name, weights=None, device="cpu", image_size=None):
     if image_size is not None and image_size != record["image_size"]:
         raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
     return ImageEncoder(tokens, preprocess, record)
+
+
+def default_weights(name):
+    """--encoder-weights when none is given: OpenAI's CLIP weights, or a timm model's own pretrained ones."""
+    return "pretrained" if name.startswith("timm:") else "openai"
+
+
+def load_clip(model_name, pretrained, device):
+    """-> (clip_model, preprocess). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its
+    weights with the '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights
+    all the same (open_clip only logs a warning), and give subtly worse features."""
+    import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
+    if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
+        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models()), nor timm:NAME")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
+        what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
+        raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
+                                f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
+    try:
+        # 'none': seed 0, in a forked RNG so the caller's stays as it was. open_clip builds on the CPU first,
+        # so the weights are the same on every device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=None if pretrained == "none" else pretrained, device=device)
+    except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
+        raise weights_error(pretrained, model_name, e) from None
+    return clip_model.eval(), preprocess
 
 
 def clip_tokens(clip_model, images):
@@ -254,8 +298,8 @@ def load_split(features_dir, split):
 
 
 # -----------------------------------------------------------------------------
-# The rest: downloading COCO, the caption sources (COCO, Karpathy, Flickr, jsonl), loading CLIP and timm encoders,
-# the split files' checks and resume bookkeeping, meta.json, the command line
+# The rest: downloading COCO, the caption sources (COCO, Karpathy, Flickr, jsonl), loading timm encoders, the split
+# files' checks and resume bookkeeping, meta.json, the command line
 
 COCO_URLS = {  # the official archives; each unpacks into the folder of its name
     "annotations": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",  # 241 MB
@@ -540,36 +584,7 @@ def images_dir(args):
 
 
 # -----------------------------------------------------------------------------
-# Loading an encoder: CLIP (open_clip), or any vision transformer in timm (DINOv2, DINOv3, ImageNet ViTs)
-
-
-def default_weights(name):
-    """--encoder-weights when none is given: OpenAI's CLIP weights, or a timm model's own pretrained ones."""
-    return "pretrained" if name.startswith("timm:") else "openai"
-
-
-def load_clip(model_name, pretrained, device):
-    """-> (clip_model, preprocess). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its
-    weights with the '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights
-    all the same (open_clip only logs a warning), and give subtly worse features."""
-    import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
-    if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
-        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models()), nor timm:NAME")
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
-        what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
-        raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
-                                f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
-    try:
-        # 'none': seed 0, in a forked RNG so the caller's stays as it was. open_clip builds on the CPU first,
-        # so the weights are the same on every device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            clip_model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=None if pretrained == "none" else pretrained, device=device)
-    except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
-        raise weights_error(pretrained, model_name, e) from None
-    return clip_model.eval(), preprocess
+# Loading a timm encoder (DINOv2, DINOv3, ImageNet ViTs), and the record that says how to build an encoder again
 
 
 def load_timm(model_name, weights, device, image_size):

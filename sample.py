@@ -139,9 +139,11 @@ class Captioner:
     @torch.no_grad()
     def attention(self, image_feats, token_lists):
         """Where each token of each caption looked: image_feats (B, N_img, width) and B captions as token lists
-        -> B CaptionAttention. Each caption goes through the decoder once more, whole, after its <|endoftext|>
-        prompt: the position that holds token t-1 is the query that chose token t, and causal attention shows it
-        exactly what it saw while decoding. So these are the weights decoding used, however it decoded: greedy,
+        -> B CaptionAttention. Each caption goes through the decoder once more, in a separate full pass after
+        its <|endoftext|> prompt: the position that holds token t-1 is the query that chose token t, and causal
+        attention shows it the same tokens it saw while decoding. So these are the weights decoding used, up to
+        floating-point rounding (the full pass multiplies other shapes than the cached one-token steps, so its
+        sums round differently; tests/test_sample.py finds them within 1e-5), however it decoded: greedy,
         sampled, or beam search (whose beams are reordered at every step, so that recording them along the way
         would mean following each beam's ancestry back)."""
         rows = [[EOT_TOKEN] + tokens[:-1] for tokens in token_lists]  # an empty caption still has its prompt
@@ -264,7 +266,10 @@ def recording_cross_attention(model):
 
 def encoder_view(image, size):
     """The part of the image the encoder sees, at the size it sees it: its preprocessing scales the short side to
-    `size` and crops the centre square, and the patch grid covers that square, not the whole photo."""
+    `size` and crops the centre square, and the patch grid covers that square, not the whole photo. That holds
+    for open_clip's models and for timm's DINOv2 and DINOv3 (crop_pct 1). A timm model with crop_pct below 1
+    (0.9 for many ImageNet ViTs) scales the short side to size / crop_pct and crops less than the full centre
+    square: it sees only the middle crop_pct of it, so this view shows a margin the patch grid does not cover."""
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -545,7 +550,7 @@ def parse_args(argv=None):
     if args.num_samples > 1 and not args.temperature:  # None: beam search; 0: greedy. Both are deterministic
         p.error(f"--num-samples {args.num_samples} would print the same output {args.num_samples} times: beam search "
                 f"and --temperature 0 are deterministic; sample with --temperature above 0")
-    if args.max_new_tokens is None:
+    if args.max_new_tokens is None:  # captions: 30, as everywhere they are decoded (why: caption_eval.py's flag)
         args.max_new_tokens = 30 if args.image else 200
     return args
 

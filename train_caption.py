@@ -17,13 +17,22 @@ A training sequence is  <|endoftext|> caption <|endoftext|> : the first token is
 starts from, the loss covers the caption tokens and the final <|endoftext|> (so the model learns to stop).
 
 The captioning algorithm, in the order it runs (the rest of this file is plumbing):
-  coco.extract_split        each image -> its encoder's tokens (B, N_img, width), written once, frozen
-  CaptionLoader.next_step   a step's images, one caption each -> caption_batch: x, y with -1 where no loss
-  build_model               GPT-2 + model.CrossAttention in every second model.Block (c_proj at zero)
-  set_trainable, TRAINABLE  what trains (--train); configure_optimizers: at which rate (--lr; GPT-2's own
-                            weights, when they train, at --lm-lr through lr_scale)
-  main, "one optimizer step"  the loss: a mean over the step's caption tokens, whatever the split
-  evaluate                  val loss, val CIDEr-D (keep_best -> best.pt), captions by generate.beam_search
+  coco.clip_tokens          what the image tokens are (CLIP's, the default): every token of its ViT, CLS and
+                            patches, after the final LayerNorm: (B, N_img, width)
+  coco.extract_split        each image encoded once by coco.py and stored: the encoder stays frozen
+  model.GPT.image_keys_values   the projection, once per image and shared by all layers: img_proj (width ->
+                            n_embd), then ln_img; each cross-attention layer makes its keys and values from it
+  model.CrossAttention      in every second model.Block (--cross-attn-every; build_model adds them): the
+                            text's queries read the image; c_proj starts at zero: at step 0 the LM is unchanged
+  caption_batch             a step's captions (CaptionLoader.next_step draws one per image) -> x, y; y is -1
+                            where there is no loss, which GPT.forward's cross_entropy(ignore_index=-1) skips
+  set_trainable, TRAINABLE  what trains (--train); GPT.configure_optimizers: at which rate (--lr; GPT-2's own
+                            weights, when they train, at --lm-lr through their param groups' lr_scale)
+  main, "one optimizer step"  forward, loss, backward, clip, learning rate, update; the loss is the mean over
+                            the step's caption tokens, the same however they are split over ranks and
+                            micro-batches
+  evaluate                  val loss; val CIDEr-D of greedy captions, best.pt rewritten when it improves
+                            (keep_best); 4 example captions by generate.beam_search
 """
 
 import argparse
@@ -54,12 +63,16 @@ from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_
 
 def caption_batch(token_lists, max_tokens):
     """Captions (lists of token ids) -> inputs x and targets y, both (B, L).
-    x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y, which the loss ignores.
-    L is the longest caption rounded up to a multiple of 16, at most max_tokens + 1 (41 by default): COCO
-    captions are ~12 tokens, so padding every batch to 41 would mostly compute padding, while a length per
-    batch would make torch.compile build a new graph for each; this way it sees at most three (16, 32, 41)."""
+    x = <|endoftext|> caption, y = caption <|endoftext|>; padding is -1 in y: model.GPT.forward's
+    cross_entropy(ignore_index=-1) skips those positions, so they add nothing to the loss or to its mean.
+    L is the longest caption + 1 (the leading <|endoftext|>) rounded up to a multiple of 16, at most
+    max_tokens + 1 (41 by default). Padding every batch to 41 would mostly compute padding when captions are
+    short, while a length per batch would make torch.compile build a new graph for each; this way it sees at
+    most three (16, 32, 41)."""
     sequences = [[EOT_TOKEN] + tokens[:max_tokens] + [EOT_TOKEN] for tokens in token_lists]
     L = min(-(-(max(len(s) for s in sequences) - 1) // 16) * 16, max_tokens + 1)
+    # x's padding: any valid id would do, <|endoftext|> is at hand. Causal attention keeps every padding
+    # position out of the real positions before it, and y is -1 there, so padding gets no loss either
     x = torch.full((len(sequences), L), EOT_TOKEN, dtype=torch.long)
     y = torch.full((len(sequences), L), -1, dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -132,43 +145,7 @@ def val_batches(data, B, max_images, max_tokens):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def validation_loss(model, data, batches, d, dtype):
-    """Loss per caption token over the fixed val batches. Captions differ in length, so the mean is taken over
-    tokens (sum of losses / number of tokens), reduced over ranks, and does not depend on the world size."""
-    model.eval()
-    total = torch.zeros(2, device=d.device)  # [sum of token losses, number of tokens]
-    for i in range(d.rank, len(batches), d.world_size):
-        images, x, y = batches[i]
-        image_feats = data.image_feats(images).to(d.device)
-        x, y = x.to(d.device), y.to(d.device)
-        with autocast(d.device_type, dtype):
-            loss = model(x, y, image_feats=image_feats)[1]
-        n_tokens = (y != -1).sum()
-        total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
-    all_reduce_sum(total, d)
-    model.train()
-    return (total[0] / total[1]).item()
-
-
-def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
-    """Captions of a fixed few val images with their first reference, to watch the captioner learn. Beam 3,
-    sample.py's default: what a user would get. (CIDEr-D for best.pt decodes greedily instead: a few hundred
-    images at every eval, at a third of beam 3's cost, only to rank one run's checkpoints.)"""
-    model.eval()
-    image_feats = data.image_feats(np.arange(min(n_images, len(data.image_ids)))).to(d.device)
-    prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=d.device)
-    with autocast(d.device_type, dtype):
-        captions = beam_search(model, prompt, image_feats, beam_size=beam_size, max_new_tokens=30)
-    model.train()
-    return [(int(data.image_ids[i]), enc.decode(tokens).strip(), data.captions[i][0]) for i, tokens in enumerate(captions)]
-
-
-# -----------------------------------------------------------------------------
-# What trains
+# What trains (at which rate: GPT.configure_optimizers, with --lr and --lm-lr)
 
 
 # What --train trains, the three choices of published captioning recipes: only the layers captioning adds (as
@@ -198,6 +175,54 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
     matrices, vectors = [p for p in frozen if p.dim() >= 2], [p for p in frozen if p.dim() < 2]
     for params, decay in ((matrices, weight_decay), (vectors, 0.0)):
         optimizer.add_param_group({"params": params, "weight_decay": decay, "lr_scale": lm_lr_scale})
+
+
+def build_model(args, resume_from, image_width, d):
+    """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
+    sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
+    if resume_from is not None:
+        return load_on_every_rank(lambda: load_model(resume_from, kind="caption"), resume_from, d)
+    new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
+    if args.init.endswith(".pt"):
+        return load_model(args.init, kind="lm", **new_layers)[0], None
+    return GPT.from_pretrained(args.init, **new_layers), None
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, data, batches, d, dtype):
+    """Loss per caption token over the fixed val batches. Captions differ in length, so the mean is taken over
+    tokens (sum of losses / number of tokens), reduced over ranks, and does not depend on the world size."""
+    model.eval()
+    total = torch.zeros(2, device=d.device)  # [sum of token losses, number of tokens]
+    for i in range(d.rank, len(batches), d.world_size):
+        images, x, y = batches[i]
+        image_feats = data.image_feats(images).to(d.device)
+        x, y = x.to(d.device), y.to(d.device)
+        with autocast(d.device_type, dtype):
+            loss = model(x, y, image_feats=image_feats)[1]
+        n_tokens = (y != -1).sum()
+        total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
+    all_reduce_sum(total, d)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
+    """Captions of a fixed few val images with their first reference, to watch the captioner learn. Beam 3,
+    sample.py's default: what a user would get. (CIDEr-D for best.pt decodes greedily instead: a few hundred
+    images at every eval, at a third of beam 3's cost, only to rank one run's checkpoints.) At most 30 new tokens,
+    as everywhere captions are decoded: why at caption_eval.py's --max-new-tokens."""
+    model.eval()
+    image_feats = data.image_feats(np.arange(min(n_images, len(data.image_ids)))).to(d.device)
+    prompt = torch.full((len(image_feats), 1), EOT_TOKEN, device=d.device)
+    with autocast(d.device_type, dtype):
+        captions = beam_search(model, prompt, image_feats, beam_size=beam_size, max_new_tokens=30)
+    model.train()
+    return [(int(data.image_ids[i]), enc.decode(tokens).strip(), data.captions[i][0]) for i, tokens in enumerate(captions)]
 
 
 def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
@@ -238,6 +263,10 @@ def evaluate(step, raw_model, val_data, val_data_batches, meta, enc, args, d, dt
     return best_cider
 
 
+# -----------------------------------------------------------------------------
+# The run: the model the step calls, the command line, the loop
+
+
 def wrap_model(raw_model, use_compile, d):
     """The model the training step calls: compiled, and under torchrun wrapped in DDP. DDP only syncs the
     parameters that required gradients when it was built, so unfreezing re-wraps."""
@@ -247,10 +276,6 @@ def wrap_model(raw_model, use_compile, d):
     return model
 
 
-# -----------------------------------------------------------------------------
-# The run
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--features-dir", default="coco_features", help="what coco.py wrote")
@@ -258,16 +283,19 @@ def parse_args(argv=None):
                                                   "a folder with config.json + model.safetensors, or a train_gpt2.py .pt")
     p.add_argument("--out-dir", default="log_caption", help="checkpoints, log.txt and samples.txt go here")
     # Every second block rather than every block: half the added weights and compute, for fewer places where the
-    # text can look at the image. A cost/quality choice, not measured here (--cross-attn-every 1 puts one in every
-    # block, as SmallCap does); Flamingo-style models space theirs out too (OpenFlamingo-9B: every 4th block).
+    # text can look at the image. A cost/quality choice, not measured here. --cross-attn-every 1 puts one in every
+    # block, as SmallCap does, though SmallCap makes its layers narrower by default: its --attention_size 7 is a
+    # reduction factor of 4 (train.py PARAMS2REDUCE_FACTOR), 768 -> 192 wide (src/gpt2.py); ours are full width.
+    # Flamingo-style models space theirs out too (OpenFlamingo-9B: every 4th block).
     p.add_argument("--cross-attn-every", type=positive_int, default=2,
                    help="a cross-attention layer in every k-th block")
     # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
     # ~3M image-caption pairs, 11,558 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
-    # (~5.7M pairs of Karpathy's train split), SmallCap, which like our default trains only cross-attention,
-    # 2 epochs at batch 64 (~1.1M pairs). A micro-batch of 32 captions is only 32 x L positions, L being 32 once
-    # any of the step's 256 captions passes 15 tokens (see caption_batch): ~1K tokens. Raise --batch-size on a
-    # large GPU (fewer accumulation steps, the same training).
+    # (~5.7M pairs of Karpathy's train split). SmallCap, which like our default trains only cross-attention,
+    # runs 10 epochs at batch 64 by default (its train.py: n_epochs, batch_size), but the checkpoint its README
+    # evaluates is checkpoint-17712, after 2 epochs (2 x 8,856 steps at batch 64, ~1.1M pairs). A micro-batch of
+    # 32 captions is only 32 x L positions, L being 32 once any of the step's 256 captions passes 15 tokens (see
+    # caption_batch): ~1K tokens. Raise --batch-size on a large GPU (fewer accumulation steps, the same training).
     p.add_argument("--total-batch-size", type=positive_int, default=256,
                    help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per micro-batch per process")
@@ -279,17 +307,24 @@ def parse_args(argv=None):
     # 1e-4: SmallCap's rate for the same setup (new cross-attention, frozen GPT-2). The rest are choices, not tuned
     # here: the cosine ends at 1e-5, 0.1 x --lr as in pretraining (absolute: set --min-lr when changing --lr);
     # 500 warmup steps are ~4% of the default run, as pretraining's 715 are of 19,073; weight decay 0.01 is BERT's
-    # (and torch.optim.AdamW's default), lighter than pretraining's 0.1 for a short run; 40 caption tokens cut
-    # only the rare run-on caption (COCO's are ~12 tokens) and bound L at 41.
+    # (and torch.optim.AdamW's default), lighter than pretraining's 0.1 for a short run; 40 caption tokens bound
+    # L at 41 and cut fewer captions than SmallCap's 25 (its src/utils.py CAPTION_LENGTH, in GPT-2 tokens). A cut
+    # caption still ends in <|endoftext|>, mid-sentence. (Decoding stops sooner, at 30: see caption_eval.py's
+    # --max-new-tokens.)
     p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate of the new layers")
-    # Pretrained weights are fine-tuned far more gently than new layers are trained: ClipCap fine-tuned GPT-2 at
-    # 2e-5, BLIP its decoder at 1e-5. Both schedules follow the same cosine, scaled.
+    # 2e-5: the rate ClipCap fine-tunes GPT-2 at, though its train.py runs one AdamW at 2e-5 over all it trains,
+    # its new mapping network included; BLIP fine-tunes its whole pretrained captioner at 1e-5 (its
+    # configs/caption_coco.yaml). Those two fine-tune pretrained weights at 1e-5 to 2e-5, and SmallCap trains
+    # new layers over a frozen GPT-2 at 1e-4, but none of them uses two rates in one run: GPT-2's weights at a
+    # fifth of the new layers' rate is our choice, not measured here. Both schedules follow the same cosine, scaled.
     p.add_argument("--lm-lr", type=positive_float, default=2e-5,
                    help="peak learning rate of GPT-2's own weights, when they train (--train cross+mlp or all, "
                         "--unfreeze-after)")
     p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
+    # 1.0: GPT-3's value (its appendix B), which train_gpt2.py pretrains with: one bad batch cannot throw the
+    # weights, the freshly initialised layers above all, far
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--max-caption-tokens", type=positive_int, default=40, help="longer captions are cut")
     p.add_argument("--train", choices=sorted(TRAINABLE), default="cross",
@@ -321,17 +356,6 @@ def parse_args(argv=None):
     if args.stop_at is not None and args.max_steps is not None and args.stop_at > args.max_steps:
         p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
     return args
-
-
-def build_model(args, resume_from, image_width, d):
-    """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
-    sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
-    if resume_from is not None:
-        return load_on_every_rank(lambda: load_model(resume_from, kind="caption"), resume_from, d)
-    new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
-    if args.init.endswith(".pt"):
-        return load_model(args.init, kind="lm", **new_layers)[0], None
-    return GPT.from_pretrained(args.init, **new_layers), None
 
 
 def main(args):
