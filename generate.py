@@ -72,8 +72,8 @@ class KVCache:
     One buffer per layer, (B, nh, max_len, hs), allocated on the first step and written in place: a step at
     token 900 costs what a step at token 10 does, but for attending over more keys. (Concatenating each step's
     keys onto the cache instead copies the whole cache every step: O(T^2) copying, and at batch 8 and 900 tokens
-    up to 267 ms for a step that otherwise takes ~120 ms, measured for 124M on this project's 2-core CPU.) Positions from pos on are not written yet.
-    Also holds the image keys/values, computed on the first step and reused: the image does not change."""
+    up to 267 ms for a step that otherwise takes ~120 ms, measured for 124M on this project's 2-core CPU.)
+    Positions from pos on are not written yet. Also holds the image keys/values, computed on the first step and reused: the image does not change."""
 
     def __init__(self, max_len):
         self.max_len = max_len  # the prompt and every new token: generate() allocates exactly what it needs
@@ -282,9 +282,10 @@ def beam_search(model, idx, image_feats=None, beam_size=3, max_new_tokens=30, le
     for step in range(1, max_new_tokens + 1):
         logits = next_token_logits(model, new_input, image_feats, cache)  # (B*K, V)
         logprobs = F.log_softmax(logits, dim=-1).view(B, K, V)
-        # 1) ending each live beam here is a finished hypothesis of length `step` (its <|endoftext|> counts)
+        # 1) ending each live beam here is a finished hypothesis of length `step` (its <|endoftext|> counts); at
+        # step 1 that is the empty caption, kept only if the model prefers it to every longer one found
         ended = (scores + logprobs[:, :, EOT_TOKEN]) / step ** length_penalty  # (B, K)
-        keep_best(ended, beams, best_score, best_tokens)
+        keep_best_hypotheses(ended, beams, best_score, best_tokens)
         # 2) the K best ways to go on (without ending) become the new live beams
         logprobs[:, :, EOT_TOKEN] = float("-inf")
         candidates = (scores[:, :, None] + logprobs).view(B, K * V)
@@ -294,19 +295,21 @@ def beam_search(model, idx, image_feats=None, beam_size=3, max_new_tokens=30, le
         beams = torch.cat([parent_beams, token[:, :, None]], dim=2)  # (B, K, step)
         cache.reorder((torch.arange(B, device=device)[:, None] * K + parent).view(-1))
         new_input = token.view(B * K, 1)
-        # Stop when no live beam can still beat the best finished one. Raw scores (sums of log-probabilities,
-        # <= 0) only fall as a beam grows, and a beam finishes at a length of step + 1 or more. Dividing by
-        # length**length_penalty lifts a score the most at the longest length when length_penalty >= 0, and at
-        # the shortest, step + 1, when it is below 0 (length**penalty < 1 then, and shrinks as length grows).
+        # Stop early when no live beam can still beat the best finished one. Raw scores (sums of
+        # log-probabilities, <= 0) only fall as a beam grows, and before the last step a live beam ends at a
+        # length of step + 1 to max_new_tokens. Its normalised score score / length**length_penalty is then
+        # highest at the longest length when length_penalty >= 0, and at the shortest, step + 1, when it is
+        # below 0 (length**length_penalty then shrinks as the length grows, pushing the score further down).
+        # At the last step the loop ends anyway, and the beams still alive are scored below.
         best_length = max_new_tokens if length_penalty >= 0 else step + 1
-        if (best_score >= scores.max(dim=1).values / best_length ** length_penalty).all():
+        if step < max_new_tokens and (best_score >= scores.max(dim=1).values / best_length ** length_penalty).all():
             break
     else:  # the length limit, reached: beams still alive compete too; their length has no <|endoftext|> to count
-        keep_best(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
+        keep_best_hypotheses(scores / beams.size(2) ** length_penalty, beams, best_score, best_tokens)
     return best_tokens
 
 
-def keep_best(normalized_scores, beams, best_score, best_tokens):
+def keep_best_hypotheses(normalized_scores, beams, best_score, best_tokens):
     """Per row, the best of the K hypotheses scored (B, K) replaces best_tokens[b] if it beats best_score[b]."""
     top_score, top_beam = normalized_scores.max(dim=1)  # (B,)
     improved = (top_score > best_score).nonzero().flatten().tolist()

@@ -1,5 +1,7 @@
 """model.py against an independent GPT-2 (Hugging Face transformers), and the promises of cross-attention,
 the KV cache, ignored targets and frozen parameters."""
+import math
+
 import pytest
 import torch
 import transformers  # test-only: the independent reference, installed by requirements-dev.txt
@@ -546,23 +548,39 @@ def test_compiled_step_refuses_a_full_cache():
         step(torch.full((1, 1), EOT_TOKEN), cache)
 
 
+def scripted_logits(script):
+    """A stand-in for generate.next_token_logits: at step n every row gets the log-probabilities script[n] names,
+    the rest of the probability spread evenly over the other tokens (so log_softmax leaves them as they are)."""
+    calls = []
+
+    def next_token_logits(model, idx, image_feats=None, cache=None):
+        calls.append(1)
+        chosen = script.get(len(calls), {})
+        rest = 1 - sum(math.exp(logprob) for logprob in chosen.values())
+        logprobs = torch.full((idx.size(0), GPT2_VOCAB_SIZE), math.log(rest / (GPT2_VOCAB_SIZE - len(chosen))))
+        for token, logprob in chosen.items():
+            logprobs[:, token] = logprob
+        return logprobs
+    return next_token_logits
+
+
 def test_beam_search_with_a_negative_length_penalty_does_not_stop_before_the_best_caption(monkeypatch):
     """The model wants 5, 7, <|endoftext|>. Below 0 a length penalty favours short captions, but ending at once
     (log-prob -2) still loses to [5, 7] (-0.61 x 3 = -1.83 at length_penalty -1). The early stop used the bound
     of length_penalty >= 0, stopped after the first step and returned the unfinished beam [5]."""
-    script = {1: {EOT_TOKEN: -2.0, 5: -0.5}, 2: {7: -0.1, EOT_TOKEN: -5.0}, 3: {EOT_TOKEN: -0.01}}
-    calls = []
-
-    def scripted_logits(model, idx, image_feats=None, cache=None):
-        step = len(calls) + 1
-        calls.append(step)
-        logprobs = torch.full((idx.size(0), GPT2_VOCAB_SIZE), -30.0)  # every other token: all but impossible
-        for token, logprob in script.get(step, {}).items():
-            logprobs[:, token] = logprob
-        return logprobs
-    monkeypatch.setattr(generate_module, "next_token_logits", scripted_logits)
     model = tiny_captioner()
     for length_penalty in (1.0, 0.0, -0.5, -1.0):
-        calls.clear()
+        script = {1: {EOT_TOKEN: -2.0, 5: -0.5}, 2: {7: -0.1, EOT_TOKEN: -5.0}, 3: {EOT_TOKEN: -0.01}}
+        monkeypatch.setattr(generate_module, "next_token_logits", scripted_logits(script))
         assert beam_search(model, torch.full((1, 1), EOT_TOKEN), beam_size=2, max_new_tokens=10,
                            length_penalty=length_penalty) == [[5, 7]], length_penalty
+
+
+def test_beam_search_scores_the_live_beams_at_the_length_limit(monkeypatch):
+    """At length_penalty -1 and max_new_tokens 3: [5] ended scores (-0.3 - 1.45) x 2 = -3.5, the live [5, 7, 9]
+    -1.0 x 3 = -3.0 at the limit, and wins. The early-stop bound, meant for beams that can still grow (length
+    step + 1 = 4: -4.0), ended the search on the last step before the live beams were scored."""
+    script = {1: {5: -0.3, EOT_TOKEN: -5.0}, 2: {7: -0.3, EOT_TOKEN: -1.45}, 3: {9: -0.4, EOT_TOKEN: -10.0}}
+    monkeypatch.setattr(generate_module, "next_token_logits", scripted_logits(script))
+    assert beam_search(tiny_captioner(), torch.full((1, 1), EOT_TOKEN), beam_size=2, max_new_tokens=3,
+                       length_penalty=-1.0) == [[5, 7, 9]]
