@@ -104,10 +104,11 @@ class Captioner:
 
     @torch.no_grad()
     def caption(self, images, beam_size=None, max_new_tokens=30, temperature=None, top_k=None, top_p=None,
-                generator=None, return_attention=False):
+                generator=None, return_attention=False, length_penalty=1.0):
         """images: paths or PIL images -> one caption each. By default beam search (beam_size 3; 1 is greedy)
-        finds the likeliest caption; a temperature (0: greedy), top_k or top_p samples one instead. Options
-        out of range, or asking for both, raise ValueError. return_attention=True: -> (captions, one
+        finds the likeliest caption, ranked by log-probability / length**length_penalty (pick it on val with
+        caption_eval.py --length-penalty); a temperature (0: greedy), top_k or top_p samples one instead.
+        Options out of range, or asking for both, raise ValueError. return_attention=True: -> (captions, one
         CaptionAttention each), where each word of each caption looked."""
         choose_decoding(beam_size, max_new_tokens, temperature, top_k, top_p)  # checked before the slow part
         images = list(images)
@@ -115,11 +116,11 @@ class Captioner:
             return ([], []) if return_attention else []
         image_feats = self.encode(torch.stack([self.pixels(image) for image in images]))
         return self.caption_features(image_feats, beam_size, max_new_tokens, temperature, top_k, top_p, generator,
-                                     return_attention)
+                                     return_attention, length_penalty)
 
     @torch.no_grad()
     def caption_features(self, image_feats, beam_size=None, max_new_tokens=30, temperature=None, top_k=None,
-                         top_p=None, generator=None, return_attention=False):
+                         top_p=None, generator=None, return_attention=False, length_penalty=1.0):
         """image_feats (B, N_img, width) from encode() -> B captions; the options are caption()'s."""
         if return_attention:
             patch_grid_side(image_feats.size(1), self.prefix_tokens)  # one that cannot be drawn fails now
@@ -128,7 +129,7 @@ class Captioner:
         with autocast(self.device_type, self.dtype):
             if beam_size > 1:
                 token_lists = beam_search(self.model, prompt, image_feats, beam_size=beam_size,
-                                          max_new_tokens=max_new_tokens)
+                                          max_new_tokens=max_new_tokens, length_penalty=length_penalty)
             else:
                 out = generate(self.model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, image_feats=image_feats, generator=generator)
@@ -360,7 +361,8 @@ def caption_files(args):
         image_feats = captioner.encode(torch.stack(pixels))  # once, for all the samples
         for _ in range(args.num_samples):
             result = captioner.caption_features(image_feats, args.beam, args.max_new_tokens, args.temperature,
-                                                args.top_k, args.top_p, generator, return_attention=drawing)
+                                                args.top_k, args.top_p, generator, return_attention=drawing,
+                                                length_penalty=1.0 if args.length_penalty is None else args.length_penalty)
             captions, attentions = result if drawing else (result, None)
             for i, (file, caption) in enumerate(zip(files, captions)):
                 print(f"{file}: {caption}")
@@ -461,6 +463,17 @@ def temperature_value(text):
     return value
 
 
+def finite_float(text):
+    """argparse type of --length-penalty: any finite number (below 0 favours short captions, 0 is the raw sum)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 def probability(text):
     """argparse type of --top-p: a number in (0, 1]. At 0 no token would be left to sample."""
     try:
@@ -514,6 +527,8 @@ def parse_args(argv=None):
                                             "--image, log for --prompt)")
     p.add_argument("--pretrained", help="with --prompt: OpenAI weights (gpt2, gpt2-medium, ...) or a GPT-2 folder")
     p.add_argument("--beam", type=positive_int, help="beam width for captions (default 3; 1: greedy)")
+    p.add_argument("--length-penalty", type=finite_float, help="beam search ranks captions by log-probability / "
+                   "length**this (default 1, the mean per token; choose it on val: caption_eval.py --length-penalty)")
     p.add_argument("--temperature", type=temperature_value,
                    help="sample instead of beam search (0: greedy; default 1 for --prompt, as train_gpt2.py's samples)")
     p.add_argument("--top-k", type=positive_int,
@@ -543,6 +558,8 @@ def parse_args(argv=None):
         p.error("--beam is for captions (--image); text is sampled")
     if args.beam is not None and sampling:
         p.error("--beam searches, --temperature/--top-k/--top-p sample: choose one")
+    if args.length_penalty is not None and (args.prompt is not None or sampling):
+        p.error("--length-penalty ranks beam search's captions: not for --prompt or --temperature/--top-k/--top-p")
     if args.prompt is not None or sampling:
         args.temperature = 1.0 if args.temperature is None else args.temperature
     if args.prompt is not None and args.top_k is None:

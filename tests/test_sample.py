@@ -123,6 +123,9 @@ def run(*args):
     (["--prompt", "Hi", "--checkpoint", "lm.pt", "--attention-map", "m.png"], "--attention-map"),  # no image
     (["--image", "a.jpg", "--temperature", "1", "--num-samples", "2", "--attention-map", "m.png"], "--attention-map"),
     (["--image", "a.jpg", "--attention-map", "m.xyz"], "--attention-map"),  # matplotlib cannot write it
+    (["--image", "a.jpg", "--length-penalty", "nan"], "--length-penalty"),
+    (["--image", "a.jpg", "--temperature", "1", "--length-penalty", "0"], "--length-penalty"),  # would be ignored
+    (["--prompt", "Hi", "--checkpoint", "lm.pt", "--length-penalty", "0"], "--length-penalty"),
 ])
 def test_bad_options_are_refused_in_one_line(argv, culprit, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -130,6 +133,18 @@ def test_bad_options_are_refused_in_one_line(argv, culprit, capsys):
     assert exit.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in error and culprit in error, error
+
+
+def test_length_penalty_reaches_beam_search(checkpoints, clip, monkeypatch, tmp_path):
+    """caption_eval.py --length-penalty picks it on val; sample.py must be able to caption with that choice."""
+    caption, _ = checkpoints
+    asked = []
+    monkeypatch.setattr(sample, "beam_search", lambda model, prompt, image_feats, beam_size, max_new_tokens,
+                        length_penalty: asked.append(length_penalty) or [[] for _ in range(len(prompt))])
+    image = write_image(tmp_path / "a.png", 24, 24)
+    assert run("--image", image, "--checkpoint", caption, "--length-penalty", "0.5") == 0
+    assert run("--image", image, "--checkpoint", caption) == 0
+    assert asked == [0.5, 1.0]
 
 
 def test_good_options_pass_and_temperature_zero_is_accepted():
