@@ -10,7 +10,8 @@ decoder learns to write the COCO captions.
     python sample.py --image dog.jpg                            # caption with best.pt (else the newest)
 
 By default only what captioning adds is trained: the cross-attention layers, their LayerNorms and the image
-projection (the language model keeps what it knows, and training is cheap). --train cross+mlp also trains
+projection: the language model keeps what it knows, and GPT-2's weights need no gradients and no optimizer
+state (the backward pass still runs through the blocks above the first cross-attention). --train cross+mlp also trains
 GPT-2's MLPs and LayerNorms, --train all the whole decoder; --unfreeze-after N trains all from step N on.
 
 A training sequence is  <|endoftext|> caption <|endoftext|> : the first token is the prompt sample.py also
@@ -67,8 +68,8 @@ def caption_batch(token_lists, max_tokens):
     cross_entropy(ignore_index=-1) skips those positions, so they add nothing to the loss or to its mean.
     L is the longest caption + 1 (the leading <|endoftext|>) rounded up to a multiple of 16, at most
     max_tokens + 1 (41 by default). Padding every batch to 41 would mostly compute padding when captions are
-    short, while a length per batch would make torch.compile build a new graph for each; this way it sees at
-    most three (16, 32, 41)."""
+    short, while a length per batch would make torch.compile (dynamic=False, wrap_model) build a new graph for
+    each; this way it sees at most three (16, 32, 41)."""
     sequences = [[EOT_TOKEN] + tokens[:max_tokens] + [EOT_TOKEN] for tokens in token_lists]
     L = min(-(-(max(len(s) for s in sequences) - 1) // 16) * 16, max_tokens + 1)
     # x's padding: any valid id would do, <|endoftext|> is at hand. Causal attention keeps every padding
@@ -87,7 +88,9 @@ class CaptionLoader:
 
     Each image-epoch (self.epoch) visits the images in a new random order, and each step takes the next
     `images_per_step` of them, whatever the number of processes or the micro-batch size. For each image one of
-    its (about 5) captions is drawn at random, so over the image-epochs the decoder meets them all. (--epochs
+    its (about 5) captions is drawn at random, so over the image-epochs the decoder meets them all. One caption
+    per image, rather than every (image, caption) pair: a step then holds distinct images, never one picture
+    five times over with its near-duplicate captions, and the batch is counted in images. (--epochs
     and the step line count caption-epochs instead: passes over all image-caption pairs, ~5 image-epochs each.)
     Both draws come from (seed, image-epoch, position): every rank agrees without talking, and resuming replays
     them exactly. Only then is the
@@ -148,9 +151,10 @@ def val_batches(data, B, max_images, max_tokens):
 # What trains (at which rate: GPT.configure_optimizers, with --lr and --lm-lr)
 
 
-# What --train trains, the three choices of published captioning recipes: only the layers captioning adds (as
-# SmallCap does), those plus GPT-2's MLPs and LayerNorms (where a transformer keeps most of its knowledge, and
-# its cheapest part to adapt), or everything (as ClipCap's MLP variant fine-tunes all of GPT-2).
+# What --train trains: two published recipes and one between them: only the layers captioning adds (as
+# SmallCap does), those plus GPT-2's MLPs and LayerNorms (the feed-forward layers, which act as the transformer's
+# key-value memories: Geva et al. 2021; two thirds of each block's weights), or everything (as ClipCap's MLP
+# variant fine-tunes all of GPT-2).
 TRAINABLE = {
     "cross": is_cross_attn_param,
     "cross+mlp": lambda name: is_cross_attn_param(name) or ".mlp." in name or ".ln_" in name,
@@ -168,7 +172,8 @@ def set_trainable(model, train):
 def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
     """--unfreeze-after: the frozen GPT-2 weights join the optimizer as two new parameter groups (decayed
     matrices, undecayed vectors) at their own, lower rate, after the cross-attention groups: resuming rebuilds
-    the same order."""
+    the same order. They start at the schedule's rate of that step x lm_lr_scale, with fresh Adam moments and no
+    warmup of their own: a choice (--lm-lr is small), not compared with a second warmup."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad = True
@@ -229,9 +234,9 @@ def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
     """CIDEr-D on a fixed few hundred val images (greedy), logged beside the val loss. CIDEr scores a caption by
     its n-grams (1 to 4) shared with the image's reference captions, each weighted by TF-IDF (rare words count
     more); the -D variant, the one COCO reports, clips repeated n-grams and penalises length differences
-    (caption_eval.cider_d). The val loss keeps
-    falling after the captions stop improving, so the checkpoint a paper would report is picked by the metric
-    it reports: best.pt is rewritten (atomically) only when CIDEr-D improves. -> (CIDEr-D, best so far)."""
+    (caption_eval.cider_d). The val loss and the captions' quality need not peak at the same step, so the
+    checkpoint a paper would report is picked by the metric it reports: best.pt is rewritten (atomically) only
+    when CIDEr-D improves. -> (CIDEr-D, best so far)."""
     cider = caption_eval.cider_d(model, val_data, d.device, dtype, n_images=args.eval_cider_images)
     improved = cider > best_cider
     print(f"step {step:5d} | val CIDEr-D {cider * 100:.1f} ({args.eval_cider_images} images)"
@@ -269,8 +274,10 @@ def evaluate(step, raw_model, val_data, val_data_batches, meta, enc, args, d, dt
 
 def wrap_model(raw_model, use_compile, d):
     """The model the training step calls: compiled, and under torchrun wrapped in DDP. DDP only syncs the
-    parameters that required gradients when it was built, so unfreezing re-wraps."""
-    model = torch.compile(raw_model) if use_compile else raw_model
+    parameters that required gradients when it was built, so unfreezing re-wraps. dynamic=False: one graph
+    for each caption length caption_batch pads to (at most three), each specialised to its shape; by default
+    torch.compile would turn to one shape-generic graph at the second length."""
+    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
     if d.ddp:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     return model
@@ -292,9 +299,9 @@ def parse_args(argv=None):
     # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
     # ~3M image-caption pairs, 11,558 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
     # (~5.7M pairs of Karpathy's train split). SmallCap, which like our default trains only cross-attention,
-    # runs 10 epochs at batch 64 by default (its train.py: n_epochs, batch_size), but the checkpoint its README
-    # evaluates is checkpoint-17712, after 2 epochs (2 x 8,856 steps at batch 64, ~1.1M pairs). A micro-batch of
-    # 32 captions is only 32 x L positions, L being 32 once any of the step's 256 captions passes 15 tokens (see
+    # runs 10 epochs at batch 64 by default (its train.py: n_epochs, batch_size); the checkpoint its README names
+    # as an example is checkpoint-17712, by our arithmetic 2 epochs (2 x 8,856 steps of 64: ~1.1M pairs).
+    # A micro-batch of 32 captions is only 32 x L positions, L being 32 once any of the step's 256 captions passes 15 tokens (see
     # caption_batch): ~1K tokens. Raise --batch-size on a large GPU (fewer accumulation steps, the same training).
     p.add_argument("--total-batch-size", type=positive_int, default=256,
                    help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")

@@ -238,6 +238,17 @@ def test_training_compiles_once_and_once_more_when_gpt2_unfreezes(dataset, tmp_p
     torch._dynamo.reset()
 
 
+def test_the_training_model_is_compiled_with_a_graph_per_caption_length(monkeypatch):
+    """dynamic=False: the at most three caption lengths (16, 32, 41) get a specialised graph each; torch.compile's
+    default would replace them with one shape-generic graph at the second length."""
+    import train_caption
+    from training import Distributed
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: asked.append(options) or module)
+    train_caption.wrap_model(torch.nn.Linear(2, 2), True, Distributed(False, 0, 0, 1, "cpu"))
+    assert asked == [{"dynamic": False}]
+
+
 def test_gpt2_weights_train_at_their_own_lower_rate(dataset, tmp_path):
     from model import is_cross_attn_param
     from train_caption import set_trainable, unfreeze_language_model
