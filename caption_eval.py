@@ -400,12 +400,12 @@ def parse_args(argv=None):
     p.add_argument("--length-penalty", type=comma_list(float), default=[1.0],
                    help="beam search ranks captions by log-probability / length**this; several: 0,0.5,1")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    # 30, here and wherever captions are decoded (sample.py, train_caption.py's examples, cider_d): room for a long
-    # caption, while a decoding that runs on, repeating itself, stops there instead of at block_size. COCO's caption
-    # lengths are not measured in this repo; for scale, SmallCap decodes at most 25 GPT-2 tokens (its infer.py
-    # CAPTION_LENGTH). Training keeps captions up to 40 tokens (train_caption.py --max-caption-tokens), where a cut
-    # loses words to learn from; BLIP has the same two limits, 40 to train and 30 to decode (its models/blip.py),
-    # in its own tokens. A caption cut at 30 never reached its <|endoftext|>: it is scored unfinished, as it stands.
+    # 30, here and wherever captions are decoded (sample.py, train_caption.py's examples, cider_d): a choice, not
+    # measured: room for a long caption, while a decoding that runs on, repeating itself, stops there instead of
+    # at block_size. COCO's caption lengths are not measured in this repo; for scale, SmallCap decodes at most 25
+    # GPT-2 tokens (its infer.py CAPTION_LENGTH). Training keeps captions up to 40 tokens (train_caption.py
+    # --max-caption-tokens), where a cut loses words to learn from; BLIP truncates its training captions at 40 of
+    # its own tokens too (models/blip.py) and decodes COCO with at most 20 (configs/caption_coco.yaml). A caption cut at 30 never reached its <|endoftext|>: it is scored unfinished, as it stands.
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in GPT-2 tokens")
     p.add_argument("--limit", type=int, help="only the first N images (CIDEr then differs: see coco_metrics)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR, the slowest metric")

@@ -48,8 +48,9 @@ On disk, per split (train, val; or train, val, test with Karpathy's split, or a 
     coco_features/{split}_status.npy       (N,) int8 per row: 0 to do, 1 encoded, -1 missing or unreadable (skipped)
 
 float16 halves float32's disk and memory (train2017: 118,287 x 50 x 768 is 9.1 GB instead of 18). Normalised
-tokens (CLIP's, and those of the timm ViTs above that normalise every token) are far inside fp16's range (65504):
-a LayerNorm's normalised values stay below sqrt(width) in size (~28 for 768) before its learned scale, and fp16
+tokens (CLIP's, and those of the timm ViTs above that normalise every token) fit fp16's range (65504) unless the
+norm's learned gain is enormous: a LayerNorm's normalised values stay below sqrt(width) in size (~28 for 768),
+so only a gain above ~2,300 could take them past it (the trained encoders' gains are not measured here). fp16
 keeps more mantissa bits (10) than the bf16 (7) the decoder usually computes in. For un-normalised tokens that
 range is not guaranteed: a value past 65504 is stored as inf, and nothing in coco.py checks for one. (The
 decoder's ln_img, after img_proj, rescales any finite value; an inf turns into NaN there, and a training batch

@@ -2,8 +2,9 @@
 GPT-2, written out by hand, with optional cross-attention so the same decoder can caption images.
 
 This file is the model and nothing else. Read it top to bottom: attention (its formula written out once),
-the MLP, the cross-attention a captioner adds, the block that holds them, the config, and the model (its
-init, its forward pass and loss, its optimizer groups, its FLOPs, and loading OpenAI's weights).
+the MLP, the block that holds them, the cross-attention a captioner's blocks add, the config, and the model
+(its init, its forward pass and loss, its optimizer groups, the projection of the image tokens, its FLOPs,
+and loading OpenAI's weights).
 Elsewhere: generation (sampling, the KV cache, beam search) in generate.py; checkpoint files in
 checkpoint.py; writing Hugging Face folders in export_hf.py; the Muon + AdamW pair in training.py.
 
@@ -35,8 +36,8 @@ EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends eve
 def causal_attention(q, k, v):
     """Attention written out, for reading; the model calls F.scaled_dot_product_attention(q, k, v,
     is_causal=True), which computes the same (tests/test_model.py checks; SDPA adds dropout on the weights when
-    asked) and, in its fused kernels (flash, memory-efficient), never forms the (T, T) matrix. q, k, v: (B, nh, T, hs), nh heads
-    of hs = n_embd / nh dimensions. Each position's query is compared with every key (a dot product, scaled by
+    asked) and, in its fused kernels (flash, memory-efficient), never forms the (T, T) matrix.
+    q, k, v: (B, nh, T, hs), nh heads of hs = n_embd / nh dimensions. Each position's query is compared with every key (a dot product, scaled by
     1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores into weights summing to
     1, and the output is that weighted mean of the values. Causal: position t sees positions <= t only."""
     T = q.size(-2)
@@ -69,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is None:
-            # flash attention on GPU: the (T, T) attention matrix is never materialised
+            # on a GPU in bf16/fp16 SDPA runs a fused kernel (flash attention): the (T, T) matrix is never formed
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:  # generating (generate.py): the cache keeps k, v and attends over every token so far
@@ -95,7 +96,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), [x + xattn(ln(x), image)], x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), [x + xattn(ln(x), image)], x + mlp(ln(x)). A captioner's
+    block reads the image between self-attention and the MLP, where the original transformer's decoder reads
+    its encoder (Vaswani et al. 2017)."""
 
     def __init__(self, config, cross_attn=False):
         super().__init__()
@@ -128,8 +131,10 @@ class CrossAttention(nn.Module):
         # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained, so a
         # pretrained LM keeps its logits bit for bit when cross-attention is bolted on. On the first step only
         # c_proj gets a gradient (c_q, c_kv, ln_x, img_proj and ln_img sit behind its zeros, as behind a closed
-        # gate; weight decay still shrinks their matrices a little); once c_proj is nonzero they all learn. What differs from a tanh gate: the opening is c_proj itself, a
-        # full matrix moving at the learning rate, not one scalar per layer squeezed through tanh.
+        # gate; weight decay still shrinks their matrices a little); once c_proj is nonzero they all learn. What
+        # differs from a tanh gate: the opening is c_proj itself, a full matrix moving at the learning rate, not
+        # one scalar per layer squeezed through tanh. (GPT._init_weights reads ZERO_INIT: the model initialises
+        # every layer in one pass.)
         self.c_proj.ZERO_INIT = True
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -144,7 +149,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, image_kv):
         B, T, C = x.size()
-        # (B, nh, N, hs) each. No position embedding here: the encoder added its own to every patch token
+        # (B, nh, N, hs) each. No position embedding here: the encoder gave every token its place (CLIP and DINOv2
+        # add position embeddings; DINOv3 rotates its queries and keys, RoPE), and its tokens carry it
         k, v = image_kv
         q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
@@ -173,9 +179,12 @@ class GPTConfig:
     n_embd: int = 768
     cross_attn_every: int = 0  # 0: plain GPT-2; k: blocks k-1, 2k-1, ... also cross-attend to the image
     n_embd_img: int = 768  # width of the image tokens (768 for CLIP ViT-B/32, 1024 for ViT-L/14)
-    dropout: float = 0.0  # GPT-2 used 0.1; 0 here, as in build-nanogpt: one epoch has no overfitting to fight
+    dropout: float = 0.0  # Hugging Face's GPT-2 config says 0.1; 0 here, as in build-nanogpt: one epoch has no
+    # overfitting to fight
 
     def has_cross_attn(self, layer):
+        # counted so that the last block always has one (blocks 1, 3, ..., 11 for k = 2 and 12 layers): the image
+        # is read once more just before the prediction, while block 0 works on the raw token embeddings
         return self.cross_attn_every > 0 and (layer + 1) % self.cross_attn_every == 0
 
 
@@ -218,7 +227,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            std = 0.02  # GPT-2's initializer_range, near Xavier's 1/sqrt(768) = 0.036
+            std = 0.02  # GPT-2's initializer_range, the order of Xavier's 1/sqrt(768) = 0.036
             if getattr(module, "RESIDUAL_PROJECTION", False):
                 # every block adds two outputs to the residual stream; scaling their init by 1/sqrt(2 * n_layer)
                 # keeps the stream's variance from growing with depth (GPT-2 paper, section 2.3)
@@ -263,8 +272,11 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0,
                              leave_out=()):
-        """AdamW over the parameters that train (requires_grad). Matrices (embeddings, linear weights) get
-        weight decay; biases and LayerNorm gains do not: shrinking those towards 0 only hurts.
+        """AdamW over the parameters that train (requires_grad). Matrices get weight decay, the embeddings
+        too (wte, tied to lm_head, and wpe, as in build-nanogpt; the 47 padding rows get no gradient, so decay
+        alone shrinks them: harmless, their logits are -inf); biases and LayerNorm gains do not: shrinking those
+        towards 0 only hurts. learning_rate is only the starting value: the training loop sets every group's
+        rate at every step.
         A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
         separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
         pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind.

@@ -11,6 +11,8 @@ per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, g
 lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: 1-2%
 over one pass of the train shards of FineWeb-Edu's 10BT sample, whose first shard is held out for validation).
 
+The algorithm: model.py (the model, its loss and optimizer groups), then main() below, whose loop ends with
+the training step ("--- one optimizer step"), and the helpers at the top of training.py it calls.
 Each step prints one line; OUT_DIR/log.txt gets '{step} train|val|hella {value}' lines for plot_log.py.
 """
 
@@ -70,9 +72,9 @@ class ShardLoader:
     one token.
 
     A shard is cut into windows of T tokens. A window may start mid-document and run across an <|endoftext|>
-    into the next, unmasked: the token tells the model that what follows is unrelated (as in GPT-3's training). Every epoch visits the shards in a new random order and each
-    shard's windows in a new random order (both drawn from (seed, epoch), so every rank agrees without
-    talking). Laid end to end they make the epoch's stream of windows, and each optimizer step takes the next
+    into the next, unmasked: the token tells the model that what follows is unrelated (as in GPT-3's training).
+    Every epoch visits the shards in a new random order and each shard's windows in a new random order (drawn
+    from the seed, the epoch and the shard's place, so every rank agrees without talking). Laid end to end they make the epoch's stream of windows, and each optimizer step takes the next
     `windows_per_step` (= total batch size / T) of them, whatever the number of processes or the micro-batch
     size. Only then is the step split: rank r of W takes the r-th of W equal slices, and cuts it into its
     micro-batches. So the data of every step is the same on 1 GPU with 8x the gradient accumulation as on 8
@@ -115,7 +117,7 @@ class ShardLoader:
         """This rank's share of the next step: x and y of shape (windows_per_step / world_size, T)."""
         if self.pos + self.windows_per_step > self.stream_ends[-1]:
             self.load_state_dict({"epoch": self.epoch + 1, "pos": 0})
-        share = self.windows_per_step // world_size
+        share = self.windows_per_step // world_size  # exact: main checks world_size x B divides the step
         first = self.pos + rank * share
         rows = np.stack([self.window(i) for i in range(first, first + share)])  # (share, T + 1)
         if rows.max() >= GPT2_VOCAB_SIZE:  # cheap here; as an embedding index it is a crash (a device assert on CUDA)
@@ -192,7 +194,9 @@ def val_batches(data_dir, B, T, val_tokens):
 
 @torch.no_grad()
 def validation_loss(model, batches, B, T, d, dtype):
-    """Mean loss over the fixed val batches; rank r takes batches r, r+W, ..., and the sums are reduced."""
+    """Mean loss over the fixed val batches; rank r takes batches r, r+W, ..., and the sums are reduced.
+    Ranks may run different numbers of batches through the DDP-wrapped model: without gradients, and with no
+    buffers in the model, DDP's forward runs no collective, so none waits for another."""
     model.eval()
     total = torch.zeros(2, device=d.device)  # [sum of batch losses, number of batches]
     for i in range(d.rank, len(batches), d.world_size):
@@ -250,8 +254,9 @@ def print_samples(model, enc, d, prompt="Hello, I'm a language model,", num_samp
 # 715 warmup steps = GPT-3's 375M warmup tokens / 2**19 tokens per step): the recipe OpenAI's GPT-2 124M
 # reference numbers (val loss 3.2924 and HellaSwag 0.2945) are compared with. fast: the winner of
 # `bench.py recipe` (BENCHMARKS.md): Muon for the blocks' matrices, at 6x the peak rate (AdamW's part too),
-# which reached the gpt2 recipe's val loss in 4x fewer tokens, on a 4-layer model and 300K tokens of
-# Shakespeare (300 steps with 30 warmup there; the recipe keeps 715 warmup steps for 124M's 19,073). Small models flatter every lever: untested at 124M, so gpt2 stays the default.
+# which reached the gpt2 recipe's val loss in 4x fewer tokens, on a 4-layer model and 307K tokens of
+# Shakespeare and Milton (300 steps with 30 warmup there; the recipe keeps 715 warmup steps for 124M's
+# 19,073). Small models flatter every lever: untested at 124M, so gpt2 stays the default.
 RECIPES = {
     "gpt2": dict(optimizer="adamw", max_lr=6e-4, muon_lr=None, warmup_steps=715, min_lr_ratio=0.1),
     "fast": dict(optimizer="muon", max_lr=3.6e-3, muon_lr=3.6e-3, warmup_steps=715, min_lr_ratio=0.1),
@@ -363,7 +368,10 @@ def build_model(args, resume_from, d):
 
 def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
     """Everything else an exact resume needs from the checkpoint (the weights are in the model already):
-    the optimizer's moments, the fp16 loss scale, the loader's place, each rank's random state. -> its step."""
+    the optimizer's moments, the fp16 loss scale, the loader's place, each rank's random state. -> its step.
+    The optimizer's groups come back with their saved settings (weight decay, betas; Muon's lr_scale), so
+    --weight-decay or --muon-lr given anew on a resume is not used; the learning rate is set every step from
+    the schedule, so --max-lr, --warmup-steps and --min-lr-ratio are."""
     if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
         raise ValueError(f"{path}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
                          f"resumed with --optimizer {args.optimizer}: give the same")
@@ -377,7 +385,8 @@ def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
 
 def main(args):
     d = setup_distributed(args.device, args.dist_timeout)
-    dtype = args.dtype or default_dtype(d.device)
+    dtype = args.dtype or default_dtype(d.device)  # bf16 on recent GPUs; float32 on the CPU (tests, smoke runs)
+    # compile on CUDA by default, where the long runs are; elsewhere its minutes of compiling rarely pay off
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
     # one seed for every rank: the same initial weights everywhere (DDP also copies rank 0's to the others when
     # it wraps the model) and a run that --seed reproduces; after the init the generators only draw dropout
@@ -414,7 +423,8 @@ def main(args):
     # The compiled (and DDP-wrapped) model trains and computes the val loss, whose shapes never change.
     # HellaSwag and sampling use raw_model: their shapes vary, and feeding those to the compiled model is
     # what made build-nanogpt switch compile off. Both share the same parameters. Compiled first, then
-    # wrapped: build-nanogpt's order, and the one the DDP tests here run.
+    # wrapped: build-nanogpt's order, and the one the DDP tests here run (whether the all-reduce still overlaps
+    # the backward in this order is not measured: no GPU run yet).
     model = torch.compile(raw_model) if use_compile else raw_model
     if d.ddp:
         model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
@@ -448,8 +458,10 @@ def main(args):
         if last or stopping:
             break
 
-        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed. Lines marked "fp16",
-        # "DDP" or "Muon" do nothing in other runs: a reader of a bf16 AdamW run on one GPU may skip them.
+        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed. A comment that starts
+        # "fp16:" or "DDP:" says what its line adds in those runs; elsewhere the line does nothing more than the
+        # plain call named beside it (a bf16 AdamW run on one GPU may read scaler.step(optimizer) as
+        # optimizer.step()).
         t0 = time.time()
         x_step, y_step = train_loader.next_step(d.rank, d.world_size)  # (B * grad_accum_steps, T)
         # the step's mean loss, for the step line only. Summed in float64 so that the order of the sum (ranks x
@@ -472,7 +484,9 @@ def main(args):
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             scaler.scale(loss).backward()  # = loss.backward(); fp16: the loss times the loss scale (grad_scaler)
-        all_reduce_sum(loss_accum, d)  # DDP: the mean over ranks, for the step line (DDP averaged the gradients)
+        # DDP: the mean loss over ranks, for the step line and for check_finite to stop every rank alike. (The
+        # gradients DDP averaged itself, bucket by bucket during the last micro-step's backward.)
+        all_reduce_sum(loss_accum, d)
         loss_accum /= d.world_size
         scaler.unscale_(optimizer)  # fp16: divide the loss scale back out of the gradients before clipping them
         # clip the global gradient norm (one bad batch cannot throw the weights far); the norm before

@@ -2,11 +2,12 @@
 What the two training scripts (train_gpt2.py, train_caption.py) share, so that each script keeps only its
 algorithm in sight.
 
-First, in the order a training step uses them: processes and DDP, autocast (mixed precision), the sum over
-ranks, the NaN/inf guard and the learning-rate schedule. Then what only some runs need (fp16 loss scaling,
-device choices, the GPU's peak FLOPs), the Muon + AdamW optimizer pair (--optimizer muon), resuming (which
-checkpoint, decided by rank 0; per-rank random state), and the plumbing every long run needs: one run per
-out-dir, stopping cleanly on SIGTERM, warnings, argument types and the log. Checkpoint files: checkpoint.py.
+First, in the order the training loop uses them: processes and DDP (before the loop), autocast (mixed
+precision), the sum over ranks, the NaN/inf guard and the learning-rate schedule. Then, in this order: device
+choices, fp16 loss scaling and the GPU's peak FLOPs; the Muon + AdamW optimizer pair (--optimizer muon);
+resuming (which checkpoint, decided by rank 0; per-rank random state; the save); and the plumbing every long
+run needs: one run per out-dir, stopping cleanly on SIGTERM, the run plan's warnings and ETA, wandb, argument
+types and the log. Checkpoint files: checkpoint.py.
 """
 
 import argparse
@@ -25,7 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_path, checkpoint_step, checkpoints, latest_checkpoint, prune_checkpoints, save_checkpoint
+from checkpoint import (checkpoint_path, checkpoint_step, checkpoints, latest_checkpoint, prune_checkpoints,
+                        save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # What the training loop uses, in its order: the processes (before the loop), then in the step autocast,
@@ -102,8 +104,10 @@ def all_reduce_sum(tensor, d):
 def check_finite(loss, norm, step, out_dir, scaler=None):
     """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
     poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
-    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host). With fp16
-    loss scaling an overflowing gradient is expected now and then: the scaler skips that step itself."""
+    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host; with fp16,
+    scaler.step waits too). With fp16 loss scaling an overflowing gradient is expected now and then: the
+    scaler skips that step itself. Under DDP every rank sees the same two numbers (the loss summed over ranks,
+    the norm of the same averaged gradients), so all ranks stop together, none is left waiting."""
     loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
     norm_may_overflow = scaler is not None and scaler.is_enabled()
     if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
@@ -114,7 +118,8 @@ def check_finite(loss, norm, step, out_dir, scaler=None):
 
 
 def cosine_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup from max_lr / warmup_steps to max_lr, then a cosine down to min_lr at max_steps."""
+    """Linear warmup from max_lr / warmup_steps to max_lr, then a cosine down to min_lr at max_steps.
+    (step + 1: the first step already moves the weights; a rate of 0 would waste it.)"""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
@@ -219,7 +224,9 @@ def muon_and_adamw(model, weight_decay, learning_rate, muon_lr, device_type, bet
     adjust_lr_fn="match_rms_adamw" scales each update to the size an AdamW update would have (Moonshot's
     "Muon is Scalable": an orthogonalised (A, B) update has RMS ~1/sqrt(max(A, B)), so its rate is multiplied
     by 0.2 x sqrt(max(A, B)), 0.2 being a typical AdamW update's RMS): Muon's rate and weight decay then mean
-    what AdamW's do. Its group carries lr_scale = muon_lr / learning_rate, so the one schedule drives both."""
+    what AdamW's do. Its group carries lr_scale = muon_lr / learning_rate, so the one schedule drives both.
+    c_attn's (3C, C) matrix is orthogonalised whole, q, k and v together: Muon sees one parameter (splitting
+    it is a known variant, not tried here)."""
     hidden = [p for name, p in model.named_parameters()
               if p.requires_grad and p.dim() == 2 and ".h." in name and "wte" not in name]
     adamw = model.configure_optimizers(weight_decay, learning_rate, device_type, betas, leave_out=hidden)
