@@ -404,8 +404,9 @@ def parse_args(argv=None):
     # measured: room for a long caption, while a decoding that runs on, repeating itself, stops there instead of
     # at block_size. COCO's caption lengths are not measured in this repo; for scale, SmallCap decodes at most 25
     # GPT-2 tokens (its infer.py CAPTION_LENGTH). Training keeps captions up to 40 tokens (train_caption.py
-    # --max-caption-tokens), where a cut loses words to learn from; BLIP truncates its training captions at 40 of
-    # its own tokens too (models/blip.py) and decodes COCO with at most 20 (configs/caption_coco.yaml). A caption cut at 30 never reached its <|endoftext|>: it is scored unfinished, as it stands.
+    # --max-caption-tokens), where a cut loses words to learn from; BLIP truncates its training text at 40 of its
+    # own tokens (models/blip.py; its prompt included) and decodes COCO with max_length 20 (configs/caption_coco.yaml,
+    # again counting its "a picture of" prompt). A caption cut at 30 never reached its <|endoftext|>: it is scored unfinished, as it stands.
     p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in GPT-2 tokens")
     p.add_argument("--limit", type=int, help="only the first N images (CIDEr then differs: see coco_metrics)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR, the slowest metric")

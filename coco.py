@@ -61,9 +61,10 @@ stopped, and a finished split is left alone. A missing or corrupt image is repor
 (load_split never serves its row); it is never filled with zeros. A damaged feature file (cut short, say) is
 named and left as it is: neither coco.py nor load_split goes on from it.
 
-In this file the core comes first, in the order the data flows: ImageEncoder, load_encoder, load_clip and
-clip_tokens (an image -> its tokens), extract_split (a split's images -> the files above, resumably), Split and
-load_split (the files -> what training reads). Then, under "The rest": downloading COCO, the caption sources,
+In this file the core comes first, in the order the data flows: clip_tokens (an image -> its tokens),
+extract_split (a split's images -> the files above, resumably), Split and load_split (the files -> what training
+reads); then how the encoder that extract_split runs is built (ImageEncoder, load_encoder, load_clip) and how
+the images reach it (ImageFiles). Then, under "The rest": downloading COCO, the caption sources,
 loading timm encoders, the split files' checks and resume bookkeeping, meta.json, the command line. From Python:
 
     split = coco.load_split("coco_features", "train")     # .image_feats(rows), .captions, .tokens, .image_ids
@@ -100,73 +101,6 @@ from training import use_device
 TODO, DONE, SKIPPED = 0, 1, -1  # a row's state in {split}_status.npy
 
 
-class ImageEncoder:
-    """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
-    width), every token of its last layer (after the final LayerNorm for CLIP and for most timm ViTs, not for
-    those that normalise only the pooled average: see the top of the file). `record` says how to build it again
-    (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
-    were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
-    registers) and preprocess (what the preprocessing does, as JSON)."""
-
-    def __init__(self, tokens, preprocess, record):
-        self.tokens, self.preprocess, self.record = tokens, preprocess, record
-
-    @torch.no_grad()
-    def __call__(self, pixels):
-        return self.tokens(pixels)  # (B, n_tokens, width)
-
-
-def load_encoder(name, weights=None, device="cpu", image_size=None):
-    """name: an open_clip model ('ViT-B-32-quickgelu') or 'timm:' + a timm model ('timm:vit_small_patch14_dinov2
-    .lvd142m'). weights: an open_clip tag (default 'openai'), 'pretrained' (timm's own, the default for timm),
-    a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
-    image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
-    -> ImageEncoder, in eval mode, float32, on device."""
-    weights = weights or default_weights(name)
-    if name.startswith("timm:"):
-        model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
-        # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
-        # learns which tokens to read, and registers hold image-wide information, as CLS does.
-        tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
-    else:
-        clip_model, preprocess = load_clip(name, weights, device)
-        tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
-    record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
-              "preprocess": describe_preprocess(preprocess)}
-    if image_size is not None and image_size != record["image_size"]:
-        raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
-    return ImageEncoder(tokens, preprocess, record)
-
-
-def default_weights(name):
-    """--encoder-weights when none is given: OpenAI's CLIP weights, or a timm model's own pretrained ones."""
-    return "pretrained" if name.startswith("timm:") else "openai"
-
-
-def load_clip(model_name, pretrained, device):
-    """-> (clip_model, preprocess). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its
-    weights with the '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights
-    all the same (open_clip only logs a warning), and give subtly worse features."""
-    import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
-    if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
-        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models()), nor timm:NAME")
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
-        what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
-        raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
-                                f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
-    try:
-        # 'none': seed 0, in a forked RNG so the caller's stays as it was. open_clip builds on the CPU first,
-        # so the weights are the same on every device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            clip_model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=None if pretrained == "none" else pretrained, device=device)
-    except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
-        raise weights_error(pretrained, model_name, e) from None
-    return clip_model.eval(), preprocess
-
-
 def clip_tokens(clip_model, images):
     """(B, 3, 224, 224) preprocessed images -> (B, N, width), ViT-B/32 (B, 50, 768), ViT-L/14 (B, 257, 1024):
     every token of CLIP's ViT (CLS and patches) after its final LayerNorm `ln_post`, before pooling and projection."""
@@ -183,37 +117,6 @@ def clip_tokens(clip_model, images):
         raise ValueError(f"{type(clip_model.visual).__name__}: no ln_post over the token sequence; coco.py "
                          f"needs a plain CLIP ViT")
     return captured[0]  # (B, N, width)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
-    part on a GPU machine. A file that cannot be used gives, instead of its pixels, the reason why."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        if not os.path.isfile(self.paths[i]):
-            return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
-        try:
-            with Image.open(self.paths[i]) as image:
-                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
-        except Image.DecompressionBombError:
-            return i, "too large to decode safely"
-        except (OSError, SyntaxError, ValueError):
-            return i, "not a readable image"
-
-
-def collate_images(items):
-    """[(position, pixels or why not)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
-    [(position, why not)] of the others). Bad images leave the batch here, so they are never encoded."""
-    good = [(i, pixels) for i, pixels in items if torch.is_tensor(pixels)]
-    bad = [(i, reason) for i, reason in items if not torch.is_tensor(reason)]
-    pixels = torch.stack([pixels for _, pixels in good]) if good else None
-    return [i for i, _ in good], pixels, bad
 
 
 def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256, num_workers=0,
@@ -296,6 +199,104 @@ def load_split(features_dir, split):
     pick = lambda values: [values[row] for row in rows]
     return Split(features, rows, np.array(pick(index["image_ids"]), dtype=np.int64), pick(index["files"]),
                  pick(index["captions"]), pick(index["tokens"]))
+
+
+class ImageEncoder:
+    """A frozen vision transformer as the decoder sees it: (B, 3, S, S) preprocessed pixels -> (B, n_tokens,
+    width), every token of its last layer (after the final LayerNorm for CLIP and for most timm ViTs, not for
+    those that normalise only the pooled average: see the top of the file). `record` says how to build it again
+    (meta.json and every caption checkpoint keep it, so sample.py encodes a new photo as the training images
+    were): name, weights, image_size (S), prefix_tokens (the tokens ahead of the patch grid: CLS, and any
+    registers) and preprocess (what the preprocessing does, as JSON)."""
+
+    def __init__(self, tokens, preprocess, record):
+        self.tokens, self.preprocess, self.record = tokens, preprocess, record
+
+    @torch.no_grad()
+    def __call__(self, pixels):
+        return self.tokens(pixels)  # (B, n_tokens, width)
+
+
+def load_encoder(name, weights=None, device="cpu", image_size=None):
+    """name: an open_clip model ('ViT-B-32-quickgelu') or 'timm:' + a timm model ('timm:vit_small_patch14_dinov2
+    .lvd142m'). weights: an open_clip tag (default 'openai'), 'pretrained' (timm's own, the default for timm),
+    a local weights file, or 'none': random weights from a fixed seed, the same in every process (tests).
+    image_size: timm only, another input side than the pretrained one (the position embeddings are resampled).
+    -> ImageEncoder, in eval mode, float32, on device."""
+    weights = weights or default_weights(name)
+    if name.startswith("timm:"):
+        model, preprocess = load_timm(name[len("timm:"):], weights, device, image_size)
+        # DINOv2/v3's register tokens (4 extra tokens, with CLS, ahead of the patches) are kept: cross-attention
+        # learns which tokens to read, and registers hold image-wide information, as CLS does.
+        tokens, prefix_tokens = model.forward_features, model.num_prefix_tokens
+    else:
+        clip_model, preprocess = load_clip(name, weights, device)
+        tokens, prefix_tokens = (lambda pixels: clip_tokens(clip_model, pixels)), 1
+    record = {"name": name, "weights": weights, "image_size": input_side(preprocess), "prefix_tokens": prefix_tokens,
+              "preprocess": describe_preprocess(preprocess)}
+    if image_size is not None and image_size != record["image_size"]:
+        raise ValueError(f"{name}: its input is {record['image_size']} px; --image-size works for timm models only")
+    return ImageEncoder(tokens, preprocess, record)
+
+
+def default_weights(name):
+    """--encoder-weights when none is given: OpenAI's CLIP weights, or a timm model's own pretrained ones."""
+    return "pretrained" if name.startswith("timm:") else "openai"
+
+
+def load_clip(model_name, pretrained, device):
+    """-> (clip_model, preprocess). OpenAI's CLIP was trained with QuickGELU, x * sigmoid(1.702 x): pair its
+    weights with the '-quickgelu' model names. The plain names ('ViT-B-32') build exact GELU, load the weights
+    all the same (open_clip only logs a warning), and give subtly worse features."""
+    import open_clip  # here, not at the top: it takes seconds to import, and load_split does not need it
+    if not (model_name in open_clip.list_models() or model_name.startswith(("hf-hub:", "local-dir:"))):
+        raise ValueError(f"{model_name}: not an open_clip model name (see open_clip.list_models()), nor timm:NAME")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tags and pretrained not in ("none", *tags) and not os.path.isfile(pretrained):
+        what = "a folder, not a weights file" if os.path.isdir(pretrained) else "no such weights file"
+        raise FileNotFoundError(f"{pretrained}: {what}, nor a tag of {model_name} (its tags: "
+                                f"{', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''})")
+    try:
+        # 'none': seed 0, in a forked RNG so the caller's stays as it was. open_clip builds on the CPU first,
+        # so the weights are the same on every device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=None if pretrained == "none" else pretrained, device=device)
+    except Exception as e:  # offline hub, a damaged or mismatched file: the user's to fix, not a bug
+        raise weights_error(pretrained, model_name, e) from None
+    return clip_model.eval(), preprocess
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader worker processes: decoding JPEGs, not the ViT, is the slow
+    part on a GPU machine. A file that cannot be used gives, instead of its pixels, the reason why."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if not os.path.isfile(self.paths[i]):
+            return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
+        try:
+            with Image.open(self.paths[i]) as image:
+                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
+        except Image.DecompressionBombError:
+            return i, "too large to decode safely"
+        except (OSError, SyntaxError, ValueError):
+            return i, "not a readable image"
+
+
+def collate_images(items):
+    """[(position, pixels or why not)] -> (positions of the decoded images, their pixels (B, 3, H, W) or None,
+    [(position, why not)] of the others). Bad images leave the batch here, so they are never encoded."""
+    good = [(i, pixels) for i, pixels in items if torch.is_tensor(pixels)]
+    bad = [(i, reason) for i, reason in items if not torch.is_tensor(reason)]
+    pixels = torch.stack([pixels for _, pixels in good]) if good else None
+    return [i for i, _ in good], pixels, bad
 
 
 # -----------------------------------------------------------------------------

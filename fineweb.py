@@ -397,7 +397,7 @@ def main():
     write_meta(args.out_dir, args.prefix, settings)  # not complete yet: a killed run leaves this behind
     try:
         shards = tokenize_to_shards(texts, args.out_dir, args.shard_size, args.max_tokens, args.prefix, args.num_proc)
-    except InputError as e:
+    except InputError as e:  # raised while reading the documents: Pool.imap re-raises it here, in this process
         sys.exit(f"fineweb.py: {e}")
     write_meta(args.out_dir, args.prefix, settings, shards)
 

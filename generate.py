@@ -2,9 +2,9 @@
 Generation with a trained GPT (model.py): functions over a model, nothing the model needs for training.
 
 Read it top to bottom: choosing the next token (greedy, temperature, top-k, top-p), the KV cache that makes
-each new token cost one position instead of the whole prefix, generate() for text and captions, beam
-search for captions, and last the compiled decoding step (torch.compile) that generate() and beam_search()
-switch to once compile_decode_step(model) was called.
+each new token cost one position instead of the whole prefix (and keeps a captioner's image keys and values),
+beam search for captions, generate() for text and sampled captions, and last the compiled decoding step
+(torch.compile) that beam_search() and generate() switch to once compile_decode_step(model) was called.
 
     from generate import generate, beam_search
     tokens = generate(model, prompt, max_new_tokens=40, temperature=0.8, top_k=50)  # (B, T + n)
@@ -73,7 +73,8 @@ class KVCache:
     token 900 costs what a step at token 10 does, but for attending over more keys. (Concatenating each step's
     keys onto the cache instead copies the whole cache every step: O(T^2) copying, and at batch 8 and 900 tokens
     up to 267 ms for a step that otherwise takes ~120 ms, measured for 124M on this project's 2-core CPU.)
-    Positions from pos on are not written yet. Also holds the image keys/values, computed on the first step and reused: the image does not change."""
+    Positions from pos on are not written yet. Also holds the image keys/values, computed on the first step and
+    reused: the image does not change."""
 
     def __init__(self, max_len):
         self.max_len = max_len  # the prompt and every new token: generate() allocates exactly what it needs
@@ -201,7 +202,7 @@ def new_cache(model, batch_size, max_len):
 
 
 # -----------------------------------------------------------------------------
-# generate() and beam search
+# Beam search (a captioner's default decoding) and generate() (text, and sampled or greedy captions)
 
 
 def check_lengths(model, idx, max_new_tokens):
@@ -214,43 +215,6 @@ def check_lengths(model, idx, max_new_tokens):
     if T + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                          f"{model.config.block_size}")
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
-             generator=None, use_cache=True):
-    """Continue each row of idx (B, T) by up to max_new_tokens tokens. temperature=0 is greedy decoding
-    (the likeliest token every time; top_k and top_p then change nothing), as in sample_next_token.
-    A row that emits <|endoftext|> is finished and padded with it; generation stops when all rows are.
-    Returns (B, T + n) with n <= max_new_tokens. use_cache=False recomputes the whole prefix at every
-    step (the slow reference the KV cache is tested against)."""
-    new_tokens = generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, image_feats, generator,
-                                 use_cache)
-    return torch.cat([idx, *new_tokens], dim=1)
-
-
-@torch.no_grad()
-def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
-                    generator=None, use_cache=True):
-    """generate(), one step at a time: yields each step's new tokens, (B, 1), as soon as they are chosen
-    (to show text as it is written, or to time every step as bench.py generate does)."""
-    check_lengths(model, idx, max_new_tokens)
-    check_sampling(temperature, top_k, top_p)
-    B, T = idx.size()
-    cache = new_cache(model, B, T + max_new_tokens) if use_cache else None
-    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    tokens, new_input = idx, idx
-    for _ in range(max_new_tokens):
-        logits = next_token_logits(model, new_input if use_cache else tokens, image_feats, cache)  # (B, V)
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
-        next_token = next_token.masked_fill(finished[:, None], EOT_TOKEN)
-        yield next_token
-        if not use_cache:
-            tokens = torch.cat([tokens, next_token], dim=1)
-        finished |= next_token[:, 0] == EOT_TOKEN
-        if finished.all():
-            break
-        new_input = next_token
 
 
 @torch.no_grad()
@@ -316,6 +280,43 @@ def keep_best_hypotheses(normalized_scores, beams, best_score, best_tokens):
     for b in improved:
         best_score[b] = top_score[b]
         best_tokens[b] = beams[b, top_beam[b]].tolist()
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
+             generator=None, use_cache=True):
+    """Continue each row of idx (B, T) by up to max_new_tokens tokens. temperature=0 is greedy decoding
+    (the likeliest token every time; top_k and top_p then change nothing), as in sample_next_token.
+    A row that emits <|endoftext|> is finished and padded with it; generation stops when all rows are.
+    Returns (B, T + n) with n <= max_new_tokens. use_cache=False recomputes the whole prefix at every
+    step (the slow reference the KV cache is tested against)."""
+    new_tokens = generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, image_feats, generator,
+                                 use_cache)
+    return torch.cat([idx, *new_tokens], dim=1)
+
+
+@torch.no_grad()
+def generate_tokens(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, image_feats=None,
+                    generator=None, use_cache=True):
+    """generate(), one step at a time: yields each step's new tokens, (B, 1), as soon as they are chosen
+    (to show text as it is written, or to time every step as bench.py generate does)."""
+    check_lengths(model, idx, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    B, T = idx.size()
+    cache = new_cache(model, B, T + max_new_tokens) if use_cache else None
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    tokens, new_input = idx, idx
+    for _ in range(max_new_tokens):
+        logits = next_token_logits(model, new_input if use_cache else tokens, image_feats, cache)  # (B, V)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        next_token = next_token.masked_fill(finished[:, None], EOT_TOKEN)
+        yield next_token
+        if not use_cache:
+            tokens = torch.cat([tokens, next_token], dim=1)
+        finished |= next_token[:, 0] == EOT_TOKEN
+        if finished.all():
+            break
+        new_input = next_token
 
 
 # -----------------------------------------------------------------------------

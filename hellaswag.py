@@ -205,9 +205,10 @@ def pad_and_stack(rendered):
 
 def crop_to_block_size(tokens, mask, block_size):
     """Keep the last block_size columns. The model has no position embeddings past block_size, so a longer
-    row cannot be scored whole; dropping the start of the context costs the least, the endings being at the
-    end. All four rows share the context, so cutting the same columns from each keeps them comparable.
-    Not needed at GPT-2's 1024 (a HellaSwag context is a sentence or two), but possible with a small block_size."""
+    row cannot be scored whole; dropping the start of the shared context costs the least, and it drops the same
+    columns from all four rows. A block_size shorter than the context's cut needs would cut the endings' first
+    tokens too (an ending cut away whole would score 0/0): not at GPT-2's 1024 (a HellaSwag context is a sentence
+    or two), only with a very small block_size."""
     return tokens[:, -block_size:], mask[:, -block_size:]
 
 

@@ -37,9 +37,10 @@ def causal_attention(q, k, v):
     """Attention written out, for reading; the model calls F.scaled_dot_product_attention(q, k, v,
     is_causal=True), which computes the same (tests/test_model.py checks; SDPA adds dropout on the weights when
     asked) and, in its fused kernels (flash, memory-efficient), never forms the (T, T) matrix.
-    q, k, v: (B, nh, T, hs), nh heads of hs = n_embd / nh dimensions. Each position's query is compared with every key (a dot product, scaled by
-    1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores into weights summing to
-    1, and the output is that weighted mean of the values. Causal: position t sees positions <= t only."""
+    q, k, v: (B, nh, T, hs), nh heads of hs = n_embd / nh dimensions. Each position's query is compared with every
+    key (a dot product, scaled by 1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores
+    into weights summing to 1, and the output is that weighted mean of the values. Causal: position t sees positions
+    <= t only."""
     T = q.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # True above the diagonal
@@ -70,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is None:
-            # on a GPU in bf16/fp16 SDPA runs a fused kernel (flash attention): the (T, T) matrix is never formed
+            # on a GPU in bf16/fp16 SDPA runs a fused kernel (flash attention on recent GPUs): no (T, T) matrix
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:  # generating (generate.py): the cache keeps k, v and attends over every token so far
@@ -150,7 +151,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, image_kv):
         B, T, C = x.size()
         # (B, nh, N, hs) each. No position embedding here: the encoder gave every token its place (CLIP and DINOv2
-        # add position embeddings; DINOv3 rotates its queries and keys, RoPE), and its tokens carry it
+        # add position embeddings; DINOv3 rotates its queries and keys, RoPE, and its tokens hold their place only
+        # through what that attention computed: an assumption here, not tested)
         k, v = image_kv
         q = self.c_q(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
@@ -183,8 +185,8 @@ class GPTConfig:
     # overfitting to fight
 
     def has_cross_attn(self, layer):
-        # counted so that the last block always has one (blocks 1, 3, ..., 11 for k = 2 and 12 layers): the image
-        # is read once more just before the prediction, while block 0 works on the raw token embeddings
+        # blocks k-1, 2k-1, ...: for k = 2 and 12 layers 1, 3, ..., 11, so the last block reads the image just
+        # before the prediction (when k divides n_layer), while block 0 works on the raw token embeddings
         return self.cross_attn_every > 0 and (layer + 1) % self.cross_attn_every == 0
 
 
@@ -213,9 +215,10 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         if config.cross_attn_every > 0:
-            # image tokens come in at the encoder's width; one projection, shared by all cross-attention layers,
-            # brings them to n_embd (it only changes width: each layer's c_kv then makes its own keys and values,
-            # so a projection per layer would repeat c_kv's job). The LayerNorm gives them the scale of the
+            # image tokens come in at the encoder's width; one learned projection, shared by all cross-attention
+            # layers, maps them into the decoder's space and width (kept at equal widths too, so every encoder
+            # takes one path; not measured against none). Each layer's c_kv then makes its own keys and values
+            # from the result, so a projection per layer would repeat c_kv's job. The LayerNorm gives them the scale of the
             # LayerNorm'd text the queries come from, whatever the encoder's output scale
             self.transformer.img_proj = nn.Linear(config.n_embd_img, config.n_embd)
             self.transformer.ln_img = nn.LayerNorm(config.n_embd)

@@ -23,7 +23,7 @@ The captioning algorithm, in the order it runs (the rest of this file is plumbin
   coco.extract_split        each image encoded once by coco.py and stored: the encoder stays frozen
   model.GPT.image_keys_values   the projection, once per image and shared by all layers: img_proj (width ->
                             n_embd), then ln_img; each cross-attention layer makes its keys and values from it
-  model.CrossAttention      in every second model.Block (--cross-attn-every; build_model adds them): the
+  model.CrossAttention      in every second model.Block (--cross-attn-every; GPT.__init__ per has_cross_attn): the
                             text's queries read the image; c_proj starts at zero: at step 0 the LM is unchanged
   caption_batch             a step's captions (CaptionLoader.next_step draws one per image) -> x, y; y is -1
                             where there is no loss, which GPT.forward's cross_entropy(ignore_index=-1) skips
@@ -33,7 +33,8 @@ The captioning algorithm, in the order it runs (the rest of this file is plumbin
                             the step's caption tokens, the same however they are split over ranks and
                             micro-batches
   evaluate                  val loss; val CIDEr-D of greedy captions, best.pt rewritten when it improves
-                            (keep_best); 4 example captions by generate.beam_search
+                            (keep_best); caption_examples decodes: the <|endoftext|> prompt, then
+                            generate.beam_search (sample.py's Captioner does the same for new pictures)
 """
 
 import argparse
@@ -88,10 +89,12 @@ class CaptionLoader:
 
     Each image-epoch (self.epoch) visits the images in a new random order, and each step takes the next
     `images_per_step` of them, whatever the number of processes or the micro-batch size. For each image one of
-    its (about 5) captions is drawn at random, so over the image-epochs the decoder meets them all. One caption
+    its (about 5) captions is drawn at random (with replacement: a fixed function of the seed, epoch and position,
+    so resuming replays it), so over the image-epochs the decoder meets nearly all (at the defaults each image is
+    drawn ~25 times: a given caption is missed with probability 0.8**25, 0.4%). One caption
     per image, rather than every (image, caption) pair: a step then holds distinct images, never one picture
     five times over with its near-duplicate captions, and the batch is counted in images. (--epochs
-    and the step line count caption-epochs instead: passes over all image-caption pairs, ~5 image-epochs each.)
+    and the step line count caption-epochs instead: as many draws as there are pairs, ~5 image-epochs each.)
     Both draws come from (seed, image-epoch, position): every rank agrees without talking, and resuming replays
     them exactly. Only then is the
     step split: rank r of W takes the r-th of W equal slices and cuts it into micro-batches. So 8 GPUs and 1 GPU
@@ -219,7 +222,8 @@ def validation_loss(model, data, batches, d, dtype):
 def caption_examples(model, data, enc, d, dtype, n_images=4, beam_size=3):
     """Captions of a fixed few val images with their first reference, to watch the captioner learn. Beam 3,
     sample.py's default: what a user would get. (CIDEr-D for best.pt decodes greedily instead: a few hundred
-    images at every eval, at a third of beam 3's cost, only to rank one run's checkpoints.) At most 30 new tokens,
+    images at every eval, one row per image instead of three (cheaper; not measured), only to rank one run's
+    checkpoints.) At most 30 new tokens,
     as everywhere captions are decoded: why at caption_eval.py's --max-new-tokens."""
     model.eval()
     image_feats = data.image_feats(np.arange(min(n_images, len(data.image_ids)))).to(d.device)
@@ -296,9 +300,9 @@ def parse_args(argv=None):
     # Flamingo-style models space theirs out too (OpenFlamingo-9B: every 4th block).
     p.add_argument("--cross-attn-every", type=positive_int, default=2,
                    help="a cross-attention layer in every k-th block")
-    # The budget: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for 5 caption-epochs,
-    # ~3M image-caption pairs, 11,558 steps on COCO train2017. For scale: ClipCap trained 10 epochs at batch 40
-    # (~5.7M pairs of Karpathy's train split). SmallCap, which like our default trains only cross-attention,
+    # The budget, a choice, not tuned: 256 images a step (8 GPUs x 32, or 1 GPU x 32 x 8 accumulation steps) for
+    # 5 caption-epochs, ~3M image-caption pairs, 11,558 steps on COCO train2017. For scale: ClipCap trained 10
+    # epochs at batch 40 (~5.7M pairs of Karpathy's train split). SmallCap, which like our default trains only cross-attention,
     # runs 10 epochs at batch 64 by default (its train.py: n_epochs, batch_size); the checkpoint its README names
     # as an example is checkpoint-17712, by our arithmetic 2 epochs (2 x 8,856 steps of 64: ~1.1M pairs).
     # A micro-batch of 32 captions is only 32 x L positions, L being 32 once any of the step's 256 captions passes 15 tokens (see
@@ -307,7 +311,7 @@ def parse_args(argv=None):
                    help="images per optimizer step, on all GPUs together (reached by gradient accumulation)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per micro-batch per process")
     p.add_argument("--epochs", type=positive_float, default=5,
-                   help="caption-epochs: passes over all image-caption pairs (COCO train2017: ~591K)")
+                   help="caption-epochs: as many caption draws as image-caption pairs (COCO train2017: ~591K)")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--stop-at", type=positive_int,
                    help="end this run after this step, with a checkpoint (then --resume auto)")
@@ -365,6 +369,36 @@ def parse_args(argv=None):
     return args
 
 
+def resume_state(checkpoint, raw_model, optimizer, scaler, train_loader, max_steps, unfreezes, lm_lr_scale, path,
+                 args, d):
+    """What an exact resume needs besides the weights (already in the model): the optimizer's moments (GPT-2's
+    groups are added back before the state is loaded, after the cross-attention ones, if the run had unfrozen
+    them), the fp16 loss scale, the loader's place, each rank's random
+    state. -> (its step, the best val CIDEr-D so far)."""
+    check_resume_step(checkpoint["step"], max_steps, args.stop_at, path)
+    if unfreezes and checkpoint["step"] >= args.unfreeze_after:
+        unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"], d, args.seed)
+    return checkpoint["step"], checkpoint["best_cider"]
+
+
+def print_plan(args, raw_model, train_data, n_pairs, meta, d, dtype, use_compile, grad_accum_steps, max_steps,
+               resume_from, start_step):
+    """Two lines before the first step: what runs where, what trains, and how long."""
+    B = args.batch_size
+    n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
+          f"{len(train_data.image_ids):,} train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of "
+          f"{raw_model.num_params() / 1e6:.1f}M parameters train | encoder {coco.describe_encoder(meta['encoder'])}")
+    print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
+          f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
+          f"{max_steps * args.total_batch_size / n_pairs:.2f} caption-epochs"
+          + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+
+
 def main(args):
     d = setup_distributed(args.device, args.dist_timeout)
     dtype = args.dtype or default_dtype(d.device)
@@ -399,27 +433,15 @@ def main(args):
     tracker = Tracker(args.wandb_project, args.wandb_run, vars(args), d,
                       run_id=checkpoint.get("wandb_id") if checkpoint is not None else None)
     if checkpoint is not None:
-        start_step, best_cider = checkpoint["step"], checkpoint["best_cider"]
-        check_resume_step(start_step, max_steps, args.stop_at, resume_from)
-        if unfreezes and start_step >= args.unfreeze_after:
-            unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"], d, args.seed)
+        start_step, best_cider = resume_state(checkpoint, raw_model, optimizer, scaler, train_loader, max_steps,
+                                              unfreezes, lm_lr_scale, resume_from, args, d)
         del checkpoint
+    model = wrap_model(raw_model, use_compile, d)  # after the resume: GPT-2's weights may train again by now
     if d.master:
         for name in ("log.txt", "samples.txt"):
             start_log(os.path.join(args.out_dir, name), start_step if resume_from else None)
-        n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
-              f"{len(train_data.image_ids):,} train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of {raw_model.num_params() / 1e6:.1f}M "
-              f"parameters train | encoder {coco.describe_encoder(meta['encoder'])}")
-        print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
-              f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
-              f"{max_steps * args.total_batch_size / n_pairs:.2f} caption-epochs"
-              + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
-    model = wrap_model(raw_model, use_compile, d)
+        print_plan(args, raw_model, train_data, n_pairs, meta, d, dtype, use_compile, grad_accum_steps, max_steps,
+                   resume_from, start_step)
 
     stop, timer, saved = StopSignal(), StepTimer(max_steps), None  # SIGTERM / Ctrl-C end the run with a save
     for step in range(start_step, max_steps + 1):

@@ -3,10 +3,12 @@ Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
 
     python train_gpt2.py                                          # one GPU (or mps / cpu)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py        # 8 GPUs, DDP
-    python train_gpt2.py --model tiny --total-batch-size 16384 --batch-size 16 --seq-len 256 --max-steps 500
+    python train_gpt2.py --model tiny --total-batch-size 16384 --batch-size 16 --seq-len 256 --max-steps 500 \
+        --warmup-steps 50 --max-lr 2e-3
     python train_gpt2.py --resume auto                            # continue the newest checkpoint in --out-dir
 
-The defaults are the GPT-2 124M recipe (GPT-3 paper's hyperparameters for that size): 2**19 = 524,288 tokens
+The defaults are the GPT-2 124M recipe (the GPT-3 paper's hyperparameters for that size, its cosine shortened
+from 260B tokens to 10B): 2**19 = 524,288 tokens
 per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
 lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: 1-2%
 over one pass of the train shards of FineWeb-Edu's 10BT sample, whose first shard is held out for validation).
@@ -73,15 +75,15 @@ class ShardLoader:
 
     A shard is cut into windows of T tokens. A window may start mid-document and run across an <|endoftext|>
     into the next, unmasked: the token tells the model that what follows is unrelated (as in GPT-3's training).
-    Every epoch visits the shards in a new random order and each shard's windows in a new random order (drawn
-    from the seed, the epoch and the shard's place, so every rank agrees without talking). Laid end to end they make the epoch's stream of windows, and each optimizer step takes the next
-    `windows_per_step` (= total batch size / T) of them, whatever the number of processes or the micro-batch
-    size. Only then is the step split: rank r of W takes the r-th of W equal slices, and cuts it into its
-    micro-batches. So the data of every step is the same on 1 GPU with 8x the gradient accumulation as on 8
-    GPUs, and a checkpoint written on 8 GPUs resumes on 4 with the same data order. A step may span two
-    shards; only the epoch's last < windows_per_step windows go unused (different ones each epoch).
-    Shuffling matters: build-nanogpt reads its shards in the same order every epoch, and its train loss
-    shows that period.
+    Every epoch visits the shards in a new random order and each shard's windows in a new random order (drawn from
+    the seed, the epoch and the shard's place, so every rank agrees without talking). Laid end to end they make the
+    epoch's stream of windows, and each optimizer step takes the next `windows_per_step` (= total batch size / T) of
+    them, whatever the number of processes or the micro-batch size. Only then is the step split: rank r of W takes
+    the r-th of W equal slices, and cuts it into its micro-batches. So the data of every step is the same on 1 GPU
+    with 8x the gradient accumulation as on 8 GPUs, and a checkpoint written on 8 GPUs resumes on 4 with the same
+    data order. A step may span two shards; only the epoch's last < windows_per_step windows go unused (different
+    ones each epoch). Shuffling matters: build-nanogpt reads its shards in the same order every epoch, and its train
+    loss shows that period.
     """
 
     def __init__(self, data_dir, T, windows_per_step, seed=1337, pin_memory=False):
@@ -143,7 +145,9 @@ class ShardLoader:
         """The T + 1 tokens of the i-th window of this epoch's stream."""
         k = int(np.searchsorted(self.stream_ends, i, side="right"))  # it is in the epoch's k-th shard
         shard = self.shard_order[k]
-        if k not in self.window_orders:  # reading moves forward: keep only the shard(s) still being read
+        # reading moves forward: keep only the shard(s) still being read (k - 1 too: a step, or one rank's
+        # share, can straddle the shard boundary and still be reading the previous shard)
+        if k not in self.window_orders:
             self.window_orders = {j: order for j, order in self.window_orders.items() if j >= k - 1}
             rng = np.random.default_rng([self.seed, self.epoch, k])
             self.window_orders[k] = rng.permutation(self.n_windows[shard])
@@ -391,7 +395,7 @@ def main(args):
     # one seed for every rank: the same initial weights everywhere (DDP also copies rank 0's to the others when
     # it wraps the model) and a run that --seed reproduces; after the init the generators only draw dropout
     torch.manual_seed(args.seed)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls: all of --dtype float32's on a GPU
     enc = tiktoken.get_encoding("gpt2")
 
     B, T = args.batch_size, args.seq_len
@@ -473,7 +477,8 @@ def main(args):
             y = y_step[micro_step * B: (micro_step + 1) * B].to(d.device, non_blocking=True)
             if d.ddp:  # DDP
                 # all-reduce the gradients only on the last micro-step. DDP reads this flag during the
-                # forward pass (to prepare its hooks), so it must be set before the forward, not the backward
+                # forward pass (to prepare its hooks), so it must be set before the forward, not the backward.
+                # (The flag no_sync() sets, set directly: one loop body for both kinds of micro-step.)
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast(d.device_type, dtype):
                 # [1]: only the loss is kept. The logits ([0], (B, T, vocab): 6 GiB at B=64 in bf16) are not

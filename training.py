@@ -74,7 +74,7 @@ def setup_distributed(device="auto", timeout_minutes=10):
         # device_id binds NCCL to this GPU now, rather than guessing it at the first collective
         dist.init_process_group(backend="nccl", timeout=timeout, device_id=torch.device(device))
     else:
-        device = "cpu"
+        device = "cpu"  # under torchrun, anything but CUDA (mps too) runs on the CPU: gloo has no MPS transport
         dist.init_process_group(backend="gloo", timeout=timeout)
     # A second group, on the CPU, with a long timeout: rank 0 writing a checkpoint (gpt2-xl with its optimizer
     # is ~19 GB, fsync'd) can take minutes while the others wait. They wait here, not in an NCCL collective
@@ -106,8 +106,8 @@ def check_finite(loss, norm, step, out_dir, scaler=None):
     poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
     step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host; with fp16,
     scaler.step waits too). With fp16 loss scaling an overflowing gradient is expected now and then: the
-    scaler skips that step itself. Under DDP every rank sees the same two numbers (the loss summed over ranks,
-    the norm of the same averaged gradients), so all ranks stop together, none is left waiting."""
+    scaler skips that step itself. Under DDP every rank sees the same two numbers (the loss averaged over
+    ranks, the norm of the same averaged gradients), so all ranks stop together, none is left waiting."""
     loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
     norm_may_overflow = scaler is not None and scaler.is_enabled()
     if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
