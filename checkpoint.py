@@ -119,6 +119,16 @@ def load_checkpoint(path, kind=None):
     return checkpoint
 
 
+def recorded_step(path):
+    """The step a checkpoint was written at, read from the file itself: its name may say nothing (a copy called
+    branch.pt) or something else (a renamed file). The name's step if the file cannot be read; the load that
+    follows then says why."""
+    try:
+        return int(load_checkpoint(path)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return checkpoint_step(path)
+
+
 def load_model(path, kind=None, **overrides):
     """A checkpoint written by train_gpt2.py ('lm') or train_caption.py ('caption') -> (model, checkpoint).
     Overrides (e.g. cross_attn_every=2 on an 'lm' checkpoint) add fresh layers as GPT.from_pretrained does."""

@@ -92,7 +92,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from training import use_device
+from training import OutDirLock, use_device
 
 
 # -----------------------------------------------------------------------------
@@ -912,6 +912,9 @@ def main(argv=None):
     args = parse_args(argv)
     splits = read_splits(args)
     os.makedirs(args.out_dir, exist_ok=True)
+    # one coco.py run per out-dir (run.lock, as training takes): two at once, with two encoders, wrote rows of
+    # both into one features file under one meta.json. Held until this process exits
+    OutDirLock(args.out_dir)
     meta_path = os.path.join(args.out_dir, "meta.json")
     old = read_meta(args.out_dir) if os.path.exists(meta_path) else None
     # continuing: only with the same encoder, or rows would mix two of them. Asked before it is loaded (a

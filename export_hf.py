@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 
 from safetensors.torch import save_file
 
@@ -161,10 +162,47 @@ def write_tokenizer(folder, block_size):
     return True
 
 
+EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
+
+
+@contextmanager
+def export_folder(out_dir):
+    """with export_folder(out_dir) as folder: write the export into `folder`, a new folder beside out_dir, which
+    replaces out_dir only once everything is written. A full disk or a kill mid-write leaves the previous export
+    whole (never a new config.json beside old weights) and no partial folder. An out_dir holding files that are
+    not an export's is refused: replacing the folder would delete them."""
+    if os.path.isdir(out_dir):
+        others = sorted(set(os.listdir(out_dir)) - EXPORT_FILES)
+        if others:
+            raise ValueError(f"{out_dir}: holds {others[0]}{' and more' if len(others) > 1 else ''}, not part of an "
+                             f"export; choose an empty or new folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix=".export_hf.", dir=parent)
+    except OSError as e:
+        raise ValueError(f"{out_dir}: cannot write there ({e.strerror})") from None
+    try:
+        yield folder
+        old = folder + ".old"
+        if os.path.isdir(out_dir):
+            os.rename(out_dir, old)  # two renames within one folder: a kill between them leaves both, named
+        os.rename(folder, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, mostly: the export is gone, the previous one untouched
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ValueError(f"{out_dir}: export not written ({e.strerror or e}); the previous one, if any, is as it "
+                         f"was") from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .pt checkpoint of train_gpt2.py, or of train_caption.py (its language model)")
-    p.add_argument("out_dir", help="the folder to write (made if missing; files already there are replaced)")
+    p.add_argument("out_dir", help="the folder to write (made if missing; an earlier export there is replaced as a "
+                   "whole, once the new one is complete)")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"{args.out_dir}: is a file, not a folder")
@@ -179,9 +217,11 @@ def main(argv=None):
         print(f"export_hf.py: note: {args.checkpoint} is a captioner: its language model is exported; its cross-"
               f"attention layers and image projection ({left_out:,} parameters) are left out, Hugging Face's GPT-2 "
               f"has no place for them", file=sys.stderr)
-    save_pretrained(model, args.out_dir, language_model_only=True)
+    with export_folder(args.out_dir) as folder:
+        save_pretrained(model, folder, language_model_only=True)
+        has_tokenizer = write_tokenizer(folder, model.config.block_size)
     print(f"{args.out_dir}: config.json, model.safetensors (transformers.GPT2LMHeadModel.from_pretrained reads them)")
-    if write_tokenizer(args.out_dir, model.config.block_size):
+    if has_tokenizer:
         print(f"{args.out_dir}: vocab.json, merges.txt, tokenizer_config.json (GPT-2's tokenizer, from tiktoken's cache)")
     else:
         print(f"export_hf.py: note: GPT-2's tokenizer files are not in tiktoken's cache ({tiktoken_cache_dir()}), so "

@@ -294,7 +294,8 @@ class GPT(nn.Module):
         groups = decayed_and_not(new_layers, 1.0) + decayed_and_not(gpt2, lm_lr_scale)
         # betas (0.9, 0.95) and eps 1e-8: GPT-3's Adam settings (its appendix B). beta2 0.95 rather than
         # PyTorch's 0.999: the second-moment estimate adapts faster, steadier for large transformers.
-        # fused: on CUDA a few kernel launches update all the parameters, instead of several per tensor
+        # fused: on CUDA one fused kernel does each chunk of tensors' whole update (foreach, the default, launches
+        # one per operation of the update)
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, eps=1e-8,
                                  fused=device_type == "cuda")
 

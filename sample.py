@@ -514,6 +514,13 @@ def check_attention_map(p, args):
     if extension not in Figure().canvas.get_supported_filetypes():
         p.error(f"--attention-map {args.attention_map}: matplotlib writes .png, .pdf, .svg, ..., not "
                 f"{'.' + extension if extension else 'a file without an extension'}")
+    inputs = {os.path.realpath(image) for image in args.image}
+    for path in attention_map_paths(args.attention_map, args.image).values():  # checked before any decoding
+        if os.path.realpath(path) in inputs:
+            p.error(f"--attention-map {path}: is one of the --image files, which it would overwrite")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--attention-map {path}: cannot write in {folder}")
 
 
 def parse_args(argv=None):

@@ -56,8 +56,9 @@ from generate import beam_search
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, non_negative_int, positive_float, positive_int, resume_path, save_on_rank0,
-                      set_rng_state, setup_distributed, start_log, take_out_dir)
+                      load_on_every_rank, load_scaler_state, non_negative_int, positive_float, positive_int,
+                      resume_path, save_on_rank0, set_rng_state, setup_distributed, start_log, take_out_dir,
+                      warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -243,7 +244,8 @@ def keep_best(model, val_data, d, dtype, args, meta, step, best_cider):
     when CIDEr-D improves. -> (CIDEr-D, best so far)."""
     cider = caption_eval.cider_d(model, val_data, d.device, dtype, n_images=args.eval_cider_images)
     improved = cider > best_cider
-    print(f"step {step:5d} | val CIDEr-D {cider * 100:.1f} ({args.eval_cider_images} images)"
+    scored = min(args.eval_cider_images, len(val_data.image_ids))  # the val split may hold fewer than asked for
+    print(f"step {step:5d} | val CIDEr-D {cider * 100:.1f} ({scored} images)"
           + (" | new best: best.pt" if improved else f" | best {best_cider * 100:.1f}"))
     append_log(args.out_dir, f"{step} cider {cider:.4f}")
     if improved:
@@ -379,7 +381,7 @@ def resume_state(checkpoint, raw_model, optimizer, scaler, train_loader, max_ste
     if unfreezes and checkpoint["step"] >= args.unfreeze_after:
         unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    load_scaler_state(scaler, checkpoint["scaler"])
     train_loader.load_state_dict(checkpoint["loader"])
     set_rng_state(checkpoint["rng"], d, args.seed)
     return checkpoint["step"], checkpoint["best_cider"]
@@ -390,13 +392,15 @@ def print_plan(args, raw_model, train_data, n_pairs, meta, d, dtype, use_compile
     """Two lines before the first step: what runs where, what trains, and how long."""
     B = args.batch_size
     n_trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    n_all = raw_model.num_params(non_embedding=False)  # both counts with the position embeddings, which may train
     print(f"{d.world_size} process(es) on {d.device}, {dtype}, compile={use_compile} | "
           f"{len(train_data.image_ids):,} train images, {n_pairs:,} captions | {n_trainable / 1e6:.1f}M of "
-          f"{raw_model.num_params() / 1e6:.1f}M parameters train | encoder {coco.describe_encoder(meta['encoder'])}")
+          f"{n_all / 1e6:.1f}M parameters train | encoder {coco.describe_encoder(meta['encoder'])}")
     print(f"{args.total_batch_size} images/step = {B} x {d.world_size} ranks x {grad_accum_steps} accumulation "
           f"steps | {max_steps:,} steps = {max_steps * args.total_batch_size:,} image-caption pairs = "
           f"{max_steps * args.total_batch_size / n_pairs:.2f} caption-epochs"
           + (f" | resuming {resume_from} at step {start_step}" if resume_from else ""))
+    warn_if_bf16_is_emulated(dtype, d.device)
 
 
 def main(args):

@@ -7,9 +7,9 @@ Pretrain GPT-2 on FineWeb-Edu token shards (written by fineweb.py).
         --warmup-steps 50 --max-lr 2e-3
     python train_gpt2.py --resume auto                            # continue the newest checkpoint in --out-dir
 
-The defaults are the GPT-2 124M recipe (the GPT-3 paper's hyperparameters for that size, its cosine shortened
-from 260B tokens to 10B): 2**19 = 524,288 tokens
-per step reached by gradient accumulation, AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
+The defaults are the GPT-2 124M recipe (the GPT-3 paper's hyperparameters for that size, at GPT-2's context of
+1024 and with its cosine shortened from 260B tokens to 10B): 2**19 = 524,288 tokens per step (64 x 1024 per
+GPU and micro-step, accumulated until 2**19: 8 steps on 1 GPU, 1 on 8), AdamW(0.9, 0.95), weight decay 0.1, gradient norm clipped at 1.0,
 lr 6e-4 with 715 warmup steps and a cosine to 6e-5 at step 19,073 (19,073 x 2**19 = 10.0B tokens: 1-2%
 over one pass of the train shards of FineWeb-Edu's 10BT sample, whose first shard is held out for validation).
 
@@ -37,8 +37,9 @@ from generate import generate
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, muon_and_adamw, non_negative_int, peak_flops, positive_float, positive_int,
-                      resume_path, save_on_rank0, set_rng_state, setup_distributed, start_log, take_out_dir, warn)
+                      load_on_every_rank, load_scaler_state, muon_and_adamw, non_negative_int, peak_flops,
+                      positive_float, positive_int, resume_path, save_on_rank0, set_rng_state, setup_distributed,
+                      start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -355,6 +356,7 @@ def print_plan(args, model, train_loader, d, dtype, use_compile, grad_accum_step
         warn(f"--save-every {args.save_every} > --max-steps {args.max_steps}: a checkpoint only at the end")
     if epochs > 1.05:  # the 124M recipe's 10B tokens are 1-2% over one pass of 10BT's train shards
         warn(f"{epochs:.2f} epochs: the run sees its training data more than once")
+    warn_if_bf16_is_emulated(dtype, d.device)
 
 
 def build_model(args, resume_from, d):
@@ -380,7 +382,7 @@ def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
         raise ValueError(f"{path}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
                          f"resumed with --optimizer {args.optimizer}: give the same")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    load_scaler_state(scaler, checkpoint["scaler"])
     train_loader.load_state_dict(checkpoint["loader"])
     set_rng_state(checkpoint["rng"], d, args.seed)
     check_resume_step(checkpoint["step"], args.max_steps, args.stop_at, path)

@@ -5,7 +5,7 @@ algorithm in sight.
 First, in the order the training loop uses them: processes and DDP (before the loop), autocast (mixed
 precision), the sum over ranks, the NaN/inf guard and the learning-rate schedule. Then, in this order: device
 choices, fp16 loss scaling and the GPU's peak FLOPs; the Muon + AdamW optimizer pair (--optimizer muon);
-resuming (which checkpoint, decided by rank 0; per-rank random state; the save); and the plumbing every long
+resuming (which checkpoint, decided by rank 0; the save; per-rank random state); and the plumbing every long
 run needs: one run per out-dir, stopping cleanly on SIGTERM, the run plan's warnings and ETA, wandb, argument
 types and the log. Checkpoint files: checkpoint.py.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import (checkpoint_path, checkpoint_step, checkpoints, latest_checkpoint, prune_checkpoints,
-                        save_checkpoint)
+                        recorded_step, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # What the training loop uses, in its order: the processes (before the loop), then in the step autocast,
@@ -42,7 +42,8 @@ class Distributed:
     local_rank: int
     world_size: int
     device: str  # e.g. "cuda:3", "mps", "cpu"
-    cpu_group: object = None  # a gloo group beside NCCL, for small Python objects and long waits (see below)
+    cpu_group: object = None  # a gloo group beside NCCL, with a long timeout: waiting out a checkpoint write
+    step_group: object = None  # a gloo group with --dist-timeout: the per-step stop flag, small Python objects
 
     @property
     def device_type(self):  # what torch.autocast wants: "cuda", "mps" or "cpu"
@@ -78,10 +79,12 @@ def setup_distributed(device="auto", timeout_minutes=10):
         dist.init_process_group(backend="gloo", timeout=timeout)
     # A second group, on the CPU, with a long timeout: rank 0 writing a checkpoint (gpt2-xl with its optimizer
     # is ~19 GB, fsync'd) can take minutes while the others wait. They wait here, not in an NCCL collective
-    # whose timeout is meant to catch dead peers. It also carries small Python objects (which checkpoint to
-    # resume, random generator states) without a trip through the GPU.
+    # whose timeout is meant to catch dead peers.
     cpu_group = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
-    return Distributed(True, rank, local_rank, world_size, device, cpu_group)
+    # Everything else on the CPU (the stop flag every step, resume decisions, random states) keeps the short
+    # timeout: on the long group a stalled peer would hold the whole job for 2 hours instead of timeout_minutes.
+    step_group = dist.new_group(backend="gloo", timeout=timeout)
+    return Distributed(True, rank, local_rank, world_size, device, cpu_group, step_group)
 
 
 def autocast(device_type, dtype):
@@ -157,7 +160,7 @@ def gather_objects(obj, d):
     if not d.ddp:
         return [obj]
     objects = [None] * d.world_size
-    dist.all_gather_object(objects, obj, group=d.cpu_group)
+    dist.all_gather_object(objects, obj, group=d.step_group)
     return objects
 
 
@@ -176,13 +179,30 @@ def default_dtype(device):
     return "float32"
 
 
+def warn_if_bf16_is_emulated(dtype, device):
+    """An explicit --dtype bfloat16 on a GPU without native bf16 (compute capability below 8.0: V100, T4) runs,
+    emulated, slower than float16 and even float32: say so before the first step."""
+    if dtype == "bfloat16" and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] < 8:
+        major, minor = torch.cuda.get_device_capability(device)
+        warn(f"--dtype bfloat16 on a GPU of compute capability {major}.{minor}: bf16 is only emulated there (slow); "
+             f"--dtype float16, this GPU's default, is faster")
+
+
 def grad_scaler(d, dtype):
-    """Loss scaling, for float16 only. fp16's range ends at 65504 and its smallest normal number is 6e-5, so
-    small gradients underflow to zero: the loss is multiplied by a large scale before backward and the
-    gradients divided by it before the update. When a gradient overflows (inf), the step is skipped and the
-    scale halved; it doubles again after 2000 good steps. bf16 has fp32's range and needs none of this: the
-    scaler is then switched off and each of its calls does nothing (or just the plain optimizer step)."""
+    """Loss scaling, for float16 only. fp16's range ends at 65504, its smallest normal number is 6e-5 (below it
+    precision drains away) and anything under 6e-8 is zero, so small gradients are lost: the loss is multiplied by a
+    large scale before backward and the gradients divided by it before the update. When a gradient overflows (inf),
+    the step is skipped and the scale halved; it doubles again after 2000 good steps. bf16 has fp32's range and
+    needs none of this: the scaler is then switched off and each of its calls does nothing (or just the plain
+    optimizer step)."""
     return torch.amp.GradScaler(d.device_type, enabled=dtype == "float16")
+
+
+def load_scaler_state(scaler, state):
+    """fp16's loss scale from a checkpoint. One written without fp16 (bf16 or float32 on an H100, say, resumed
+    with --dtype float16 on a V100) has none: the scaler then starts afresh, as a new fp16 run's does."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def fp16_note(scaler, norm):
@@ -296,7 +316,7 @@ def resume_path(out_dir, resume, d):
                 raise ValueError(f"{found[-1]}: an earlier run's checkpoint is here; pass --resume auto to continue "
                                  f"it, or choose another --out-dir")
             return None
-        step = checkpoint_step(resume)
+        step = recorded_step(resume)  # from the file, not its name: a copy named branch.pt is at some step too
         newer = [p for p in found if step is not None and checkpoint_step(p) > step]
         if newer:
             raise ValueError(f"{resume}: {len(newer)} newer checkpoint(s) in {out_dir} ({os.path.basename(newer[-1])}, "
@@ -493,7 +513,8 @@ class StopSignal:
         self.stopping = self.received is not None
         if d.ddp:
             flag = torch.tensor([float(self.stopping)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.cpu_group)  # on the CPU: no wait for the GPU
+            # on the CPU (no wait for the GPU), with --dist-timeout: a peer that stalls ends the run in minutes
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=d.step_group)
             self.stopping = flag.item() > 0
         return self.stopping
 

@@ -306,7 +306,9 @@ def test_best_pt_changes_only_when_val_cider_improves(dataset, tmp_path, monkeyp
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["kind"] == "caption" and best["step"] == 1 and best["cider"] == 0.3
     assert read_log(out, "cider") == {0: 0.1, 1: 0.3, 2: 0.2, 3: 0.3, 4: 0.25}
-    assert "val CIDEr-D 30.0 (2 images) | new best: best.pt" in capsys.readouterr().out
+    import coco
+    scored = min(2, len(coco.load_split(str(features), "val").image_ids))  # the images there are, of the 2 asked for
+    assert f"val CIDEr-D 30.0 ({scored} images) | new best: best.pt" in capsys.readouterr().out
     # the best so far travels with the periodic checkpoint, so a resumed run keeps comparing with it
     assert torch.load(out / "model_000004.pt", weights_only=True)["best_cider"] == 0.3
     # and wandb got the same numbers
@@ -334,3 +336,24 @@ def test_exactly_what_train_names_changes(dataset, tmp_path, train, capsys):
     assert {name for name in trained if is_cross_attn_param(name)} <= changed
     n_trainable = sum(t.numel() for name, t in trained.items() if name in changed and name != "lm_head.weight")
     assert f"{n_trainable / 1e6:.1f}M of" in capsys.readouterr().out
+
+
+def test_the_run_prints_the_numbers_it_names(monkeypatch, capsys, tmp_path):
+    """A run on 4 val images printed "val CIDEr-D ... (500 images)", the count asked for, and its plan "3.5M of
+    3.4M parameters train", two counts made differently. Each number is now the thing it names."""
+    import argparse
+    import caption_eval
+    import train_caption
+    from training import Distributed
+    monkeypatch.setattr(caption_eval, "cider_d", lambda *a, **k: 0.25)
+    val = argparse.Namespace(image_ids=[1, 2, 3, 4])
+    args = argparse.Namespace(eval_cider_images=500, out_dir=str(tmp_path), batch_size=2, total_batch_size=2)
+    train_caption.keep_best(None, val, Distributed(False, 0, 0, 1, "cpu"), "float32", args, {}, 3, best_cider=1.0)
+    assert "val CIDEr-D 25.0 (4 images)" in capsys.readouterr().out
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, cross_attn_every=2, n_embd_img=16))
+    monkeypatch.setattr(train_caption.coco, "describe_encoder", lambda record: "tiny")
+    train_caption.print_plan(args, model, val, 20, {"encoder": None}, Distributed(False, 0, 0, 1, "cpu"), "float32",
+                             False, 1, 10, None, 0)
+    line = capsys.readouterr().out.splitlines()[0]
+    total = sum(p.numel() for p in model.parameters())
+    assert f"{total / 1e6:.1f}M of {total / 1e6:.1f}M parameters train" in line  # --train all: all of them

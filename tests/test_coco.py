@@ -84,6 +84,25 @@ def encode_file(clip, path):
     return coco.clip_tokens(clip_model, preprocess(Image.open(path).convert("RGB"))[None])[0]  # (50, 768)
 
 
+def test_two_runs_into_one_out_dir_are_refused(dataset, tmp_path):
+    """Two coco.py runs into one out-dir with two encoders both exited 0, the features file holding rows of both.
+    The second now meets the first's run.lock and stops, writing nothing."""
+    import socket
+    import subprocess
+    root, _, _ = dataset
+    out = tmp_path / "features"
+    out.mkdir()
+    first = subprocess.Popen(["sleep", "60"])  # a live process on this host: the first run
+    try:
+        (out / "run.lock").write_text(f"{socket.gethostname()} {first.pid}\n")
+        with pytest.raises(ValueError, match=f"features: another run is using this folder .*pid {first.pid}"):
+            coco.main(coco_args(root, out))
+    finally:
+        first.kill()
+        first.wait()
+    assert os.listdir(out) == ["run.lock"]
+
+
 # -----------------------------------------------------------------------------
 # What is stored
 

@@ -2,6 +2,7 @@
 logits, same greedy tokens) and comes back through GPT.from_pretrained with the same weights; a captioner
 exports its language model and says what it left out; GPT-2's tokenizer goes along when tiktoken has it."""
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -145,3 +146,31 @@ def test_bad_paths_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_hf.parse_args([str(tmp_path / "nope.pt"), str(tmp_path / "taken")])
     assert "taken: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(exported, tmp_path, monkeypatch):
+    """A full disk (or a kill) mid-export left a new config.json beside the old weights: loadable by nothing. The
+    export is written beside the folder and swapped in only when complete."""
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    out = tmp_path / "hf"
+    assert export_hf.main([str(checkpoint), str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    def full_disk(folder, block_size):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export_hf, "write_tokenizer", full_disk)
+    with pytest.raises(ValueError, match=r"hf: export not written \(No space left on device\); the previous one"):
+        export_hf.main([str(checkpoint), str(out)])
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "lm.pt"]  # no half-written folder left beside it
+
+
+def test_an_export_never_replaces_a_folder_holding_other_files(exported, tmp_path):
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes: holds todo.txt, not part of an export"):
+        export_hf.main([str(checkpoint), str(tmp_path / "notes")])
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]

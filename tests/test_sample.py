@@ -124,6 +124,9 @@ def run(*args):
     (["--image", "a.jpg", "--temperature", "1", "--num-samples", "2", "--attention-map", "m.png"], "--attention-map"),
     (["--image", "a.jpg", "--attention-map", "m.xyz"], "--attention-map"),  # matplotlib cannot write it
     (["--image", "a.jpg", "--length-penalty", "nan"], "--length-penalty"),
+    (["--image", "a.png", "--attention-map", "a.png"], "--attention-map"),  # overwrote the photo
+    (["--image", "maps_a.png", "a.png", "--attention-map", "maps.png"], "--attention-map"),  # a.png's map: maps_a.png
+    (["--image", "a.png", "--attention-map", "no/such/folder/m.png"], "--attention-map"),  # after decoding
     (["--image", "a.jpg", "--temperature", "1", "--length-penalty", "0"], "--length-penalty"),  # would be ignored
     (["--prompt", "Hi", "--checkpoint", "lm.pt", "--length-penalty", "0"], "--length-penalty"),
 ])

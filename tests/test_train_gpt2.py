@@ -474,6 +474,17 @@ def test_float16_scales_the_loss_skips_overflowing_steps_and_resumes_exactly(tmp
     assert len(steps) == 2  # and the run went on
 
 
+def test_a_checkpoint_without_fp16_resumes_with_fp16(tmp_path):
+    """Moving a run from an H100 (bf16) to a V100 (--dtype float16): the checkpoint has no loss scale, and the
+    scaler's load raised "The source state dict is empty". The scaler starts afresh instead."""
+    import train_gpt2
+    data = write_shards(tmp_path / "data")
+    args = TINY + ["--data-dir", data, "--max-steps", "3", "--eval-every", "0", "--out-dir", str(tmp_path / "out")]
+    train_gpt2.main(train_gpt2.parse_args(args + ["--stop-at", "2"]))  # float32 on the CPU: no loss scale
+    assert train_gpt2.main(train_gpt2.parse_args(args + ["--resume", "auto", "--dtype", "float16"])) == 0
+    assert sorted(read_log(tmp_path / "out", "train")) == [0, 1, 2]
+
+
 class FakeWandb:
     """Stands in for the wandb module: records what the run gives it."""
 

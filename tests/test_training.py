@@ -48,6 +48,24 @@ def test_under_torchrun_nccl_is_bound_to_the_local_gpu_with_a_timeout(monkeypatc
     assert init["timeout"].total_seconds() == 180
     # rank 0's checkpoint write is waited for on a CPU group whose timeout is far longer
     assert calls[2][1]["backend"] == "gloo" and calls[2][1]["timeout"].total_seconds() >= 3600
+    # everything else on the CPU keeps --dist-timeout: a stalled peer held the job 2 hours, not 3 minutes
+    assert calls[3][1]["backend"] == "gloo" and calls[3][1]["timeout"].total_seconds() == 180
+
+
+def test_the_per_step_stop_flag_and_small_objects_use_the_short_timeout_group(monkeypatch):
+    d = Distributed(True, 0, 0, 2, "cpu", cpu_group="long", step_group="short")
+    groups = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, group=None: groups.append(("stop", group)))
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: groups.append(("gather", group)))
+    monkeypatch.setattr(dist, "barrier", lambda group=None: groups.append(("after a save", group)))
+    stop = training.StopSignal()
+    try:
+        stop.requested(d)
+    finally:
+        stop.close(0, None, Distributed(False, 0, 0, 1, "cpu"))
+    training.gather_objects("x", d)
+    training.wait_for_each_other(d)
+    assert groups == [("stop", "short"), ("gather", "short"), ("after a save", "long")]
 
 
 def test_each_rank_saves_and_restores_its_own_gpu_generator(monkeypatch):
@@ -236,3 +254,32 @@ def test_peak_flops_matches_whole_gpu_names_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[device])
     assert [training.peak_flops(f"cuda:{i}") for i in range(6)] == [121e12, None, 989e12, 756e12, 312e12, None]
     assert training.peak_flops("cpu") is None
+
+
+def test_resuming_a_renamed_older_checkpoint_still_refuses_the_newer_ones(tmp_path):
+    """--resume r/branch.pt, a copy of step 2 while steps 2 and 4 are in the out-dir: the step comes from the file,
+    not its name, so the run is refused before it overwrites model_000004.pt with another branch."""
+    d = Distributed(False, 0, 0, 1, "cpu")
+    out = tmp_path / "run"
+    out.mkdir()
+    for step in (2, 4):
+        save_checkpoint({"kind": "lm", "model": {"w": torch.ones(1)}, "config": {}, "step": step},
+                        str(out / f"model_{step:06d}.pt"))
+    branch = tmp_path / "r" / "branch.pt"
+    branch.parent.mkdir()
+    branch.write_bytes((out / "model_000002.pt").read_bytes())
+    with pytest.raises(ValueError, match="branch.pt: 1 newer checkpoint.*model_000004.pt"):
+        training.resume_path(str(out), str(branch), d)
+    later = tmp_path / "r" / "later.pt"  # a copy of the newest is fine
+    later.write_bytes((out / "model_000004.pt").read_bytes())
+    assert training.resume_path(str(out), str(later), d) == str(later)
+
+
+def test_an_explicit_bf16_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatch, capsys):
+    capability = {"cuda:0": (7, 0), "cuda:1": (8, 0)}  # a V100, an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device])
+    training.warn_if_bf16_is_emulated("bfloat16", "cuda:0")
+    assert "warning: --dtype bfloat16 on a GPU of compute capability 7.0: bf16 is only emulated" in capsys.readouterr().err
+    for dtype, device in (("bfloat16", "cuda:1"), ("float16", "cuda:0"), ("bfloat16", "cpu")):
+        training.warn_if_bf16_is_emulated(dtype, device)
+    assert capsys.readouterr().err == ""
