@@ -47,7 +47,7 @@ import torch
 from export_hf import save_pretrained
 from generate import beam_search, compile_decode_step, generate, generate_tokens
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
-from training import autocast, default_device, peak_flops, use_device
+from training import autocast, default_device, peak_flops, positive_int, use_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
 
@@ -778,7 +778,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=[*BENCHMARKS, "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
-    p.add_argument("--batch-size", type=int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
+    p.add_argument("--batch-size", type=positive_int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--compile-modes", type=int, nargs="+", choices=[0, 1], default=None,
                    help="0 eager, 1 compile (default: both on CUDA; nanogpt compiles when 1 is among them)")
@@ -791,7 +791,7 @@ def main(argv=None):
                    help="train: force one attention kernel (auto: SDPA picks)")
     p.add_argument("--profile", action="store_true", help="train: also print the top operators/kernels of a step")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--new-tokens", type=int, nargs="+", help="sample: default 64 256; generate: 128 900")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="generate: rows decoded at once")
     p.add_argument("--examples", type=int, default=256, help="hellaswag: examples to score")

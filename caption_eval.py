@@ -59,7 +59,7 @@ import coco
 from checkpoint import latest_checkpoint, load_model
 from generate import beam_search, compile_decode_step, generate, until_end_of_text
 from model import EOT_TOKEN
-from training import autocast, default_device, default_dtype, use_device
+from training import autocast, default_device, default_dtype, output_problem, use_device
 
 # the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -584,6 +584,9 @@ def main(argv=None):
         folder = os.path.dirname(path or "") or "."
         if path and not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: no such folder (for {flag} {path})")
+        problem = path and output_problem(path)
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
     if args.gallery and not os.path.isdir(args.coco_dir):  # a gallery without pictures still shows the captions
         print(f"caption_eval.py: {args.coco_dir}: no such folder (--coco-dir); the gallery will name its images "
               f"without showing them", file=sys.stderr)

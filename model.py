@@ -359,7 +359,16 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 
 def gpt2_files(name_or_path):
-    """A local folder, or a model name on the Hugging Face hub -> (config.json, model.safetensors) paths."""
+    """A local folder, or a model name on the Hugging Face hub -> (config.json, model.safetensors) paths. A file,
+    or a missing path that is plainly a file's (x.pth) or a folder's (./gpt2), is named as such, not blamed on
+    the hub."""
+    if os.path.isfile(name_or_path):
+        raise ValueError(f"{name_or_path}: a file; a GPT-2 is a folder with config.json + model.safetensors, or a "
+                         f"hub name (our own checkpoints end in .pt)")
+    looks_local = name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or \
+        name_or_path.startswith((".", "~", os.sep))
+    if looks_local and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no such file or folder")
     if os.path.isdir(name_or_path):
         paths = [os.path.join(name_or_path, f) for f in ("config.json", "model.safetensors")]
         for path in paths:

@@ -83,6 +83,10 @@ def main():
         parser.error(f"--labels gives {len(labels)} labels for {len(args.logs)} logs")
     if args.out is None and len(args.logs) > 1:
         parser.error("several logs need --out PNG")
+    if args.out is not None and os.path.splitext(args.out)[1].lower() not in (".png", ".pdf", ".svg", ".jpg"):
+        parser.error(f"--out {args.out}: name the file with the picture's type (.png, .pdf, .svg or .jpg)")
+    if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out}: no such folder")
     runs = []
     for label, log in zip(labels, args.logs):
         if not os.path.isfile(log):

@@ -56,7 +56,8 @@ from caption_eval import choose_checkpoint
 from checkpoint import latest_checkpoint, load_model
 from generate import beam_search, check_sampling, compile_decode_step, generate, until_end_of_text
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE
-from training import autocast, default_device, default_dtype, positive_int, use_device
+from training import (autocast, default_device, default_dtype, non_negative_int, output_problem, positive_int,
+                      use_device)
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
 TEXT_TOP_K = 50
@@ -518,9 +519,9 @@ def check_attention_map(p, args):
     for path in attention_map_paths(args.attention_map, args.image).values():  # checked before any decoding
         if os.path.realpath(path) in inputs:
             p.error(f"--attention-map {path}: is one of the --image files, which it would overwrite")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            p.error(f"--attention-map {path}: cannot write in {folder}")
+        problem = output_problem(path)
+        if problem:
+            p.error(f"--attention-map {path}: {problem}")
 
 
 def parse_args(argv=None):
@@ -546,7 +547,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30 for captions, 200 for text")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (tens of seconds per batch size and length; pays for "
                         "long texts and many captions)")

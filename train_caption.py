@@ -360,7 +360,7 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=int, default=1337, help="the new layers' initialisation and the data order")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
@@ -428,6 +428,9 @@ def main(args):
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
     raw_model.to(d.device)
+    if args.max_caption_tokens + 1 > raw_model.config.block_size:  # <|endoftext|> + caption: at step 1, not later
+        raise ValueError(f"--max-caption-tokens {args.max_caption_tokens}: with its <|endoftext|> longer than the "
+                         f"model's block_size {raw_model.config.block_size}")
     set_trainable(raw_model, args.train)
     lm_lr_scale = args.lm_lr / args.lr
     unfreezes = args.unfreeze_after is not None and args.train != "all"  # the rest of GPT-2 joins at that step

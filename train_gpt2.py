@@ -314,7 +314,7 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=int, default=1337, help="weights' initialisation and the data order")
+    p.add_argument("--seed", type=non_negative_int, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,

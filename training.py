@@ -544,6 +544,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def output_problem(path):
+    """Why the file `path` cannot be written, in a few words, or None. Asked before the long work, so that hours
+    of it are never lost to a folder given for a file or a read-only mount found at the end."""
+    if os.path.isdir(path):
+        return "is a folder, not a file"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no such folder {folder}"
+    probe = os.path.join(folder, f".write_test.{os.getpid()}")
+    try:  # a real write: os.access says yes to root on a read-only mount
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror})"
+    return None
+
+
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 

@@ -166,3 +166,10 @@ def test_generate_times_three_implementations_and_checks_they_agree(monkeypatch,
 def test_generate_refuses_more_tokens_than_the_model_has_positions():
     with pytest.raises(ValueError, match="--new-tokens 300 \\+ a 16-token prompt exceed tiny's block_size 256"):
         bench.main(["generate", "--model", "tiny", "--new-tokens", "300", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("flag", ["--iters", "--batch-size"])
+def test_a_count_of_zero_is_refused_in_one_line(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["train", flag, "0", "--device", "cpu"])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be a whole number > 0" in capsys.readouterr().err

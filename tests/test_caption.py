@@ -357,3 +357,16 @@ def test_the_run_prints_the_numbers_it_names(monkeypatch, capsys, tmp_path):
     line = capsys.readouterr().out.splitlines()[0]
     total = sum(p.numel() for p in model.parameters())
     assert f"{total / 1e6:.1f}M of {total / 1e6:.1f}M parameters train" in line  # --train all: all of them
+
+
+def test_captions_longer_than_the_model_are_refused_at_the_start(dataset, tmp_path):
+    """--max-caption-tokens above the model's block_size failed at step 2, in the position embeddings."""
+    import train_caption
+    _, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")  # block_size 64
+    with pytest.raises(ValueError, match="--max-caption-tokens 64: with its <.endoftext.> longer than the model's "
+                                         "block_size 64"):
+        train_caption.main(train_caption.parse_args([
+            "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "out"),
+            "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "2", "--max-caption-tokens", "64",
+            "--device", "cpu"]))

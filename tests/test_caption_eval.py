@@ -323,6 +323,19 @@ def test_command_line_writes_metrics_settings_and_coco_results(monkeypatch, tmp_
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("flag", ["--out", "--gallery"])
+def test_an_output_that_cannot_be_written_is_refused_before_captioning(flag, monkeypatch, tmp_path):
+    """--out or --gallery naming a folder: the captions were computed, then a traceback lost them."""
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "caption_images", lambda *a, **k: pytest.fail("captioned before the check"))
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(ValueError, match=f"{flag} .*a_folder: is a folder, not a file"):
+        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), flag, str(tmp_path / "a_folder"),
+                           "--device", "cpu"])
+
+
 def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
     monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)  # this check needs neither
     fake_features_dir(monkeypatch, clip_model="ViT-L-14-quickgelu")

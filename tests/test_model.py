@@ -584,3 +584,14 @@ def test_beam_search_scores_the_live_beams_at_the_length_limit(monkeypatch):
     monkeypatch.setattr(generate_module, "next_token_logits", scripted_logits(script))
     assert beam_search(tiny_captioner(), torch.full((1, 1), EOT_TOKEN), beam_size=2, max_new_tokens=3,
                        length_penalty=-1.0) == [[5, 7, 9]]
+
+
+def test_a_pretrained_path_that_is_plainly_local_is_named_not_blamed_on_the_hub(tmp_path):
+    """--init x.pth said "not downloadable from the Hugging Face hub"."""
+    from model import gpt2_files
+    (tmp_path / "weights.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.pth: a file; a GPT-2 is a folder with config.json"):
+        gpt2_files(str(tmp_path / "weights.pth"))
+    for missing in ("x.pth", "./gpt2-folder", str(tmp_path / "gone.safetensors")):
+        with pytest.raises(FileNotFoundError, match=f"{missing}: no such file or folder"):
+            gpt2_files(missing)

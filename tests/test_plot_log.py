@@ -116,3 +116,14 @@ def test_missing_log_is_named(tmp_path):
     assert result.returncode != 0
     assert f"{missing}: no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.parametrize("out, message", [("compare", "name the file with the picture's type"),
+                                          ("no/such/folder/compare.png", "no such folder")])
+def test_an_out_that_matplotlib_cannot_write_is_one_line(tmp_path, monkeypatch, capsys, out, message):
+    """--out without an extension, or into a missing folder: matplotlib's traceback came after the reading."""
+    log, = write_logs(tmp_path, run=ADAMW)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_in_process(monkeypatch, log, "--out", out)
+    assert exit_info.value.code == 2 and f"--out {out}: {message}" in capsys.readouterr().err
