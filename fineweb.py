@@ -168,7 +168,8 @@ def texts_of(rows, source, text_field):
         if not isinstance(text, str):
             raise InputError(f"{source}: {what_is_wrong(row, i, text_field)}")
         found = True
-        yield text
+        # a text file saved with a byte-order mark starts with U+FEFF: not a character of the document
+        yield text.removeprefix("\ufeff") if i == 0 else text
     if not found:  # an empty source would otherwise "succeed" with no shards at all
         raise InputError(f"{source}: no documents in it")
 

@@ -562,6 +562,11 @@ def parse_args(argv=None):
     if args.image and args.pretrained:
         p.error("--pretrained is for --prompt: captions need a caption checkpoint (--checkpoint)")
     sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.prompt is not None:
+        try:  # bytes the terminal sent that are not UTF-8 reach Python as lone surrogates, which tiktoken refuses
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            p.error("--prompt: not UTF-8 text (set the terminal to UTF-8, or type the prompt again)")
     if args.beam is not None and args.prompt is not None:
         p.error("--beam is for captions (--image); text is sampled")
     if args.beam is not None and sampling:

@@ -437,3 +437,10 @@ def test_the_hub_failing_after_its_retries(tmp_path, monkeypatch, online, error,
     with pytest.raises(SystemExit) as exit_info:
         run_main(monkeypatch, "--out-dir", str(tmp_path / "out"), "--dataset", "someone/corpus", "--name", "small")
     assert exit_info.value.code == message
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path):
+    """A text file saved with a BOM (Windows editors) gave its first document a U+FEFF, tokenized as junk."""
+    path = tmp_path / "notes.txt"
+    path.write_text("\ufefffirst line\nsecond line\n", encoding="utf-8")
+    assert list(fineweb.local_texts([str(path)], "text")) == ["first line", "second line"]

@@ -124,6 +124,7 @@ def run(*args):
     (["--image", "a.jpg", "--temperature", "1", "--num-samples", "2", "--attention-map", "m.png"], "--attention-map"),
     (["--image", "a.jpg", "--attention-map", "m.xyz"], "--attention-map"),  # matplotlib cannot write it
     (["--image", "a.jpg", "--length-penalty", "nan"], "--length-penalty"),
+    (["--prompt", "caf\udce9", "--checkpoint", "lm.pt"], "--prompt"),  # Latin-1 bytes: a traceback in tiktoken
     (["--image", "a.png", "--attention-map", "a.png"], "--attention-map"),  # overwrote the photo
     (["--image", "maps_a.png", "a.png", "--attention-map", "maps.png"], "--attention-map"),  # a.png's map: maps_a.png
     (["--image", "a.png", "--attention-map", "no/such/folder/m.png"], "--attention-map"),  # after decoding
