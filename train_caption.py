@@ -56,9 +56,8 @@ from generate import beam_search
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, load_scaler_state, non_negative_int, positive_float, positive_int,
-                      resume_path, save_on_rank0, set_rng_state, setup_distributed, start_log, take_out_dir,
-                      warn_if_bf16_is_emulated)
+                      load_on_every_rank, non_negative_int, positive_float, positive_int, restore_training_state,
+                      resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -373,17 +372,12 @@ def parse_args(argv=None):
 
 def resume_state(checkpoint, raw_model, optimizer, scaler, train_loader, max_steps, unfreezes, lm_lr_scale, path,
                  args, d):
-    """What an exact resume needs besides the weights (already in the model): the optimizer's moments (GPT-2's
-    groups are added back before the state is loaded, after the cross-attention ones, if the run had unfrozen
-    them), the fp16 loss scale, the loader's place, each rank's random
-    state. -> (its step, the best val CIDEr-D so far)."""
+    """The rest of an exact resume (training.restore_training_state), GPT-2's groups added back first, after the
+    cross-attention ones, if the run had unfrozen them. -> (its step, the best val CIDEr-D so far)."""
     check_resume_step(checkpoint["step"], max_steps, args.stop_at, path)
     if unfreezes and checkpoint["step"] >= args.unfreeze_after:
         unfreeze_language_model(raw_model, optimizer, args.weight_decay, lm_lr_scale)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    load_scaler_state(scaler, checkpoint["scaler"])
-    train_loader.load_state_dict(checkpoint["loader"])
-    set_rng_state(checkpoint["rng"], d, args.seed)
+    restore_training_state(checkpoint, optimizer, scaler, train_loader, d, args.seed)
     return checkpoint["step"], checkpoint["best_cider"]
 
 

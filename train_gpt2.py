@@ -37,9 +37,9 @@ from generate import generate
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
                       check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, load_scaler_state, muon_and_adamw, non_negative_int, peak_flops,
-                      positive_float, positive_int, resume_path, save_on_rank0, set_rng_state, setup_distributed,
-                      start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
+                      load_on_every_rank, muon_and_adamw, non_negative_int, peak_flops, positive_float, positive_int,
+                      restore_training_state, resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir,
+                      warn, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -373,18 +373,13 @@ def build_model(args, resume_from, d):
 
 
 def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
-    """Everything else an exact resume needs from the checkpoint (the weights are in the model already):
-    the optimizer's moments, the fp16 loss scale, the loader's place, each rank's random state. -> its step.
-    The optimizer's groups come back with their saved settings (weight decay, betas; Muon's lr_scale), so
-    --weight-decay or --muon-lr given anew on a resume is not used; the learning rate is set every step from
-    the schedule, so --max-lr, --warmup-steps and --min-lr-ratio are."""
+    """The rest of an exact resume (training.restore_training_state), the optimizer kind checked. -> the step.
+    The optimizer's groups keep their saved weight decay, betas and lr_scale (a new --weight-decay or --muon-lr
+    is not used); the rate is set every step, so --max-lr, --warmup-steps and --min-lr-ratio are."""
     if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
         raise ValueError(f"{path}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
                          f"resumed with --optimizer {args.optimizer}: give the same")
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    load_scaler_state(scaler, checkpoint["scaler"])
-    train_loader.load_state_dict(checkpoint["loader"])
-    set_rng_state(checkpoint["rng"], d, args.seed)
+    restore_training_state(checkpoint, optimizer, scaler, train_loader, d, args.seed)
     check_resume_step(checkpoint["step"], args.max_steps, args.stop_at, path)
     return checkpoint["step"]
 
@@ -464,10 +459,8 @@ def main(args):
         if last or stopping:
             break
 
-        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed. A comment that starts
-        # "fp16:" or "DDP:" says what its line adds in those runs; elsewhere the line does nothing more than the
-        # plain call named beside it (a bf16 AdamW run on one GPU may read scaler.step(optimizer) as
-        # optimizer.step()).
+        # --- one optimizer step: grad_accum_steps micro-batches, their gradients summed. A comment "fp16:" or
+        # "DDP:" says what a line adds in those runs; elsewhere it is the plain call named beside it.
         t0 = time.time()
         x_step, y_step = train_loader.next_step(d.rank, d.world_size)  # (B * grad_accum_steps, T)
         # the step's mean loss, for the step line only. Summed in float64 so that the order of the sum (ranks x

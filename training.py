@@ -2,12 +2,10 @@
 What the two training scripts (train_gpt2.py, train_caption.py) share, so that each script keeps only its
 algorithm in sight.
 
-First, in the order the training loop uses them: processes and DDP (before the loop), autocast (mixed
-precision), the sum over ranks, the NaN/inf guard and the learning-rate schedule. Then, in this order: device
-choices, fp16 loss scaling and the GPU's peak FLOPs; the Muon + AdamW optimizer pair (--optimizer muon);
-resuming (which checkpoint, decided by rank 0; the save; per-rank random state); and the plumbing every long
-run needs: one run per out-dir, stopping cleanly on SIGTERM, the run plan's warnings and ETA, wandb, argument
-types and the log. Checkpoint files: checkpoint.py.
+First, in the order the training loop uses them: processes and DDP, autocast, the sum over ranks, the NaN/inf
+guard and the LR schedule. Then devices, fp16 and peak FLOPs; Muon + AdamW; resuming (rank 0 decides; the
+save; per-rank random state); one run per out-dir, SIGTERM, the plan's warnings, wandb, argument types, the
+log. Checkpoint files: checkpoint.py.
 """
 
 import argparse
@@ -105,12 +103,10 @@ def all_reduce_sum(tensor, d):
 
 
 def check_finite(loss, norm, step, out_dir, scaler=None):
-    """A NaN or inf loss, or gradient norm (the loss can still be finite when a gradient overflowed), would
-    poison the weights at this step's update: stop before it, saving nothing. Returns both as floats for the
-    step line. Reading them is the step's one wait for the GPU (.tolist() copies to the host; with fp16,
-    scaler.step waits too). With fp16 loss scaling an overflowing gradient is expected now and then: the
-    scaler skips that step itself. Under DDP every rank sees the same two numbers (the loss averaged over
-    ranks, the norm of the same averaged gradients), so all ranks stop together, none is left waiting."""
+    """A NaN or inf loss or gradient norm would poison the weights at this step's update: stop before it,
+    saving nothing. -> both as floats for the step line; reading them is the step's one wait for the GPU (with
+    fp16 scaler.step waits too, and skips an overflowing step itself). Every DDP rank sees the same two numbers
+    (the loss averaged over ranks, the norm of the same averaged gradients), so all ranks stop together."""
     loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
     norm_may_overflow = scaler is not None and scaler.is_enabled()
     if not (math.isfinite(loss) and (math.isfinite(norm) or norm_may_overflow)):
@@ -182,19 +178,17 @@ def default_dtype(device):
 def warn_if_bf16_is_emulated(dtype, device):
     """An explicit --dtype bfloat16 on a GPU without native bf16 (compute capability below 8.0: V100, T4) runs,
     emulated, slower than float16 and even float32: say so before the first step."""
-    if dtype == "bfloat16" and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] < 8:
+    if dtype == "bfloat16" and default_dtype(device) == "float16":  # default_dtype's test for native bf16
         major, minor = torch.cuda.get_device_capability(device)
         warn(f"--dtype bfloat16 on a GPU of compute capability {major}.{minor}: bf16 is only emulated there (slow); "
              f"--dtype float16, this GPU's default, is faster")
 
 
 def grad_scaler(d, dtype):
-    """Loss scaling, for float16 only. fp16's range ends at 65504, its smallest normal number is 6e-5 (below it
-    precision drains away) and anything under 6e-8 is zero, so small gradients are lost: the loss is multiplied by a
-    large scale before backward and the gradients divided by it before the update. When a gradient overflows (inf),
-    the step is skipped and the scale halved; it doubles again after 2000 good steps. bf16 has fp32's range and
-    needs none of this: the scaler is then switched off and each of its calls does nothing (or just the plain
-    optimizer step)."""
+    """Loss scaling, for float16 only: fp16 ends at 65504, loses precision below 6e-5 and is zero under 6e-8, so
+    small gradients vanish. The loss is multiplied by a large scale before backward, the gradients divided by it
+    before the update; an overflowing (inf) step is skipped and the scale halved, doubled again after 2000 good
+    steps. bf16 has fp32's range: the scaler is off, each call nothing (or just the plain optimizer step)."""
     return torch.amp.GradScaler(d.device_type, enabled=dtype == "float16")
 
 
@@ -245,8 +239,7 @@ def muon_and_adamw(model, weight_decay, learning_rate, muon_lr, device_type, bet
     "Muon is Scalable": an orthogonalised (A, B) update has RMS ~1/sqrt(max(A, B)), so its rate is multiplied
     by 0.2 x sqrt(max(A, B)), 0.2 being a typical AdamW update's RMS): Muon's rate and weight decay then mean
     what AdamW's do. Its group carries lr_scale = muon_lr / learning_rate, so the one schedule drives both.
-    c_attn's (3C, C) matrix is orthogonalised whole, q, k and v together: Muon sees one parameter (splitting
-    it is a known variant, not tried here)."""
+    c_attn's (3C, C) matrix is orthogonalised whole, q, k and v together (splitting it: not tried here)."""
     hidden = [p for name, p in model.named_parameters()
               if p.requires_grad and p.dim() == 2 and ".h." in name and "wte" not in name]
     adamw = model.configure_optimizers(weight_decay, learning_rate, device_type, betas, leave_out=hidden)
@@ -347,6 +340,15 @@ def load_on_every_rank(load, path, d):
     return result
 
 
+def restore_training_state(checkpoint, optimizer, scaler, loader, d, seed):
+    """What an exact resume needs besides the weights (already in the model): the optimizer's moments, the fp16
+    loss scale, the loader's place in the data, this rank's random state."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_scaler_state(scaler, checkpoint["scaler"])
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"], d, seed)
+
+
 def save_on_rank0(checkpoint, step, args, d):
     """The checkpoint after `step` updates (resuming starts the loop at this step), with every rank's random
     state added: rank 0 writes it (atomically, checkpoint.save_checkpoint) while the others wait, then
@@ -382,13 +384,10 @@ def rng_state(device):
 
 def set_rng_state(states, d, seed):
     """Restore this rank's generators from one state per rank. A checkpoint written by another number of
-    processes has no state for this one: each rank is re-seeded with seed + rank instead, and says so. The data
-    order does not depend on these generators (the loaders draw from the seed, the epoch and the position), so
-    it stays exact; only the dropout masks will differ from an uninterrupted run. Why seed + rank here, when a
-    fresh run seeds every rank alike: there the one seed builds the same initial weights everywhere and makes
-    the run reproducible from --seed; here the weights come from the checkpoint and the generators only draw
-    dropout masks, which distinct seeds keep independent across ranks. (A fresh run's ranks draw alike masks
-    on different data; at the default dropout of 0 there are none.)"""
+    processes has none for this one: each rank is re-seeded with seed + rank, and says so. The data order (drawn
+    from the seed, epoch and position) stays exact; only dropout masks differ from an uninterrupted run. A fresh
+    run seeds every rank alike, for the same initial weights; here the weights come from the checkpoint and the
+    generators only draw dropout masks, which distinct seeds keep independent across ranks."""
     if len(states) != d.world_size:
         if d.master:
             print(f"checkpoint written by {len(states)} process(es), resumed by {d.world_size}: random generators "
@@ -476,10 +475,7 @@ def take_out_dir(out_dir, d):
         nonlocal lock
         try:
             os.makedirs(out_dir, exist_ok=True)
-            probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            probe_write(out_dir)
         except OSError as e:
             raise ValueError(f"{out_dir}: cannot write checkpoints here ({e.strerror})") from None
         lock = OutDirLock(out_dir)
@@ -552,14 +548,20 @@ def output_problem(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         return f"no such folder {folder}"
-    probe = os.path.join(folder, f".write_test.{os.getpid()}")
-    try:  # a real write: os.access says yes to root on a read-only mount
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+    try:
+        probe_write(folder)
     except OSError as e:
         return f"cannot write in {folder} ({e.strerror})"
     return None
+
+
+def probe_write(folder):
+    """Write a small file in folder and remove it: OSError if nothing can be written there. A real write, since
+    os.access says yes to root on a read-only mount."""
+    probe = os.path.join(folder, f".write_test.{os.getpid()}")
+    with open(probe, "w"):
+        pass
+    os.remove(probe)
 
 
 def warn(message):
