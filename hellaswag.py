@@ -23,11 +23,9 @@ tokens get the lowest cross-entropy loss. Two ways to add up that loss give two 
 - acc_norm: the lowest *mean* loss per ending token, which takes the length out. This is the number
             train_gpt2.py logs, and the one to compare with GPT-2 and GPT-3.
 
-Guessing scores 0.25. Two numbers for GPT-2 124M scored this way, both build-nanogpt's: 0.2945, the reference
-line of its training plot (play.ipynb's hella2_baseline, 0.294463), which plot_log.py --reference gpt2
-draws; and 0.2955, what its own hellaswag.py printed for that model (its docstring). The notebook does
-not say how its line was measured, so why the two differ (~10 of 10,042 examples) is not known.
-EleutherAI's lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little
+Guessing scores 0.25. GPT-2 124M scored this way, by build-nanogpt: 0.2945 is its training plot's reference
+line (play.ipynb's hella2_baseline, 0.294463; plot_log.py --reference gpt2 draws it), 0.2955 what its
+hellaswag.py printed (its docstring); why they differ (~10 of 10,042 examples) is not said. EleutherAI's lm-evaluation-harness reports 0.3114 for the same model, because it rewrites the text a little
 and divides by the ending's characters instead of its tokens.
 
 The validation set (10,042 examples) is downloaded once into $HELLASWAG_DIR, by default the folder

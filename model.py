@@ -35,12 +35,11 @@ EOT_TOKEN = 50256  # <|endoftext|>: separates documents, and starts and ends eve
 
 def causal_attention(q, k, v):
     """Attention written out, for reading; the model calls F.scaled_dot_product_attention(q, k, v,
-    is_causal=True), which computes the same (tests/test_model.py checks; SDPA adds dropout on the weights when
-    asked) and, in its fused kernels (flash, memory-efficient), never forms the (T, T) matrix.
-    q, k, v: (B, nh, T, hs), nh heads of hs = n_embd / nh dimensions. Each position's query is compared with every
-    key (a dot product, scaled by 1/sqrt(hs) so the scores stay O(1) whatever hs is); softmax turns a row of scores
-    into weights summing to 1, and the output is that weighted mean of the values. Causal: position t sees positions
-    <= t only."""
+    is_causal=True), which computes the same (tests/test_model.py checks; it adds dropout when asked) and, in
+    its fused kernels, never forms the (T, T) matrix. q, k, v: (B, nh, T, hs), nh heads of hs = n_embd / nh.
+    Each query is dotted with every key, scaled by 1/sqrt(hs) so the scores stay O(1) whatever hs is; softmax
+    turns a row into weights summing to 1, and the output is that weighted mean of the values. Causal: position
+    t sees positions <= t only."""
     T = q.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)  # True above the diagonal
@@ -129,13 +128,10 @@ class CrossAttention(nn.Module):
         self.c_q = nn.Linear(config.n_embd, config.n_embd)
         self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        # Zero-initialised output: the layer adds exactly 0.0 to the residual stream until it is trained, so a
-        # pretrained LM keeps its logits bit for bit when cross-attention is bolted on. On the first step only
-        # c_proj gets a gradient (c_q, c_kv, ln_x, img_proj and ln_img sit behind its zeros, as behind a closed
-        # gate; weight decay still shrinks their matrices a little); once c_proj is nonzero they all learn. What
-        # differs from a tanh gate: the opening is c_proj itself, a full matrix moving at the learning rate, not
-        # one scalar per layer squeezed through tanh. (GPT._init_weights reads ZERO_INIT: the model initialises
-        # every layer in one pass.)
+        # Zero-initialised output (GPT._init_weights reads ZERO_INIT): the layer adds exactly 0.0 until trained, so
+        # a pretrained LM keeps its logits bit for bit. On the first step only c_proj gets a gradient (c_q, c_kv,
+        # ln_x, img_proj, ln_img sit behind its zeros, as behind a closed gate); then they all learn. Unlike a tanh
+        # gate, the opening is a full matrix moving at the learning rate, not one scalar squeezed through tanh.
         self.c_proj.ZERO_INIT = True
         self.n_head = config.n_head
         self.dropout = config.dropout
@@ -215,11 +211,10 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         if config.cross_attn_every > 0:
-            # image tokens come in at the encoder's width; one learned projection, shared by all cross-attention
-            # layers, maps them into the decoder's space and width (kept at equal widths too, so every encoder
-            # takes one path; not measured against none). Each layer's c_kv then makes its own keys and values
-            # from the result, so a projection per layer would repeat c_kv's job. The LayerNorm gives them the scale of the
-            # LayerNorm'd text the queries come from, whatever the encoder's output scale
+            # one learned projection, shared by the cross-attention layers, maps the image tokens into the
+            # decoder's space and width (at equal widths too: one path for every encoder; not measured against
+            # none); each layer's c_kv makes its own keys and values from it. The LayerNorm gives them the scale
+            # of the LayerNorm'd text the queries come from, whatever the encoder's output scale
             self.transformer.img_proj = nn.Linear(config.n_embd_img, config.n_embd)
             self.transformer.ln_img = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -275,15 +270,11 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), lm_lr_scale=1.0,
                              leave_out=()):
-        """AdamW over the parameters that train (requires_grad). Matrices get weight decay, the embeddings
-        too (wte, tied to lm_head, and wpe, as in build-nanogpt; the 47 padding rows get no gradient, so decay
-        alone shrinks them: harmless, their logits are -inf); biases and LayerNorm gains do not: shrinking those
-        towards 0 only hurts. learning_rate is only the starting value: the training loop sets every group's
-        rate at every step.
-        A captioner's new cross-attention layers and its pretrained GPT-2 weights (when those train too) go in
-        separate groups: the training loop sets each group's rate to the schedule's x its "lr_scale", so the
-        pretrained weights can move at lm_lr_scale of the new layers' rate. A plain GPT-2 has one kind.
-        leave_out: parameters another optimizer steps (Muon's matrices: training.muon_and_adamw)."""
+        """AdamW over the parameters that train (requires_grad). Matrices decay, the embeddings too (as in
+        build-nanogpt; the padding rows, with no gradient, just shrink: harmless, their logits are -inf); biases
+        and LayerNorm gains do not: shrinking those towards 0 only hurts. The loop sets every group's rate at
+        every step to the schedule's x its "lr_scale": a captioner's pretrained GPT-2 weights (when they train)
+        move at lm_lr_scale of its new layers' rate. leave_out: what another optimizer steps (Muon's matrices)."""
         def decayed_and_not(params, lr_scale):
             return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": lr_scale},
                     {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": lr_scale}]
