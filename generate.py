@@ -13,10 +13,21 @@ beam search for captions, generate() for text and sampled captions, and last the
 import math
 import time
 
+import tiktoken
 import torch
 from torch.nn import functional as F
 
 from model import EOT_TOKEN, GPT2_VOCAB_SIZE
+
+
+def gpt2_encoding():
+    """GPT-2's BPE tokenizer (tiktoken). Its files come from OpenAI's blob store on first use, then from a cache:
+    offline, with no cache, that is a ValueError in one line saying what to set, not a traceback from requests."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cached files: the set-up's to fix, not a bug
+        raise ValueError(f"cannot load GPT-2's BPE files ({type(e).__name__}); offline? copy them to a folder "
+                         "and set TIKTOKEN_CACHE_DIR to it (docs/pretraining.md)") from None
 
 # -----------------------------------------------------------------------------
 # Choosing the next token

@@ -38,6 +38,8 @@ The captioning algorithm, in the order it runs (the rest of this file is plumbin
 """
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -45,19 +47,19 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import tiktoken
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import caption_eval
 import coco
 from checkpoint import load_model, save_checkpoint
-from generate import beam_search
+from generate import beam_search, gpt2_encoding
 from model import EOT_TOKEN, GPT, is_cross_attn_param
-from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, non_negative_int, positive_float, positive_int, restore_training_state,
-                      resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir, warn_if_bf16_is_emulated)
+from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
+                      check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
+                      existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_int, positive_float,
+                      positive_int, restore_training_state, resume_path, save_on_rank0, setup_distributed, start_log,
+                      take_out_dir, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -102,8 +104,9 @@ class CaptionLoader:
     another number of GPUs. An image-epoch's last < images_per_step images are left out of that image-epoch (the
     next one draws a new order over all images, so different ones are left out each time)."""
 
-    def __init__(self, data, images_per_step, max_tokens, seed=1337):
+    def __init__(self, data, images_per_step, max_tokens, seed=1337, pin_memory=False):
         self.data, self.images_per_step, self.max_tokens, self.seed = data, images_per_step, max_tokens, seed
+        self.pin_memory = pin_memory
         if len(data.image_ids) < images_per_step:
             raise ValueError(f"{len(data.image_ids)} training images are fewer than one step's "
                              f"--total-batch-size {images_per_step}")
@@ -113,13 +116,18 @@ class CaptionLoader:
         return {"epoch": self.epoch, "pos": self.pos, "data_order": self.data_order()}
 
     def data_order(self):
-        """What the order of images and captions depends on: resuming refuses a mismatch."""
-        return {"images": len(self.data.image_ids), "images_per_step": self.images_per_step, "seed": self.seed}
+        """What the order of images and captions depends on: resuming refuses a mismatch. The split's fingerprint
+        (its image ids and file names) tells another dataset with as many images from this one."""
+        images = json.dumps([self.data.image_ids.tolist(), [os.path.basename(f) for f in self.data.files]])
+        return {"images": len(self.data.image_ids), "images_per_step": self.images_per_step, "seed": self.seed,
+                "split": hashlib.sha1(images.encode()).hexdigest()[:16]}
 
     def load_state_dict(self, state):
-        if "data_order" in state and state["data_order"] != self.data_order():
-            raise ValueError(f"the checkpoint's data order {state['data_order']} does not match this run's "
-                             f"{self.data_order()} (run with the checkpoint's features and settings)")
+        if "data_order" in state:
+            saved, now = state["data_order"], self.data_order()
+            if any(saved[key] != now[key] for key in saved):  # (checkpoints before the "split" have none)
+                raise ValueError(f"the checkpoint's data order {saved} does not match this run's {now} (run "
+                                 f"with the checkpoint's features and settings)")
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data.image_ids))
 
@@ -136,7 +144,10 @@ class CaptionLoader:
         self.pos += self.images_per_step
         x, y = caption_batch(captions, self.max_tokens)  # the whole step: the same length L on every rank
         share = slice(rank * len(images) // world_size, (rank + 1) * len(images) // world_size)
-        return self.data.image_feats(images[share]), x[share], y[share], int((y != -1).sum())
+        batch = self.data.image_feats(images[share]), x[share], y[share]  # each contiguous: rows of one tensor
+        if self.pin_memory:  # CUDA: page-locked memory, so the copies to the GPU can run while the CPU goes on
+            batch = tuple(t.pin_memory() for t in batch)
+        return *batch, int((y != -1).sum())
 
 
 def val_batches(data, B, max_images, max_tokens):
@@ -185,11 +196,15 @@ def unfreeze_language_model(model, optimizer, weight_decay, lm_lr_scale):
         optimizer.add_param_group({"params": params, "weight_decay": decay, "lr_scale": lm_lr_scale})
 
 
-def build_model(args, resume_from, image_width, d):
+def build_model(args, resume_from, meta, image_width, d):
     """-> (captioner, checkpoint being resumed or None). A language model gains fresh cross-attention layers,
-    sized for the image features; they start at zero, so the LM's logits are unchanged at step 0."""
+    sized for the image features; they start at zero, so the LM's logits are unchanged at step 0. A resumed
+    run must go on with its own settings and its encoder's features (the split itself: CaptionLoader)."""
     if resume_from is not None:
-        return load_on_every_rank(lambda: load_model(resume_from, kind="caption"), resume_from, d)
+        model, checkpoint = load_on_every_rank(lambda: load_model(resume_from, kind="caption"), resume_from, d)
+        check_same_run(checkpoint, args, resume_from, MAY_CHANGE_ON_RESUME)
+        caption_eval.check_same_encoder(checkpoint, resume_from, meta, args.features_dir)
+        return model, checkpoint
     new_layers = dict(cross_attn_every=args.cross_attn_every, n_embd_img=image_width)
     if args.init.endswith(".pt"):
         return load_model(args.init, kind="lm", **new_layers)[0], None
@@ -288,6 +303,14 @@ def wrap_model(raw_model, use_compile, d):
     return model
 
 
+# What a resume may change (training.check_same_run): where and how the run goes on, when it evaluates, saves and
+# stops, and the schedule's shape. --lr and --lm-lr are not here: the optimizer's groups keep their ratio.
+MAY_CHANGE_ON_RESUME = {"features_dir", "out_dir", "resume", "batch_size", "epochs", "max_steps", "stop_at",
+                        "min_lr", "warmup_steps", "grad_clip", "eval_every", "val_images", "eval_cider_images",
+                        "save_every", "keep_last", "compile", "dtype", "device", "wandb_project", "wandb_run",
+                        "dist_timeout"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--features-dir", default="coco_features", help="what coco.py wrote")
@@ -358,7 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
@@ -403,7 +426,7 @@ def main(args):
     use_compile = args.compile if args.compile is not None else d.device_type == "cuda"
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("high")
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
 
     B = args.batch_size
     if args.total_batch_size % (B * d.world_size):
@@ -414,13 +437,14 @@ def main(args):
     # --- data, model, optimizer
     meta = coco.read_meta(args.features_dir)
     train_data, val_data = coco.load_split(args.features_dir, "train"), coco.load_split(args.features_dir, "val")
-    train_loader = CaptionLoader(train_data, args.total_batch_size, args.max_caption_tokens, args.seed)
+    train_loader = CaptionLoader(train_data, args.total_batch_size, args.max_caption_tokens, args.seed,
+                                 pin_memory=d.device_type == "cuda")
     n_pairs = sum(len(tokens) for tokens in train_data.tokens)  # one caption-epoch
     max_steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.total_batch_size)
     val_data_batches = val_batches(val_data, B, args.val_images, args.max_caption_tokens)
-    lock = take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
+    take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
     resume_from = resume_path(args.out_dir, args.resume, d)
-    raw_model, checkpoint = build_model(args, resume_from, train_data.width, d)
+    raw_model, checkpoint = build_model(args, resume_from, meta, train_data.width, d)
     raw_model.to(d.device)
     if args.max_caption_tokens + 1 > raw_model.config.block_size:  # <|endoftext|> + caption: at step 1, not later
         raise ValueError(f"--max-caption-tokens {args.max_caption_tokens}: with its <|endoftext|> longer than the "
@@ -474,7 +498,7 @@ def main(args):
         loss_accum = torch.zeros((), device=d.device, dtype=torch.float32 if d.device_type == "mps" else torch.float64)
         for micro_step in range(grad_accum_steps):
             micro = slice(micro_step * B, (micro_step + 1) * B)
-            image_feats, x, y = (t[micro].to(d.device) for t in (image_feats_step, x_step, y_step))
+            image_feats, x, y = (t[micro].to(d.device, non_blocking=True) for t in (image_feats_step, x_step, y_step))
             if d.ddp:  # DDP: all-reduce the gradients on the last micro-step only (set before the forward)
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast(d.device_type, dtype):
@@ -507,7 +531,6 @@ def main(args):
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         images_per_sec=args.total_batch_size / dt, caption_epochs=caption_epochs)
-            lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     tracker.finish()
     cleanup_distributed(d)

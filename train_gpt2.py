@@ -27,19 +27,18 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import tiktoken
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 from checkpoint import load_model
-from generate import generate
+from generate import generate, gpt2_encoding
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
-from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast, check_finite,
-                      check_resume_step, cleanup_distributed, cosine_lr, default_dtype, fp16_note, grad_scaler,
-                      load_on_every_rank, muon_and_adamw, non_negative_int, peak_flops, positive_float, positive_int,
-                      restore_training_state, resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir,
-                      warn, warn_if_bf16_is_emulated)
+from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
+                      check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
+                      existing_device, fp16_note, grad_scaler, load_on_every_rank, muon_and_adamw, non_negative_int,
+                      peak_flops, positive_float, positive_int, restore_training_state, resume_path, save_on_rank0,
+                      setup_distributed, start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -268,6 +267,15 @@ RECIPES = {
 }
 
 
+# What a resume may change (training.check_same_run): where and how the run goes on, when it evaluates, saves
+# and stops, and the schedule's shape (the rate is set every step). The peak rates and weight decay are not
+# here: the optimizer's groups keep their saved values (and Muon's ratio to AdamW's rate).
+MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "batch_size", "max_steps", "stop_at", "warmup_steps",
+                        "min_lr_ratio", "grad_clip", "eval_every", "val_tokens", "hellaswag_every", "hellaswag_data",
+                        "hellaswag_limit", "sample_every", "save_every", "keep_last", "compile", "dtype", "device",
+                        "wandb_project", "wandb_run", "dist_timeout"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
@@ -313,7 +321,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
@@ -363,7 +371,9 @@ def build_model(args, resume_from, d):
     """The model to train -> (model, checkpoint being resumed or None): from that checkpoint, from
     pretrained weights (--init), or random."""
     if resume_from is not None:
-        return load_on_every_rank(lambda: load_model(resume_from, kind="lm"), resume_from, d)
+        model, checkpoint = load_on_every_rank(lambda: load_model(resume_from, kind="lm"), resume_from, d)
+        check_same_run(checkpoint, args, resume_from, MAY_CHANGE_ON_RESUME)
+        return model, checkpoint
     if args.init is not None:
         if args.init.endswith(".pt"):
             return load_model(args.init, kind="lm")[0], None
@@ -373,12 +383,7 @@ def build_model(args, resume_from, d):
 
 
 def resume_state(checkpoint, optimizer, scaler, train_loader, path, args, d):
-    """The rest of an exact resume (training.restore_training_state), the optimizer kind checked. -> the step.
-    The optimizer's groups keep their saved weight decay, betas and lr_scale (a new --weight-decay or --muon-lr
-    is not used); the rate is set every step, so --max-lr, --warmup-steps and --min-lr-ratio are."""
-    if checkpoint["args"].get("optimizer", "adamw") != args.optimizer:
-        raise ValueError(f"{path}: trained with --optimizer {checkpoint['args'].get('optimizer', 'adamw')}, "
-                         f"resumed with --optimizer {args.optimizer}: give the same")
+    """The rest of an exact resume (training.restore_training_state). -> the step."""
     restore_training_state(checkpoint, optimizer, scaler, train_loader, d, args.seed)
     check_resume_step(checkpoint["step"], args.max_steps, args.stop_at, path)
     return checkpoint["step"]
@@ -393,7 +398,7 @@ def main(args):
     # it wraps the model) and a run that --seed reproduces; after the init the generators only draw dropout
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls: all of --dtype float32's on a GPU
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
 
     B, T = args.batch_size, args.seq_len
     tokens_per_micro_step = B * T * d.world_size
@@ -410,7 +415,7 @@ def main(args):
     if args.hellaswag_every > 0:
         path = args.hellaswag_data or hellaswag.download_if_missing(local_master=d.local_rank == 0)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
-    lock = take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
+    take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, d)
     raw_model.to(d.device)
@@ -512,7 +517,6 @@ def main(args):
             append_log(args.out_dir, f"{step} train {loss_value:.6f}")
             tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         tokens_per_sec=args.total_batch_size / dt, mfu=mfu)
-            lock.heartbeat()  # this run is alive: its out-dir lock is not stale
 
     tracker.finish()
     cleanup_distributed(d)

@@ -16,8 +16,9 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,6 +67,8 @@ def setup_distributed(device="auto", timeout_minutes=10):
         return Distributed(False, 0, 0, 1, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if world_size > int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):  # more than one node
+        check_gloo_reaches_other_nodes()
     timeout = timedelta(minutes=timeout_minutes)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -144,6 +147,21 @@ def use_device(device):
     the CUDA context they create, the DataLoader's pin-memory thread) uses the current one: GPU 0 otherwise."""
     if device.startswith("cuda") and torch.device(device).index is not None:
         torch.cuda.set_device(device)
+
+
+def check_gloo_reaches_other_nodes():
+    """Gloo (setup_distributed's CPU groups, beside NCCL) listens on the address this node's hostname resolves
+    to. Where that is a loopback address (Debian's 127.0.1.1, some containers), no other node can connect, and
+    the start fails after a long wait with an error that names neither: say it now. (Every "node" on one
+    machine, as in the tests, with a loopback MASTER_ADDR: they reach each other there.)"""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+        one_machine = socket.gethostbyname(os.environ.get("MASTER_ADDR", "127.0.0.1")).startswith("127.")
+    except OSError:
+        return  # unresolvable: gloo's own error says that
+    if address.startswith("127.") and not one_machine and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        raise ValueError(f"this node's hostname {socket.gethostname()} resolves to {address}, which other nodes "
+                         "cannot reach; set GLOO_SOCKET_IFNAME to its network interface (e.g. eth0)")
 
 
 def cleanup_distributed(d):
@@ -340,6 +358,22 @@ def load_on_every_rank(load, path, d):
     return result
 
 
+def check_same_run(checkpoint, args, path, may_change):
+    """A resume continues the run that wrote `path`. Refused: a checkpoint without what a resume needs (weights
+    only), and flags that would change what the run is (model size, data, optimizer, what trains): the model
+    comes from the checkpoint, so they would be ignored, and then recorded as if used. Flags in may_change
+    (where and how it runs; when it evaluates, saves, stops; the learning rate, set every step) take effect."""
+    missing = [key for key in ("step", "optimizer", "loader", "rng", "args") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: cannot be resumed, it holds no {', '.join(missing)} (weights only?)")
+    saved = checkpoint["args"]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in vars(args).items()
+               if k in saved and k not in may_change and saved[k] != v]
+    if changed:
+        raise ValueError(f"{path}: its run had {', '.join(changed)}; resume with the run's own settings, or "
+                         f"start a new one in another --out-dir")
+
+
 def restore_training_state(checkpoint, optimizer, scaler, loader, d, seed):
     """What an exact resume needs besides the weights (already in the model): the optimizer's moments, the fp16
     loss scale, the loader's place in the data, this rank's random state."""
@@ -409,11 +443,12 @@ class OutDirLock:
     command run twice) would truncate the first's log and overwrite its checkpoints: it is refused instead.
 
     The lock is a file holding the host and pid of its run, created atomically (O_EXCL) and removed at exit.
-    A run killed with SIGKILL leaves it behind; it is stale when its process is gone (same host) or, from
-    another host, when the run has not touched it for STALE_AFTER seconds (heartbeat() at every step).
-    15 minutes: longer than a step, a checkpoint write or an evaluation takes on a GPU, so a live run is not
-    taken for a dead one."""
-    STALE_AFTER = 15 * 60
+    A run killed with SIGKILL (the OOM killer, a save cut short by a requeue) leaves it behind, and a requeued
+    job must still start. So a thread of the live run touches the file every HEARTBEAT seconds, whatever the
+    run is doing (a step, a save, an evaluation), and a lock that nobody touches for 3 heartbeats is a dead
+    run's: its pid may since belong to another process, and another host's process cannot be asked. Only the
+    file's change is compared, never its time with our clock, so hosts' clocks need not agree."""
+    HEARTBEAT = 10  # seconds
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "run.lock")
@@ -426,27 +461,37 @@ class OutDirLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         with os.fdopen(fd, "w") as f:
             f.write(self.owner + "\n")
+        self.released = threading.Event()
+        threading.Thread(target=self.beat, daemon=True).start()
         atexit.register(self.release)
+
+    def beat(self):
+        while not self.released.wait(self.HEARTBEAT):
+            with suppress(OSError):
+                os.utime(self.path)
 
     def refuse_unless_stale(self):
         try:
             with open(self.path) as f:
                 host, pid = f.read().split()[:2]
-            idle = time.time() - os.path.getmtime(self.path)
+                touched = os.fstat(f.fileno()).st_mtime  # read after an open: NFS revalidates it then
         except (OSError, ValueError):
             return  # vanished or unreadable: nobody holds it
-        if host == socket.gethostname():
-            if int(pid) == os.getpid() or not process_exists(int(pid)):  # ours (an earlier run in this process)
-                return
-        elif idle > self.STALE_AFTER:
-            return
-        raise ValueError(f"{os.path.dirname(self.path)}: another run is using this folder (host {host}, pid {pid}, "
-                         f"last active {idle:.0f} s ago); wait for it to end, or delete {self.path} if it is dead")
-
-    def heartbeat(self):
-        os.utime(self.path)
+        if host == socket.gethostname() and (int(pid) == os.getpid() or not process_exists(int(pid))):
+            return  # ours (an earlier run in this process), or its process is gone
+        print(f"{self.path}: held by host {host}, pid {pid}; waiting up to {3 * self.HEARTBEAT} s for a sign of life")
+        for _ in range(3):
+            time.sleep(self.HEARTBEAT)
+            try:
+                with open(self.path) as f:
+                    if os.fstat(f.fileno()).st_mtime != touched:
+                        raise ValueError(f"{os.path.dirname(self.path)}: another run is using this folder (host "
+                                         f"{host}, pid {pid}); wait for it to end, or choose another --out-dir")
+            except FileNotFoundError:
+                return  # it ended meanwhile
 
     def release(self):
+        self.released.set()
         try:
             with open(self.path) as f:
                 ours = f.read().strip() == self.owner
@@ -468,20 +513,16 @@ def process_exists(pid):
 
 def take_out_dir(out_dir, d):
     """Rank 0 creates out_dir, checks now that it can write there (not at the first checkpoint, hours later)
-    and locks it for this run. Any failure stops every rank. Returns the lock on rank 0, None elsewhere."""
-    lock = None
-
+    and locks it for this run (the lock is released at exit). Any failure stops every rank."""
     def take():
-        nonlocal lock
         try:
             os.makedirs(out_dir, exist_ok=True)
             probe_write(out_dir)
         except OSError as e:
             raise ValueError(f"{out_dir}: cannot write checkpoints here ({e.strerror})") from None
-        lock = OutDirLock(out_dir)
+        OutDirLock(out_dir)
 
     master_decides(take, d)
-    return lock
 
 
 # -----------------------------------------------------------------------------
@@ -605,8 +646,12 @@ class Tracker:
             import wandb
         except ImportError:
             raise ValueError("--wandb-project: wandb is not installed (pip install wandb)") from None
-        self.run = wandb.init(project=project, name=run_name, config=config, id=run_id,
-                              resume="allow" if run_id else None)
+        try:
+            self.run = wandb.init(project=project, name=run_name, config=config, id=run_id,
+                                  resume="allow" if run_id else None)
+        except Exception as e:  # not logged in, offline, ...: wandb's own errors, which its message explains
+            raise ValueError(f"--wandb-project {project}: wandb did not start ({str(e).partition(chr(10))[0] or type(e).__name__}); "
+                             "run `wandb login`, or set WANDB_MODE=offline") from None
 
     @property
     def run_id(self):
@@ -647,6 +692,23 @@ def positive_float(text):
     return value
 
 
+def existing_device(text):
+    """argparse type for --device: auto, cpu, mps, cuda or cuda:N, if this machine has it. A misspelt device or
+    a GPU that is not there is then one line at the start, rather than an error from deep inside torch."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    gpus = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {gpus} CUDA GPU{'s' * (gpus != 1)}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no Apple GPU")
+    return text
+
+
 # -----------------------------------------------------------------------------
 # Logging
 
@@ -666,5 +728,9 @@ def start_log(path, resume_step=None):
 
 def append_log(out_dir, line):
     """log.txt holds one machine-readable line per event, e.g. '120 train 4.123456' or '250 val 3.9876'."""
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
-        f.write(line + "\n")
+    path = os.path.join(out_dir, "log.txt")
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:  # a full disk: the run stops; its checkpoints are whole (written atomically)
+        raise ValueError(f"{path}: cannot write ({e.strerror}); free space, then --resume auto") from None

@@ -370,3 +370,48 @@ def test_captions_longer_than_the_model_are_refused_at_the_start(dataset, tmp_pa
             "--features-dir", str(features), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(tmp_path / "out"),
             "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "2", "--max-caption-tokens", "64",
             "--device", "cpu"]))
+
+
+def test_a_resume_refuses_other_settings_another_encoder_and_another_split(dataset, tmp_path):
+    """Features of another encoder of the same width, or of another dataset with as many images, trained on
+    silently and the checkpoints were mislabelled: each is refused, as are flags that define the run."""
+    import train_caption
+    _, features, _ = dataset
+    tiny_lm_checkpoint(tmp_path / "lm.pt")
+    out = tmp_path / "out"
+    args = lambda features_dir, *more: train_caption.parse_args([
+        "--features-dir", str(features_dir), "--init", str(tmp_path / "lm.pt"), "--out-dir", str(out),
+        "--total-batch-size", "2", "--batch-size", "2", "--max-steps", "3", "--eval-every", "0", "--device", "cpu",
+        *more])
+    train_caption.main(args(features, "--stop-at", "1"))
+    with pytest.raises(ValueError, match=r"its run had --cross-attn-every 2 \(now 1\), --train cross \(now all\)"):
+        train_caption.main(args(features, "--cross-attn-every", "1", "--train", "all", "--resume", "auto"))
+    other_encoder = tmp_path / "other_encoder"
+    shutil.copytree(features, other_encoder)
+    meta = json.loads((other_encoder / "meta.json").read_text())
+    meta["encoder"]["weights"] = "openai"  # the same architecture and width, other weights
+    (other_encoder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained on features of ViT-B-32-quickgelu \\(none"):
+        train_caption.main(args(other_encoder, "--resume", "auto"))
+    other_split = tmp_path / "other_split"
+    shutil.copytree(features, other_split)
+    index = json.loads((other_split / "train_index.json").read_text())
+    index["files"] = ["other_" + name for name in index["files"]]  # as many images, other pictures
+    (other_split / "train_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="data order .* does not match"):
+        train_caption.main(args(other_split, "--resume", "auto"))
+
+
+def test_a_cuda_run_s_batches_are_pinned_and_contiguous_for_asynchronous_copies(dataset, monkeypatch):
+    """Three blocking copies per micro-step were made from pageable memory; pinned, .to(non_blocking=True) lets
+    them run while the CPU goes on. A slice of rows of a pinned tensor stays pinned only if it is contiguous."""
+    import coco
+    from train_caption import CaptionLoader
+    _, features, _ = dataset
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.shape) or t.clone())  # no CUDA here
+    loader = CaptionLoader(coco.load_split(str(features), "train"), images_per_step=4, max_tokens=16,
+                           pin_memory=True)
+    image_feats, x, y, n_tokens = loader.next_step(rank=1, world_size=2)
+    assert pinned == [image_feats.shape, x.shape, y.shape] and x.shape[0] == 2
+    assert all(t.is_contiguous() and t[:1].is_contiguous() for t in (image_feats, x, y))

@@ -1,6 +1,7 @@
 """training.py: the helpers both training scripts share. The CUDA paths run here with torch.cuda's functions
 replaced by recorders: what matters is which device they were asked about."""
 import os
+import time
 
 import pytest
 import torch
@@ -149,23 +150,32 @@ def test_out_dir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, mon
     import socket
     import subprocess
     import sys
-    lock_file = tmp_path / "run.lock"
-    host = socket.gethostname()
-    lock_file.write_text(f"{host} {os.getppid()}\n")  # a live process on this host: pytest's parent
-    with pytest.raises(ValueError, match=f"another run is using this folder \\(host {host}, pid {os.getppid()}"):
-        training.OutDirLock(str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock_file.write_text(f"{host} {dead.stdout.strip()}\n")  # that process has ended: a stale lock
+    monkeypatch.setattr(training.OutDirLock, "HEARTBEAT", 0.05)
+    lock_file, host = tmp_path / "run.lock", socket.gethostname()
+    # a live run, on this host or another: its heartbeat thread touches the file
     lock = training.OutDirLock(str(tmp_path))
-    assert lock_file.read_text().split() == [host, str(os.getpid())]
-    lock.release()
-    assert not lock_file.exists()
-    # another host's lock: alive while its run touches it, stale after STALE_AFTER seconds without
-    lock_file.write_text("node-17 4242\n")
-    with pytest.raises(ValueError, match="host node-17, pid 4242"):
+    lock_file.write_text("node-17 4242\n")  # as if another host's run held it (lock's thread still touches it)
+    with pytest.raises(ValueError, match="another run is using this folder \\(host node-17, pid 4242"):
         training.OutDirLock(str(tmp_path))
-    os.utime(lock_file, (0, 0))
-    training.OutDirLock(str(tmp_path)).release()
+    lock.release()  # (it leaves the file: it holds another run's name now)
+    # dead runs, which a requeued job must be able to follow: a process that has ended on this host (at once),
+    # a pid now used by an unrelated live process (pytest's parent), another host's run after SIGKILL
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for owner in (f"{host} {dead.stdout.strip()}", f"{host} {os.getppid()}", "node-17 4242"):
+        lock_file.write_text(owner + "\n")
+        lock = training.OutDirLock(str(tmp_path))
+        assert lock_file.read_text().split() == [host, str(os.getpid())]
+        lock.release()
+
+
+def test_out_dir_lock_is_touched_while_its_run_is_busy(tmp_path, monkeypatch):
+    monkeypatch.setattr(training.OutDirLock, "HEARTBEAT", 0.02)
+    lock = training.OutDirLock(str(tmp_path))
+    os.utime(tmp_path / "run.lock", (0, 0))
+    time.sleep(0.2)  # the main thread busy (a long save): the lock's own thread keeps it fresh
+    assert os.path.getmtime(tmp_path / "run.lock") > 0
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_take_out_dir_fails_before_training_when_it_cannot_write(tmp_path):
@@ -283,3 +293,76 @@ def test_an_explicit_bf16_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatc
     for dtype, device in (("bfloat16", "cuda:1"), ("float16", "cuda:0"), ("bfloat16", "cpu")):
         training.warn_if_bf16_is_emulated(dtype, device)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "'gpu' is not a device"), ("cuda:x", "is not a device"),
+                                             ("cuda", "this machine has 0 CUDA GPUs"),
+                                             ("cuda:2", "this machine has 2 CUDA GPUs")])
+def test_a_device_that_is_not_there_is_refused_when_the_flags_are_read(device, message, monkeypatch):
+    import argparse
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0 if device == "cuda" else 2)
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        training.existing_device(device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [training.existing_device(name) for name in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda",
+                                                                                               "cuda:1"]
+
+
+def test_a_full_disk_stops_the_log_with_one_line(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(ValueError, match=r"log.txt: cannot write \(No space left on device\); free space, then "
+                                         r"--resume auto"):
+        training.append_log(str(tmp_path), "3 train 4.5")
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_the_flag(monkeypatch):
+    import sys
+    import types
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(ValueError, match=r"^--wandb-project p: wandb did not start \(api_key not configured "
+                                         r"\(no-tty\)\. call wandb.login\(key=\[your_api_key\]\)\); run `wandb login`"):
+        training.Tracker("p", None, {}, Distributed(False, 0, 0, 1, "cpu"))
+
+
+def test_a_node_whose_hostname_is_loopback_is_told_to_set_gloo_socket_ifname(monkeypatch):
+    """Gloo listens on the hostname's address: 127.0.1.1 (Debian's /etc/hosts) cannot be reached from other
+    nodes, and the start-up failed after a long wait, naming neither."""
+    import socket
+    for name, value in {"RANK": "8", "LOCAL_RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
+                        "MASTER_ADDR": "node-0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setattr(socket, "gethostbyname", lambda host: "10.0.0.1" if host == "node-0" else "127.0.1.1")
+
+    class Joined(Exception):
+        pass
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: (_ for _ in ()).throw(Joined()))
+    with pytest.raises(ValueError, match="resolves to 127.0.1.1, which other nodes cannot reach; set "
+                                         "GLOO_SOCKET_IFNAME"):
+        training.setup_distributed("cpu")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")
+    with pytest.raises(Joined):  # now it goes on to join the group
+        training.setup_distributed("cpu")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")  # every "node" on this machine (tests): loopback reaches them
+    with pytest.raises(Joined):
+        training.setup_distributed("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "node-0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # one node: nothing to reach
+    with pytest.raises(Joined):
+        training.setup_distributed("cpu")
+
+
+def test_gpt2_s_tokenizer_offline_without_its_files_is_one_line(monkeypatch):
+    import tiktoken
+    from generate import gpt2_encoding
+    def offline(name):
+        raise ConnectionError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError, match="cannot load GPT-2's BPE files \\(ConnectionError\\); offline\\? .*"
+                                         "TIKTOKEN_CACHE_DIR"):
+        gpt2_encoding()
