@@ -57,9 +57,10 @@ decoder's ln_img, after img_proj, rescales any finite value; an inf turns into N
 holding that image gets a NaN loss, on which train_caption.py's guard, check_finite, stops the run.)
 
 Extraction is resumable: the status file is rewritten after every batch, so a killed run continues where it
-stopped, and a finished split is left alone. A missing or corrupt image is reported by name and left out
-(load_split never serves its row); it is never filled with zeros. A damaged feature file (cut short, say) is
-named and left as it is: neither coco.py nor load_split goes on from it.
+stopped, and a finished split is left alone. Every split's files are made, their disk space taken, before the
+first image is encoded: a disk too small says so at the start, not hours in. A missing or corrupt image is
+reported by name and left out (load_split never serves its row); it is never filled with zeros. A damaged
+feature file (cut short, say) is named and left as it is: neither coco.py nor load_split goes on from it.
 
 In this file the core comes first, in the order the data flows: clip_tokens (an image -> its tokens),
 extract_split (a split's images -> the files above, resumably), Split and load_split (the files -> what training
@@ -73,6 +74,7 @@ loading timm encoders, the split files' checks and resume bookkeeping, meta.json
 """
 
 import argparse
+import errno
 import http.client
 import json
 import os
@@ -83,16 +85,17 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
-import tiktoken
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from training import OutDirLock, use_device
+from generate import gpt2_encoding
+from training import OutDirLock, existing_device, use_device
 
 
 # -----------------------------------------------------------------------------
@@ -119,11 +122,11 @@ def clip_tokens(clip_model, images):
     return captured[0]  # (B, N, width)
 
 
-def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256, num_workers=0,
+def extract_split(split, images, encoder, out_dir, features, status, batch_size=256, num_workers=0,
                   device="cpu"):
-    """Encode a split's images into {split}_features.npy, continuing from {split}_status.npy, which is rewritten
-    after every batch. Returns the file names of the images that could not be read."""
-    features, status = open_split(split, images, out_dir, feature_shape)
+    """Encode a split's images into its features memmap, continuing from its status (open_split gives both),
+    which is rewritten to {split}_status.npy after every batch. Returns the file names of the images that could
+    not be read."""
     todo = np.flatnonzero(status == TODO)  # rows still to encode, in order
     if len(todo) == 0:
         print(f"{split}: {len(images)} images already done")
@@ -131,22 +134,28 @@ def extract_split(split, images, encoder, out_dir, feature_shape, batch_size=256
         dataset = ImageFiles([images[row].path for row in todo], encoder.preprocess)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate_images, pin_memory=device.startswith("cuda"))
-        for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
-            for position, reason in bad:
-                tqdm.write(f"coco.py: {images[todo[position]].path}: {reason}, skipped", file=sys.stderr)
-            status[todo[[position for position, _ in bad]]] = SKIPPED
-            if positions:
-                rows = todo[positions]
-                feats = encoder(pixels.to(device))  # (B, n_tokens, width)
-                features[rows] = feats.to(torch.float16).cpu().numpy()  # fp16: see the top of the file
-                features.flush()  # the features reach the disk before the status says they are there
-                status[rows] = DONE
-            write_status(split_file(out_dir, split, "status"), status)
+        try:
+            for positions, pixels, bad in tqdm(loader, desc=f"{split} features", unit="batch"):
+                for position, reason in bad:
+                    tqdm.write(f"coco.py: {images[todo[position]].path}: {reason}, skipped", file=sys.stderr)
+                status[todo[[position for position, _ in bad]]] = SKIPPED
+                if positions:
+                    rows = todo[positions]
+                    feats = encoder(pixels.to(device))  # (B, n_tokens, width)
+                    features[rows] = feats.to(torch.float16).cpu().numpy()  # fp16: see the top of the file
+                    features.flush()  # the features reach the disk before the status says they are there
+                    status[rows] = DONE
+                write_status(split_file(out_dir, split, "status"), status)
+        except RuntimeError as e:
+            if str(e).startswith("DataLoader worker"):  # killed: by the OOM killer, most often
+                raise worker_died(e, split) from None
+            raise
     skipped = [images[row].file for row in np.flatnonzero(status == SKIPPED)]
     if skipped:
         print(f"{split}: {len(skipped)} missing or unreadable images left out (listed in meta.json): "
               f"{', '.join(skipped[:5])}"
               f"{', ...' if len(skipped) > 5 else ''}")
+    require_some_encoded(status, split)
     return skipped
 
 
@@ -192,6 +201,7 @@ def load_split(features_dir, split):
     if (status == TODO).any():
         raise ValueError(f"{status_path}: {int((status == TODO).sum())} of {len(status)} images not encoded yet; "
                          f"run coco.py again to finish")
+    require_some_encoded(status, status_path)
     index = read_index(index_path, split)
     features = read_features(features_path, split)
     check_rows(features_path, split, features, status, len(index["image_ids"]))
@@ -283,11 +293,25 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, "no such file"  # a gap in the user's copy of COCO, not a broken image
         try:
             with Image.open(self.paths[i]) as image:
-                return i, self.preprocess(image.convert("RGB"))  # convert() decodes: a truncated file fails here
+                return i, self.preprocess(rgb_image(image))  # rgb_image decodes: a truncated file fails here
         except Image.DecompressionBombError:
             return i, "too large to decode safely"
         except (OSError, SyntaxError, ValueError):
             return i, "not a readable image"
+
+
+def rgb_image(image):
+    """A PIL image -> 8-bit RGB, what encoders take. convert("RGB") clips deeper pixels to 0..255: a 16-bit
+    mid-grey (32,896) came out white, a float one (0.5) black. So those are scaled to 0..255 first: 16-bit
+    modes ("I;16", "I;16B") by their bit depth, integer ("I") and float ("F") ones, which do not say their
+    range, by the smallest of 0..1, 0..255, 0..65535 that holds their brightest pixel, else by that pixel."""
+    if not (image.mode in ("I", "F") or image.mode.startswith("I;16")):
+        return image.convert("RGB")  # 8 bits a channel already, or fewer (1-bit, palette)
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))  # (H, W): these modes have one channel
+    brightest = pixels.max(initial=0)
+    full = 65535 if image.mode.startswith("I;16") else next(top for top in (1, 255, 65535, brightest)
+                                                             if brightest <= top)
+    return Image.fromarray(np.round(np.clip(pixels / full, 0, 1) * 255).astype(np.uint8)).convert("RGB")
 
 
 def collate_images(items):
@@ -397,7 +421,20 @@ class Record(NamedTuple):
     image_id: int  # COCO's id; in Karpathy's files his cocoid, else his imgid (Flickr); in a jsonl its line number
     path: str  # where to read the image
     file: str  # its name in the index: COCO 2017's file name, Karpathy's filepath/filename, or the jsonl's "image"
-    captions: list  # its reference captions, stripped
+    captions: list  # its reference captions, stripped (clean_captions)
+
+
+def clean_captions(captions, what):
+    """Every source's one rule: captions are stripped (a few COCO captions end in a space or a newline; stripped,
+    every caption tokenizes the same way), blank ones are dropped (as a target, a blank caption would teach the
+    decoder to stop at once), and an image keeps at least one: without one it could be neither trained on nor
+    scored."""
+    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise ValueError(f"{what} must be a list of strings")
+    kept = [caption.strip() for caption in captions if caption.strip()]
+    if not kept:
+        raise ValueError(f"{what}: none that is not blank")
+    return kept
 
 
 def require(path, kind, hint=""):
@@ -423,12 +460,17 @@ def read_captions(coco_dir, split):
         files = {image["id"]: image["file_name"] for image in annotations["images"]}
         captions = {image_id: [] for image_id in files}
         for annotation in sorted(annotations["annotations"], key=lambda annotation: annotation["id"]):
-            # a few COCO captions end in a space or a newline: stripped, every caption tokenizes the same way
-            captions[annotation["image_id"]].append(annotation["caption"].strip())
+            captions[annotation["image_id"]].append(annotation["caption"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    return [Record(image_id, os.path.join(image_dir, files[image_id]), files[image_id], captions[image_id])
-            for image_id in sorted(files)]
+    records = []
+    for image_id in sorted(files):
+        try:
+            records.append(Record(image_id, os.path.join(image_dir, files[image_id]), files[image_id],
+                                  clean_captions(captions[image_id], "its captions")))
+        except ValueError as e:
+            raise ValueError(f"{path}: image {image_id} ({files[image_id]}): {e}") from None
+    return records
 
 
 # Karpathy's split files (dataset_coco.json, dataset_flickr8k.json, dataset_flickr30k.json, from his
@@ -448,15 +490,19 @@ def read_karpathy_json(karpathy_json):
     require(karpathy_json, "file")
     try:
         with open(karpathy_json, "rb") as f:
-            return json.load(f)["images"]
+            images = json.load(f)["images"]
     except (ValueError, KeyError, TypeError) as e:  # bad JSON, or JSON without "images"
         raise not_karpathy(karpathy_json, e) from None
+    if not images:
+        raise ValueError(f"{karpathy_json}: lists no images")
+    return images
 
 
 def read_karpathy_splits(karpathy_json):
     """Karpathy's dataset_coco.json -> {cocoid: 'train' | 'val' | 'test'}: his split of COCO's images."""
-    try:
-        return {image["cocoid"]: KARPATHY_SPLITS[image["split"]] for image in read_karpathy_json(karpathy_json)}
+    try:  # a cocoid "42" would match no COCO image, and be left out
+        return {whole_number(image["cocoid"], f"{karpathy_json}: cocoid"): KARPATHY_SPLITS[image["split"]]
+                for image in read_karpathy_json(karpathy_json)}
     except KeyError as e:
         if e.args == ("cocoid",):  # one of his Flickr files: their images are not in --coco-dir
             raise ValueError(f"{karpathy_json}: has no COCO ids (a Flickr file?); pass the folder of its images as "
@@ -466,21 +512,38 @@ def read_karpathy_splits(karpathy_json):
         raise not_karpathy(karpathy_json, e) from None
 
 
+def whole_number(image_id, what):
+    """An image id as it is stored (int64, sorted as a number), or a ValueError naming it: "7" sorts after "10"."""
+    if type(image_id) is not int:
+        raise ValueError(f"{what} {json.dumps(image_id)} is not a whole number")
+    return image_id
+
+
 def karpathy_splits(karpathy_json, images_dir):
     """Any of Karpathy's three files, with the folder of its images -> {'train', 'val', 'test'}, captions his
     'raw' sentences. An image is images_dir/filepath/filename, and Flickr's have no filepath: a Flickr folder
     holds all its images, a COCO 2014 one holds train2014/ and val2014/. Ids: COCO's cocoid where the file has
     one (the ids of COCO's own annotations), else his imgid (0, 1, ... in the file's order)."""
     require(images_dir, "folder")
-    splits = {"train": [], "val": [], "test": []}
-    try:
-        for image in read_karpathy_json(karpathy_json):
+    splits, first = {"train": [], "val": [], "test": []}, {}
+    for image in read_karpathy_json(karpathy_json):
+        try:
             file = os.path.join(image.get("filepath", ""), image["filename"])
-            captions = [sentence["raw"].strip() for sentence in image["sentences"]]
-            splits[KARPATHY_SPLITS[image["split"]]].append(
-                Record(image.get("cocoid", image["imgid"]), os.path.join(images_dir, file), file, captions))
-    except (KeyError, TypeError, AttributeError) as e:
-        raise not_karpathy(karpathy_json, e) from None
+            image_id, split = image.get("cocoid", image["imgid"]), KARPATHY_SPLITS[image["split"]]
+            captions = [sentence["raw"] for sentence in image["sentences"]]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise not_karpathy(karpathy_json, e) from None
+        # an image without sentences, in any split, is an error, as a jsonl line without captions is: no
+        # reference to train on or to score against, and a file that lost some is better fixed than trimmed
+        try:
+            record = Record(whole_number(image_id, "its id"), os.path.join(images_dir, file), file,
+                            clean_captions(captions, "its sentences"))
+        except ValueError as e:
+            raise ValueError(f"{karpathy_json}: {file}: {e}") from None
+        same = first.setdefault(os.path.realpath(record.path), file)  # one picture, two names: in two splits?
+        if same != file:
+            raise ValueError(f"{karpathy_json}: {file} and {same} are one image; list each image once")
+        splits[split].append(record)
     return {split: sorted(records) for split, records in splits.items()}
 
 
@@ -494,14 +557,13 @@ def parse_jsonl_line(line):
         raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(entry, dict):
         raise ValueError('not a JSON object like {"image": "a.jpg", "captions": ["..."]}')
-    image, captions, split = entry.get("image"), entry.get("captions"), entry.get("split")
+    image, split = entry.get("image"), entry.get("split")
     if not (isinstance(image, str) and image.strip()):
         raise ValueError('"image" must be the path of an image, relative to the jsonl file')
-    if not (isinstance(captions, list) and captions and all(isinstance(c, str) and c.strip() for c in captions)):
-        raise ValueError('"captions" must be a list of one or more non-empty strings')
+    captions = clean_captions(entry.get("captions"), '"captions"')
     if split not in (None, "train", "val", "test"):
         raise ValueError(f'"split" must be "train", "val" or "test" (or left out), not {json.dumps(split)}')
-    return image, [caption.strip() for caption in captions], split
+    return image, captions, split
 
 
 def assign_splits(splits, val_fraction, seed=0):
@@ -519,19 +581,22 @@ def jsonl_splits(captions_jsonl, val_fraction=0.05):
     'test' if a line asks for it. An image's id is its line number, so an id in a log leads back to its line."""
     require(captions_jsonl, "file")
     folder = os.path.dirname(captions_jsonl)
-    records, splits, line_of = [], [], {}
+    records, splits, line_of = [], [], {}  # line_of: an image's real path -> (the line, the name) that gave it
     with open(captions_jsonl, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (a trailing one, say) hold no image
             try:
                 image, captions, split = parse_jsonl_line(line)
-                if os.path.normpath(image) in line_of:  # listed twice, it could land in train and in val
-                    raise ValueError(f"{image} is on line {line_of[os.path.normpath(image)]} already; give each "
-                                     f"image once, with all its captions")
+                # listed twice it could land in train and in val, also under two names (./a.jpg and a.jpg, an
+                # absolute path, a symlink): what the paths resolve to is compared
+                real_path = os.path.realpath(os.path.join(folder, image))
+                first, name = line_of.setdefault(real_path, (number, image))
+                if first != number:
+                    raise ValueError(f"{image} is on line {first} already (as {name}); give each image once, with "
+                                     f"all its captions")
             except ValueError as e:
                 raise ValueError(f"{captions_jsonl}, line {number}: {e}") from None
-            line_of[os.path.normpath(image)] = number
             records.append(Record(number, os.path.join(folder, image), image, captions))
             splits.append(split)
     splits = assign_splits(splits, val_fraction)
@@ -565,16 +630,22 @@ def coco_splits(coco_dir, karpathy_json=None):
 
 
 def read_splits(args):
-    """The images and captions of each split, from the source the flags name."""
+    """The images and captions of each split, from the source the flags name. train_caption.py reads train and
+    val: both must have images; a test split only if it has some (caption_eval.py would score an empty one)."""
     if args.captions_jsonl:
-        return jsonl_splits(args.captions_jsonl, args.val_fraction)
-    if args.images_dir:
-        return karpathy_splits(args.karpathy_json, args.images_dir)
-    if args.download:
-        download_coco(args.coco_dir)
-    if not os.path.isdir(args.coco_dir):
-        raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 into it)")
-    return coco_splits(args.coco_dir, args.karpathy_json)
+        splits = jsonl_splits(args.captions_jsonl, args.val_fraction)
+    elif args.images_dir:
+        splits = karpathy_splits(args.karpathy_json, args.images_dir)
+    else:
+        if args.download:
+            download_coco(args.coco_dir)
+        if not os.path.isdir(args.coco_dir):
+            raise FileNotFoundError(f"{args.coco_dir}: no such folder (pass --download to fetch COCO 2017 into it)")
+        splits = coco_splits(args.coco_dir, args.karpathy_json)
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise ValueError(f"{args.karpathy_json or args.coco_dir}: no {split} images")
+    return {split: images for split, images in splits.items() if images}
 
 
 def images_dir(args):
@@ -736,21 +807,48 @@ def check_rows(features_path, split, features, status, n_images):
                          f"the {split} images anew")
 
 
+def write_atomically(path, write, mode="wb"):
+    """write(file) into path.tmp, then rename it over path: a rename is atomic, so a killed run never leaves half
+    a file. A write that fails (a full disk) takes its path.tmp away and names path."""
+    try:
+        with open(path + ".tmp", mode) as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with suppress(FileNotFoundError):
+            os.remove(path + ".tmp")
+        raise OSError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
 def write_json(path, obj):
-    """Write to path.tmp, then rename over path: a rename is atomic, so a killed run never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: json.dump(obj, f), mode="w")
 
 
 def write_status(path, status):
-    with open(path + ".tmp", "wb") as f:  # a file object: np.save(path) would append its own '.npy'
-        np.save(f, status)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: np.save(f, status))  # a file object: np.save(path) would append '.npy'
+
+
+def new_features_file(path, shape):
+    """A .npy of float16 zeros of this shape, memory-mapped, its disk space taken now. numpy makes it sparse: a
+    full disk would show only when a row is written, hours in, as a SIGBUS that ends the process without a word.
+    posix_fallocate takes the blocks (Linux); without it (macOS), or where the file system refuses it, the free
+    space is compared. A disk too small is an OSError naming path, and no file is left."""
+    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    size, folder = os.path.getsize(path), os.path.dirname(path) or "."
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+        return features
+    except (AttributeError, OSError) as e:  # AttributeError: no posix_fallocate
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and shutil.disk_usage(folder).free >= size:
+            return features
+    del features
+    os.remove(path)
+    raise OSError(f"{path}: needs {size:,} bytes of disk, {shutil.disk_usage(folder).free:,} are free")
 
 
 def write_index(out_dir, split, images):
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     write_json(split_file(out_dir, split, "index"), {
         "image_ids": [image.image_id for image in images],
         "files": [image.file for image in images],
@@ -762,9 +860,7 @@ def write_index(out_dir, split, images):
 
 def create_split(split, images, out_dir, feature_shape):
     """A split's three files, every row to do. The index is written last: its presence means the rest exists."""
-    features = np.lib.format.open_memmap(split_file(out_dir, split, "features"), mode="w+", dtype=np.float16,
-                                         shape=(len(images), *feature_shape))
-    del features  # the file now has its full size (sparse on most file systems); rows are filled as encoded
+    new_features_file(split_file(out_dir, split, "features"), (len(images), *feature_shape))  # filled as encoded
     write_status(split_file(out_dir, split, "status"), np.full(len(images), TODO, dtype=np.int8))
     write_index(out_dir, split, images)
 
@@ -775,8 +871,7 @@ def grow_split(split, images, out_dir, n_old):
     names the old images until everything else is in place."""
     features_path, status_path = split_file(out_dir, split, "features"), split_file(out_dir, split, "status")
     old = read_features(features_path, split)
-    new = np.lib.format.open_memmap(features_path + ".tmp", mode="w+", dtype=np.float16,
-                                    shape=(len(images), *old.shape[1:]))
+    new = new_features_file(features_path + ".tmp", (len(images), *old.shape[1:]))
     for start in range(0, n_old, 4096):  # a slice at a time: a split's features can be larger than memory
         end = min(start + 4096, n_old)
         new[start:end] = old[start:end]
@@ -816,6 +911,45 @@ def open_split(split, images, out_dir, feature_shape):
         raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this encoder gives "
                          f"{tuple(feature_shape)}; choose another --out-dir")
     return features, status
+
+
+def open_splits(splits, out_dir, feature_shape, meta):
+    """meta.json, if out_dir has none yet, then every split opened (open_split: created, grown or checked) before
+    any image is encoded, so that a disk too small for them all, or a split refused, is said at the start, not
+    hours into train2017. Either way the folder is left as it was: what this call created is removed again.
+    -> {split: (features memmap, status array)}"""
+    meta_path = os.path.join(out_dir, "meta.json")
+    created, opened = [] if os.path.exists(meta_path) else [meta_path], {}
+    try:
+        if created:  # before any split file: none exists without the record of its encoder
+            write_json(meta_path, meta)
+        for split, images in splits.items():
+            if not os.path.exists(split_file(out_dir, split, "index")):
+                created += [split_file(out_dir, split, kind) for kind in ("features", "status", "index")]
+            opened[split] = open_split(split, images, out_dir, feature_shape)
+    except (OSError, ValueError):
+        opened.clear()  # the memmaps hold their files' disk space until they are closed
+        for path in created:
+            with suppress(FileNotFoundError):
+                os.remove(path)
+        raise
+    return opened
+
+
+def worker_died(error, split):
+    """torch's RuntimeError for a killed DataLoader worker -> one line saying what now. The status file is
+    rewritten after every batch, so a rerun continues after the last batch encoded."""
+    if str(error.__cause__).startswith("DataLoader worker"):  # "... is killed by signal: Killed": says how
+        error = error.__cause__
+    return OSError(f"{split}: {str(error).strip().rstrip('.')}; out of memory? Fewer --num-workers or a smaller "
+                   f"--batch-size need less. The images encoded so far are kept: run coco.py again to continue")
+
+
+def require_some_encoded(status, what):
+    """A split none of whose images could be read (a wrong --images-dir, say) is refused here: training would
+    fail on it later, without saying which split it was."""
+    if not (status == DONE).any():
+        raise ValueError(f"{what}: none of its {len(status)} images could be read")
 
 
 def read_meta(features_dir):
@@ -866,7 +1000,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="only the first N images of each split")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding JPEGs")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
+    p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, cuda:1, mps, cpu")
     args = p.parse_args(argv)
     for name, least in (("limit", 1), ("batch_size", 1), ("num_workers", 0), ("image_size", 1)):  # --limit -3: all but 3, quietly
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -910,7 +1044,7 @@ def check_same_encoder(old_meta, record, meta_path):
 
 def main(argv=None):
     args = parse_args(argv)
-    splits = read_splits(args)
+    splits = {split: images[:args.limit] for split, images in read_splits(args).items()}
     os.makedirs(args.out_dir, exist_ok=True)
     # one coco.py run per out-dir (run.lock, as training takes): two at once, with two encoders, wrote rows of
     # both into one features file under one meta.json. Held until this process exits
@@ -929,13 +1063,12 @@ def main(argv=None):
     meta = {"encoder": encoder.record, "n_tokens": n_tokens,
             "width": width, "splits": list(splits), "karpathy_json": args.karpathy_json,
             "captions_jsonl": args.captions_jsonl, "images_dir": images_dir(args), "skipped": skipped}
-    if not os.path.exists(meta_path):  # before any split file: none exists without the record of its encoder
-        write_json(meta_path, meta)
-    for split, images in splits.items():
-        meta["skipped"][split] = extract_split(split, images[:args.limit], encoder, args.out_dir,
-                                               (n_tokens, width), args.batch_size, args.num_workers, args.device)
-        # only once the split's files have been accepted: a run refused (other images, damaged files) leaves
-        # the record of the earlier run as it was
+    # every split's files before the long work: a run refused (a full disk, other images, damaged files) leaves
+    # the folder, and the record of the earlier run, as they were
+    opened = open_splits(splits, args.out_dir, (n_tokens, width), meta)
+    for split, (features, status) in opened.items():
+        meta["skipped"][split] = extract_split(split, splits[split], encoder, args.out_dir, features, status,
+                                               args.batch_size, args.num_workers, args.device)
         write_json(meta_path, meta)
 
 

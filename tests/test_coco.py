@@ -5,14 +5,18 @@ What is promised: the stored features are CLIP's 50 tokens after ln_post, row-al
 broken images are named and never served; an interrupted or --limit run finishes equal to a clean one; Karpathy's
 val/test images never reach training; downloads resume and are verified; damaged feature files are named and
 never patched up; user errors are one line naming a path; --device cuda:N is made the current device before CLIP
-is loaded. Karpathy's Flickr8k/30k files (with --images-dir) and your own jsonl give features of the same form,
-split as their file says (or by --val-fraction, the same way every run), which train_caption.py trains on; a
-bad jsonl line is one line naming the file and the line."""
+is loaded. A full disk, a killed decoding worker, a split with no readable image are one line, and a refused
+start leaves the folder as it was; 16-bit and float images are scaled to 8 bits, not clipped. Karpathy's
+Flickr8k/30k files (with --images-dir) and your own jsonl give features of the same form, split as their file
+says (or by --val-fraction, the same way every run), which train_caption.py trains on; a bad jsonl line, or a bad
+image in Karpathy's file, is one line naming the file and the line or image."""
+import errno
 import http.server
 import json
 import os
 import re
 import shutil
+import signal
 import threading
 import zipfile
 
@@ -84,22 +88,20 @@ def encode_file(clip, path):
     return coco.clip_tokens(clip_model, preprocess(Image.open(path).convert("RGB"))[None])[0]  # (50, 768)
 
 
-def test_two_runs_into_one_out_dir_are_refused(dataset, tmp_path):
+def test_two_runs_into_one_out_dir_are_refused(dataset, tmp_path, monkeypatch):
     """Two coco.py runs into one out-dir with two encoders both exited 0, the features file holding rows of both.
     The second now meets the first's run.lock and stops, writing nothing."""
-    import socket
-    import subprocess
     root, _, _ = dataset
     out = tmp_path / "features"
     out.mkdir()
-    first = subprocess.Popen(["sleep", "60"])  # a live process on this host: the first run
+    monkeypatch.setattr(coco.OutDirLock, "HEARTBEAT", 0.05)
+    first = coco.OutDirLock(str(out))  # the first run: its thread touches run.lock every heartbeat
+    (out / "run.lock").write_text("node-17 4242\n")  # as if it ran on another host
     try:
-        (out / "run.lock").write_text(f"{socket.gethostname()} {first.pid}\n")
-        with pytest.raises(ValueError, match=f"features: another run is using this folder .*pid {first.pid}"):
+        with pytest.raises(ValueError, match="features: another run is using this folder .*pid 4242"):
             coco.main(coco_args(root, out))
     finally:
-        first.kill()
-        first.wait()
+        first.release()
     assert os.listdir(out) == ["run.lock"]
 
 
@@ -365,12 +367,12 @@ BAD_LINES = {  # line 2 of a jsonl whose line 1 is good -> what the error says a
     "not UTF-8": (b'{"image": "\xff.png", "captions": ["x"]}', "not UTF-8 text"),
     "not an object": ('["b.png", "a caption"]', "not a JSON object like"),
     "no image": ('{"captions": ["x"]}', '"image" must be the path of an image'),
-    "captions a string": ('{"image": "b.png", "captions": "a blue square"}', '"captions" must be a list of one'),
-    "no captions": ('{"image": "b.png", "captions": []}', '"captions" must be a list of one'),
-    "an empty caption": ('{"image": "b.png", "captions": ["a blue square", " "]}', '"captions" must be a list'),
+    "captions a string": ('{"image": "b.png", "captions": "a blue square"}', '"captions" must be a list of strings'),
+    "no captions": ('{"image": "b.png", "captions": []}', '"captions": none that is not blank'),
+    "only blank captions": ('{"image": "b.png", "captions": [" ", ""]}', '"captions": none that is not blank'),
     "unknown split": ('{"image": "b.png", "captions": ["x"], "split": "validation"}',
                       '"split" must be "train", "val" or "test" (or left out), not "validation"'),
-    "an image twice": ('{"image": "./a.png", "captions": ["x"]}', "./a.png is on line 1 already; give each image"),
+    "an image twice": ('{"image": "./a.png", "captions": ["x"]}', "./a.png is on line 1 already (as a.png); give"),
 }
 
 
@@ -384,12 +386,27 @@ def test_a_bad_jsonl_line_is_one_line_naming_the_file_and_the_line(tmp_path, bad
     assert str(error.value).startswith(f"{jsonl}, line 2: {message}") and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("other_name", ["an absolute path", "a symlink"])
+def test_one_image_under_two_names_is_refused(tmp_path, other_name):
+    """Compared by name, a.png in train and its absolute path (or a link to it) in val passed: a train/val leak."""
+    draw(tmp_path / "a.png", RED)
+    name = str(tmp_path / "a.png")
+    if other_name == "a symlink":
+        os.symlink(tmp_path / "a.png", tmp_path / "same.png")
+        name = "same.png"
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": "a.png", "captions": ["x"], "split": "train"},
+                        {"image": name, "captions": ["x"], "split": "val"}])
+    with pytest.raises(ValueError, match=re.escape(f"{jsonl}, line 2: {name} is on line 1 already (as a.png); give")):
+        coco.jsonl_splits(str(jsonl))
+
+
 def test_a_bad_jsonl_is_said_in_one_line_by_the_command(tmp_path):
     jsonl = tmp_path / "captions.jsonl"
     write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red square"]}, "", '{"image": "b.png"}'])
     result = run_script("coco.py", "--captions-jsonl", jsonl, "--out-dir", tmp_path / "out", *CLIP, check=False)
     assert result.returncode == 1
-    assert result.stderr == f'coco.py: {jsonl}, line 3: "captions" must be a list of one or more non-empty strings\n'
+    assert result.stderr == f'coco.py: {jsonl}, line 3: "captions" must be a list of strings\n'
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written
 
 
@@ -431,6 +448,75 @@ def test_karpathy_flickr_json_with_images_dir(tmp_path, colour_clip):
     with pytest.raises(ValueError, match=re.escape(f"{path}: has no COCO ids (a Flickr file?); pass the folder of "
                                                    f"its images as --images-dir")):
         coco.read_karpathy_splits(str(path))
+
+
+KARPATHY_FAULTS = {  # the images of a Flickr-style dataset_*.json -> what the one line says after "FILE: "
+    "no images": ([], "lists no images"),
+    "a string imgid": ([{**flickr_entry(7, "a.png", "train", ["x"]), "imgid": "7"}],
+                       'a.png: its id "7" is not a whole number'),
+    # an image without sentences failed at caption training's first step
+    "an image without sentences": ([flickr_entry(0, "a.png", "train", [])],
+                                   "a.png: its sentences: none that is not blank"),
+    "one image under two names": ([flickr_entry(0, "a.png", "train", ["x"]),
+                                   {**flickr_entry(1, "a.png", "test", ["x"]), "filepath": "."}],
+                                  f"{os.path.join('.', 'a.png')} and a.png are one image; list each image once"),
+    "no val images": ([flickr_entry(0, "a.png", "train", ["x"])], "no val images"),
+}
+
+
+@pytest.mark.parametrize("fault", KARPATHY_FAULTS)
+def test_a_faulty_karpathy_file_is_one_line_naming_it_and_the_image(tmp_path, fault):
+    images, message = KARPATHY_FAULTS[fault]
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"dataset": "flickr8k", "images": images}))
+    with pytest.raises(ValueError) as error:
+        coco.read_splits(coco.parse_args(["--karpathy-json", str(path), "--images-dir", str(tmp_path / "images")]))
+    assert str(error.value) == f"{path}: {message}"
+
+
+def blank_coco_caption(root):
+    annotations = json.loads((root / "annotations" / "captions_train2017.json").read_text())
+    annotations["annotations"][0]["caption"] = " \n"
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(annotations))
+
+
+def uncaptioned_coco_image(root):
+    annotations = json.loads((root / "annotations" / "captions_train2017.json").read_text())
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] != 2]
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(annotations))
+
+
+@pytest.mark.parametrize("source", ["COCO", "Karpathy", "jsonl"])
+def test_one_rule_for_captions_in_every_source(tmp_path, source):
+    """A blank caption is no caption: the jsonl reader refused it, the others passed it on to training (a blank
+    target teaches the decoder to stop at once). Now every source drops it, and refuses an image left with none."""
+    def read(blank_only):
+        if source == "COCO":
+            write_coco(tmp_path, "train2017", [1, 2])  # annotation 0, in the file's reversed order, is image 2's
+            blank_coco_caption(tmp_path)
+            if blank_only:
+                uncaptioned_coco_image(tmp_path)
+            records = coco.read_captions(tmp_path, "train2017")
+        elif source == "Karpathy":
+            path = tmp_path / "dataset_flickr8k.json"
+            captions = [" \n"] if blank_only else ["a red square", " \n"]
+            path.write_text(json.dumps({"images": [flickr_entry(0, "a.png", "train", captions),
+                                                   flickr_entry(1, "b.png", "val", ["a green square"])]}))
+            records = coco.karpathy_splits(str(path), str(tmp_path))["train"]
+        else:
+            path = tmp_path / "captions.jsonl"
+            captions = [" \n"] if blank_only else ["a red square", " \n"]
+            write_jsonl(path, [{"image": "a.png", "captions": captions, "split": "train"},
+                               {"image": "b.png", "captions": ["a green square"], "split": "val"}])
+            records = coco.jsonl_splits(str(path))["train"]
+        return {os.path.basename(record.file): record.captions for record in records}
+    if source == "COCO":  # image 2's last caption, blanked, is dropped; it keeps the other four
+        assert read(blank_only=False)[file_name(2)] == [c.strip() for c in captions_of(2)][:4]
+    else:
+        assert read(blank_only=False)["a.png"] == ["a red square"]
+    with pytest.raises(ValueError, match=": none that is not blank$"):
+        read(blank_only=True)
 
 
 def test_karpathy_coco_json_with_images_dir_reads_coco_2014_by_cocoid(tmp_path, colour_clip):
@@ -487,6 +573,136 @@ def test_a_rerun_takes_edited_captions_and_refuses_other_images(tmp_path, colour
     write_jsonl(jsonl, lines)
     with pytest.raises(ValueError, match=re.escape(f"{out / 'train_index.json'}: made for 2 other images")):
         coco.main(stub_args(out, "--captions-jsonl", jsonl))
+
+
+def small_jsonl(folder):
+    """Three pictures, a.png and b.png for train and c.png for val, and the captions.jsonl that lists them."""
+    lines = []
+    for name, colour, split in (("a.png", RED, "train"), ("b.png", GREEN, "train"), ("c.png", BLUE, "val")):
+        draw(folder / name, colour)
+        lines.append({"image": name, "captions": [f"the picture {name}"], "split": split})
+    write_jsonl(folder / "captions.jsonl", lines)
+    return folder / "captions.jsonl"
+
+
+def fails_on_call(n, real, error):
+    """real, except that its n-th call raises error."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+    return fake
+
+
+def contents(folder):
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if name != "run.lock"} \
+        if folder.exists() else {}
+
+
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+FULL_DISKS = {  # what finds the disk full (or fails otherwise) -> (an earlier --limit run?, the file, the error)
+    "val's features, after train's": (None, "val_features.npy", "needs 140 bytes of disk, "),  # 128 header + 12
+    "growing train's features": (1, "train_features.npy.tmp", "needs 152 bytes of disk, "),
+    "no posix_fallocate, the free space compared": (None, "train_features.npy", "needs 152 bytes of disk, 10 are free"),
+    "val's status file": (None, "val_status.npy", "cannot write it (No space left on device)"),
+    "the tokenizer, offline": (None, None, "cannot load GPT-2's BPE files"),
+}
+
+
+def offline():
+    raise ValueError("cannot load GPT-2's BPE files (ConnectionError); offline?")
+
+
+@pytest.mark.parametrize("full", FULL_DISKS)
+def test_a_full_disk_is_said_before_any_image_is_encoded_and_the_folder_stays_as_it_was(tmp_path, colour_clip,
+                                                                                       monkeypatch, full):
+    """The features file was sparse: a full disk showed only when a row was written, hours in, as a SIGBUS."""
+    jsonl = small_jsonl(tmp_path / "mine")
+    out = tmp_path / "features"
+    earlier_limit, file, message = FULL_DISKS[full]
+    if earlier_limit:
+        coco.main(stub_args(out, "--captions-jsonl", jsonl, "--limit", earlier_limit))
+    before = contents(out)
+    if "posix_fallocate" in full:  # macOS has none
+        monkeypatch.delattr(os, "posix_fallocate")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+    elif "features" in full:  # val's is the second file allocated; a grown train's the first
+        monkeypatch.setattr(os, "posix_fallocate", fails_on_call(1 if earlier_limit else 2, os.posix_fallocate,
+                                                                 NO_SPACE))
+    elif "status" in full:
+        monkeypatch.setattr(np, "save", fails_on_call(2, np.save, NO_SPACE))
+    else:
+        monkeypatch.setattr(coco, "gpt2_encoding", offline)
+    encoded, real_clip_tokens = [], coco.clip_tokens
+    monkeypatch.setattr(coco, "clip_tokens", lambda model, pixels: encoded.append(len(pixels)) or
+                        real_clip_tokens(model, pixels))
+    with pytest.raises((OSError, ValueError)) as error:
+        coco.main(stub_args(out, "--captions-jsonl", jsonl))
+    assert str(error.value).startswith(f"{out / file}: {message}" if file else message)
+    assert encoded == [1]  # only output_shape's blank picture
+    assert contents(out) == before  # nothing half-made left: no split files, no meta.json, no .tmp
+
+
+def test_a_killed_decoding_worker_is_one_line_and_a_rerun_continues(tmp_path, colour_clip, monkeypatch):
+    """A DataLoader worker killed (by the OOM killer, say) ended coco.py in a traceback."""
+    jsonl = small_jsonl(tmp_path / "mine")
+    out, pytest_pid, killed = tmp_path / "features", os.getpid(), tmp_path / "killed"
+    real_load_clip = coco.load_clip
+
+    def load_clip(model_name, pretrained, device):
+        clip_model, preprocess = real_load_clip(model_name, pretrained, device)
+
+        def dies_once(image):  # the first image a worker decodes kills that worker
+            if os.getpid() != pytest_pid and not killed.exists():
+                killed.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return preprocess(image)
+        return clip_model, dies_once
+
+    monkeypatch.setattr(coco, "load_clip", load_clip)
+    with pytest.raises(OSError) as error:
+        coco.main(stub_args(out, "--captions-jsonl", jsonl, "--num-workers", 1))
+    assert re.fullmatch(r"train: DataLoader worker \(pid.*\) (is killed by signal: Killed|exited unexpectedly); "
+                        r"out of memory\? .* run coco.py again to continue", str(error.value))
+    coco.main(stub_args(out, "--captions-jsonl", jsonl, "--num-workers", 1))
+    assert_colours(coco.load_split(out, "train"), [RED, GREEN])
+
+
+def test_a_split_none_of_whose_images_can_be_read_is_refused(tmp_path, colour_clip):
+    """An unreadable val (a wrong path, say) made training fail later with "max() arg is an empty sequence"."""
+    jsonl = small_jsonl(tmp_path / "mine")
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"image": "d.png", "captions": ["never drawn"], "split": "val"}) + "\n")
+    os.remove(tmp_path / "mine" / "c.png")
+    out = tmp_path / "features"
+    with pytest.raises(ValueError, match="^val: none of its 2 images could be read$"):
+        coco.main(stub_args(out, "--captions-jsonl", jsonl))
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'val_status.npy'}: none of its 2 images could be read")):
+        coco.load_split(out, "val")  # features an older coco.py made
+
+
+GREY_16 = 128 * 257  # mid-grey at 16 bits: 128 at 8
+MID_GREYS = {  # (16, 24) pictures of mid-grey in deeper formats, and the file they are saved as
+    "16-bit PNG": (lambda: Image.fromarray(np.full((16, 24), GREY_16, np.uint16)), "grey.png"),
+    "big-endian 16-bit TIFF": (lambda: Image.frombytes("I;16B", (24, 16), np.full((16, 24), GREY_16, ">u2").tobytes()),
+                               "grey.tif"),
+    "float TIFF, 0..1": (lambda: Image.fromarray(np.full((16, 24), 0.5, np.float32)), "grey.tif"),
+    "32-bit TIFF of 16-bit values": (lambda: Image.fromarray(np.full((16, 24), GREY_16, np.int32)), "grey.tif"),
+    "8-bit PNG, as before": (lambda: Image.fromarray(np.full((16, 24), 128, np.uint8)), "grey.png"),
+}
+
+
+@pytest.mark.parametrize("kind", MID_GREYS)
+def test_deep_images_are_scaled_to_8_bits_not_clipped_to_white_or_black(tmp_path, kind):
+    image, file = MID_GREYS[kind]
+    image().save(tmp_path / file)
+    _, pixels = coco.ImageFiles([str(tmp_path / file)], lambda rgb: torch.from_numpy(np.array(rgb)))[0]
+    assert pixels.shape == (16, 24, 3) and (pixels == 128).all()
+    dark = Image.fromarray(np.full((4, 4), 10 * 257, np.uint16))  # 16 bits say their range: not stretched
+    assert np.array(coco.rgb_image(dark)).max() == 10
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -664,7 +880,8 @@ def test_a_refused_run_leaves_meta_json_as_it_was(dataset, tmp_path, monkeypatch
     out = tmp_path / "features"
     shutil.copytree(clean, out)
     karpathy = tmp_path / "dataset_coco.json"
-    karpathy.write_text(json.dumps({"images": [{"cocoid": 1, "split": "test"}, {"cocoid": 2, "split": "train"}]}))
+    karpathy.write_text(json.dumps({"images": [{"cocoid": 1, "split": "test"}, {"cocoid": 2, "split": "train"},
+                                               {"cocoid": 100, "split": "val"}]}))
     before = (out / "meta.json").read_bytes()
     without_clip(monkeypatch)
     with pytest.raises(ValueError, match="train_index.json: made for 6 other images"):
@@ -683,7 +900,8 @@ def test_a_missing_image_is_called_missing_and_a_broken_one_unreadable(tmp_path,
     out.mkdir()
     # no CLIP: every readable image is a (2, 4) block of ones
     encoder = coco.ImageEncoder(lambda pixels: torch.ones(len(pixels), 2, 4), lambda image: torch.zeros(3, 8, 8), {})
-    skipped = coco.extract_split("train", images, encoder, str(out), (2, 4))
+    features, status = coco.open_split("train", images, str(out), (2, 4))
+    skipped = coco.extract_split("train", images, encoder, str(out), features, status)
     assert skipped == [file_name(1), file_name(2)]
     err = capsys.readouterr().err
     assert f"coco.py: {images[0][1]}: no such file, skipped" in err
@@ -753,10 +971,16 @@ def test_a_folder_where_a_file_should_be_is_said_as_such(dataset, tmp_path):
                                                   ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
                                                   ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
                                                   ("--coco-dir", "a_file", "--coco-dir a_file: is a file, not a folder"),
-                                                  ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder")])
+                                                  ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder"),
+                                                  ("--device", "cuda", "argument --device: cuda: this machine "
+                                                                       "has 0 CUDA GPUs"),
+                                                  ("--device", "cuda:1", "argument --device: cuda:1: this machine "
+                                                                         "has 0 CUDA GPUs")])
 def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, value, message):
-    # --limit -3 used to take all images but the last 3, quietly; the others ended in a message without the flag
+    # --limit -3 used to take all images but the last 3, quietly; the others ended in a message without the flag.
+    # --device cuda without a GPU got as far as loading the encoder, and then blamed its weights
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         coco.parse_args([flag, value])
@@ -881,6 +1105,7 @@ def test_a_numbered_gpu_is_made_current_before_clip_is_loaded(tmp_path, monkeypa
     write_coco(root, "train2017", [1])
     write_coco(root, "val2017", [2])
     calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # --device cuda:N is checked against it
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
 
     def load_clip(model_name, pretrained, device):
