@@ -45,9 +45,10 @@ import numpy as np
 import torch
 
 from export_hf import save_pretrained
-from generate import beam_search, compile_decode_step, generate, generate_tokens
+from generate import beam_search, compile_decode_step, generate, generate_tokens, gpt2_encoding
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
-from training import autocast, default_device, peak_flops, positive_int, use_device
+from training import (autocast, default_device, existing_device, non_negative_int, output_problem, peak_flops,
+                      positive_float, positive_int, use_device)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
 
@@ -405,9 +406,7 @@ def synthetic_documents(n, seed=0):
 
 
 def encode_one(text):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    return np.array([EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
+    return np.array([EOT_TOKEN] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
 
 
 def bench_tokenize(args):
@@ -661,6 +660,9 @@ def bench_nanogpt(args):
 # -----------------------------------------------------------------------------
 
 
+RECIPE_REFERENCE = ("adamw", 6e-4, 0.1)  # build-nanogpt's recipe: every arm's speed-up is measured against it
+
+
 def recipe_arms(args):
     """(optimizer, peak rate, floor) of every run: each optimizer at each rate, each with each floor."""
     return [(optimizer, lr, floor) for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs))
@@ -692,8 +694,7 @@ def bench_recipe(args):
     the val loss every --eval-every steps is its curve. The reference is build-nanogpt's recipe (AdamW 6e-4,
     floor 0.1): the tokens it needs to reach its own final val loss, over the tokens each arm needs, is that
     arm's speed-up; ms/step beside it says what Newton-Schulz costs in time."""
-    if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"{args.data_dir}: no such data folder (fineweb.py --local-files ... --out-dir it)")
+    check_recipe(args)
     curves, ms_per_step = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for arm in recipe_arms(args):
@@ -705,11 +706,8 @@ def bench_recipe(args):
             ms_per_step[arm] = sorted(dts)[len(dts) // 2] if dts else float("nan")
             print(f"{arm[0]} lr {arm[1]:g} floor {arm[2]:g}: final val {curves[arm][args.steps]:.4f}, "
                   f"{ms_per_step[arm]:.0f} ms/step", flush=True)
-    reference = ("adamw", 6e-4, 0.1)
-    if reference not in curves:
-        raise ValueError("the reference arm (adamw, 6e-4, floor 0.1) must be among the arms")
-    target = curves[reference][args.steps]
-    reference_tokens = tokens_to_reach(curves[reference], target, args.total_batch_size)
+    target = curves[RECIPE_REFERENCE][args.steps]
+    reference_tokens = tokens_to_reach(curves[RECIPE_REFERENCE], target, args.total_batch_size)
     rows = []
     for arm, curve in curves.items():
         tokens = tokens_to_reach(curve, target, args.total_batch_size)
@@ -723,11 +721,37 @@ def bench_recipe(args):
         record = {"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list))},
                   "curves": [{"optimizer": a[0], "lr": a[1], "floor": a[2], "val": curve, "ms_per_step": ms_per_step[a]}
                              for a, curve in curves.items()]}
-        with open(args.out, "w") as f:
+        figure = recipe_figure_path(args.out)
+        with open(args.out + ".tmp", "w") as f:  # then renamed: a kill mid-write never leaves half a file
             json.dump(record, f, indent=1)
-        figure = os.path.splitext(args.out)[0] + ".png"
-        recipe_figure(record).savefig(figure, dpi=110)
+        os.replace(args.out + ".tmp", args.out)
+        recipe_figure(record).savefig(figure + ".tmp", format="png", dpi=110)
+        os.replace(figure + ".tmp", figure)
         print(f"curves written to {args.out}, drawn in {figure}")
+
+
+def check_recipe(args):
+    """What would stop the comparison at its end, after hours of training runs, is refused before the first."""
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"{args.data_dir}: no such data folder (fineweb.py --local-files ... --out-dir it)")
+    if RECIPE_REFERENCE not in recipe_arms(args):
+        raise ValueError("the reference arm (adamw, 6e-4, floor 0.1) must be among the arms: --adamw-lrs and "
+                         "--floors must include 6e-4 and 0.1")
+    if not args.out:
+        return
+    figure = recipe_figure_path(args.out)
+    if figure == args.out:
+        raise ValueError(f"--out {args.out}: is where the curves' figure goes; name the JSON .json")
+    for path in (args.out, figure):
+        problem = output_problem(path)
+        if problem:
+            raise ValueError(f"--out {path}: {problem}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--out also draws the curves, with matplotlib: pip install matplotlib")
+
+
+def recipe_figure_path(out):
+    return os.path.splitext(out)[0] + ".png"
 
 
 def recipe_figure(record):
@@ -779,7 +803,7 @@ def main(argv=None):
     p.add_argument("what", choices=[*BENCHMARKS, "gpu"])
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=positive_int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
     p.add_argument("--compile-modes", type=int, nargs="+", choices=[0, 1], default=None,
                    help="0 eager, 1 compile (default: both on CUDA; nanogpt compiles when 1 is among them)")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
@@ -790,31 +814,33 @@ def main(argv=None):
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="train: force one attention kernel (auto: SDPA picks)")
     p.add_argument("--profile", action="store_true", help="train: also print the top operators/kernels of a step")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations (nanogpt: untimed first steps)")
+    p.add_argument("--warmup", type=non_negative_int, default=5,
+                   help="untimed iterations (nanogpt: untimed first steps)")
     p.add_argument("--iters", type=positive_int, default=10)
-    p.add_argument("--new-tokens", type=int, nargs="+", help="sample: default 64 256; generate: 128 900")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="generate: rows decoded at once")
-    p.add_argument("--examples", type=int, default=256, help="hellaswag: examples to score")
-    p.add_argument("--documents", type=int, default=20000)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--shards", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--shard-tokens", type=int, default=20_000_000)
+    p.add_argument("--new-tokens", type=positive_int, nargs="+", help="sample: default 64 256; generate: 128 900")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8], help="generate: rows decoded at once")
+    p.add_argument("--examples", type=positive_int, default=256, help="hellaswag: examples to score")
+    p.add_argument("--documents", type=positive_int, default=20000)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--shards", type=positive_int, nargs="+", default=[2, 8])
+    p.add_argument("--shard-tokens", type=positive_int, default=20_000_000)
     p.add_argument("--reference", default=os.path.join(ROOT, "third_party", "build-nanogpt"),
                    help="a clone of karpathy/build-nanogpt")
-    p.add_argument("--steps", type=int, default=20, help="nanogpt: optimizer steps each script runs")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="nanogpt: tokens per step (2**19)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    p.add_argument("--steps", type=positive_int, default=20, help="nanogpt: optimizer steps each script runs")
+    p.add_argument("--total-batch-size", type=positive_int, default=524288, help="nanogpt: tokens per step (2**19)")
+    p.add_argument("--device", default="auto", type=existing_device,
+                   help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     recipe = p.add_argument_group("recipe", "the optimizer comparison (defaults: a size this 2-core CPU runs)")
     recipe.add_argument("--data-dir", default="data/shakespeare", help="tokenized real text (fineweb.py --local-files)")
-    recipe.add_argument("--n-layer", type=int, default=4)
-    recipe.add_argument("--n-head", type=int, default=4)
-    recipe.add_argument("--n-embd", type=int, default=128)
-    recipe.add_argument("--adamw-lrs", type=float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
-    recipe.add_argument("--muon-lrs", type=float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
+    recipe.add_argument("--n-layer", type=positive_int, default=4)
+    recipe.add_argument("--n-head", type=positive_int, default=4)
+    recipe.add_argument("--n-embd", type=positive_int, default=128)
+    recipe.add_argument("--adamw-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
+    recipe.add_argument("--muon-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
     recipe.add_argument("--floors", type=float, nargs="+", default=[0.1, 0.0], help="--min-lr-ratio values")
-    recipe.add_argument("--warmup-steps", type=int, default=30)
-    recipe.add_argument("--eval-every", type=int, default=25)
-    recipe.add_argument("--val-tokens", type=int, default=16384)
+    recipe.add_argument("--warmup-steps", type=non_negative_int, default=30)
+    recipe.add_argument("--eval-every", type=positive_int, default=25)
+    recipe.add_argument("--val-tokens", type=positive_int, default=16384)
     recipe.add_argument("--out", help="write every arm's val curve to this JSON file")
     args = p.parse_args(argv)
     args.device = default_device() if args.device == "auto" else args.device
@@ -824,6 +850,8 @@ def main(argv=None):
     args.new_tokens = args.new_tokens or ([128, 900] if args.what == "generate" else [64, 256])
     if args.what in ("train", "gpu"):  # the benchmarks that use --sdpa-backend
         check_sdpa_backend(args.sdpa_backend, args.device, args.dtypes)
+    if args.what in ("hellaswag", "tokenize", "gpu"):  # they tokenize: offline without GPT-2's files, stop now
+        gpt2_encoding()
     use_device(args.device)
     torch.set_float32_matmul_precision("high")
     print(f"torch {torch.__version__} | {device_name(args.device)} | {time.strftime('%Y-%m-%d')}", flush=True)

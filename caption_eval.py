@@ -42,6 +42,7 @@ import argparse
 import base64
 import html
 import io
+import json
 import math
 import os
 import re
@@ -50,16 +51,15 @@ import subprocess
 import sys
 
 import numpy as np
-import tiktoken
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import coco
 from checkpoint import latest_checkpoint, load_model
-from generate import beam_search, compile_decode_step, generate, until_end_of_text
+from generate import beam_search, compile_decode_step, generate, gpt2_encoding, until_end_of_text
 from model import EOT_TOKEN
-from training import autocast, default_device, default_dtype, output_problem, use_device
+from training import autocast, default_device, default_dtype, existing_device, output_problem, use_device
 
 # the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -235,7 +235,7 @@ def caption_images(model, features, batch_size, beam_size, max_new_tokens, devic
     With the model's decoding step compiled (generate.compile_decode_step), a last batch of fewer images is padded to
     batch_size by repeating its last image: one compiled shape for the whole split instead of a second compile
     (tens of seconds) for a few images."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     model.eval()
     device_type = torch.device(device).type
     captions = []
@@ -315,7 +315,7 @@ def thumbnail_uri(path, size):
     matplotlib's grace_hopper.jpg), about 1 MB for 50 images; COCO's own JPEGs (val2017: 778 MB for 5,000
     images, 155 KB each) would make 10 MB."""
     with Image.open(path) as image:
-        image = image.convert("RGB")  # decodes: a truncated file fails here, with OSError
+        image = coco.rgb_image(image)  # decodes: a truncated file fails here, with OSError
     image.thumbnail((size, size))  # keeps the aspect ratio
     jpeg = io.BytesIO()
     image.save(jpeg, "JPEG", quality=85)
@@ -411,7 +411,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="only the first N images (CIDEr then differs: see coco_metrics)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR, the slowest metric")
     p.add_argument("--spice", action="store_true", help="add SPICE (needs Stanford CoreNLP and Java 8)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1, mps, cpu")
+    p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, cuda:1, mps, cpu")
     p.add_argument("--out", help="results JSON (default beside the checkpoint: CHECKPOINT_SPLIT_beamK.json, "
                                  "or CHECKPOINT_SPLIT_sweep.json for several decodings)")
     p.add_argument("--gallery", help="also write this web page: images, captions, references, CIDEr-D each")
@@ -454,6 +454,23 @@ def default_out(checkpoint_path, split, combinations):
     """Beside the checkpoint: model_011558_val_beam3.json for one decoding, model_011558_val_sweep.json for more."""
     decoding = f"beam{combinations[0][0]}" if len(combinations) == 1 else "sweep"
     return os.path.splitext(checkpoint_path)[0] + f"_{split}_{decoding}.json"
+
+
+def check_outputs(outputs, checkpoint_path):
+    """{flag: path} of the files to write, each checked before the captioning hours: that it can be written, and
+    that it is not the checkpoint nor another output (a results JSON written over model.pt would lose the model)."""
+    taken = {os.path.realpath(checkpoint_path): "the checkpoint"}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no such folder (for {flag} {path})")
+        real = os.path.realpath(path)
+        problem = f"would overwrite {taken[real]}" if real in taken else output_problem(path)
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+        taken[real] = f"{flag} {path}"
 
 
 def check_same_encoder(checkpoint, checkpoint_path, meta, features_dir):
@@ -517,10 +534,15 @@ def print_table(rows, best):
 
 
 def write_text(path, text):
-    """Write to a temporary file, then rename: a crash never leaves half a gallery page."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """Write to a temporary file, then rename: a crash never leaves half a file, a full disk not even the .tmp."""
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise ValueError(f"{path}: not written ({e.strerror or e})") from None
 
 
 def caption_and_score(model, split, combinations, args, dtype):
@@ -545,12 +567,12 @@ def report(rows, settings, out):
     """Print the metrics (one decoding) or the table (several), and write them to the results JSON."""
     if len(rows) == 1:
         print_metrics(rows[0]["metrics"])
-        coco.write_json(out, {**settings, **rows[0]})
+        write_text(out, json.dumps({**settings, **rows[0]}))
     else:
         best = best_row(rows)
         print_table(rows, best)
-        coco.write_json(out, {**settings, "best": {key: rows[best][key] for key in ("beam", "length_penalty")},
-                         "rows": rows})
+        write_text(out, json.dumps({**settings, "best": {key: rows[best][key] for key in ("beam", "length_penalty")},
+                                    "rows": rows}))
     print(f"wrote {out}")
 
 
@@ -580,13 +602,7 @@ def main(argv=None):
     checkpoint_path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
     combinations = decodings(args.beam_size, args.length_penalty)
     out = args.out or default_out(checkpoint_path, args.split, combinations)
-    for path, flag in ((out, "--out"), (args.gallery, "--gallery")):
-        folder = os.path.dirname(path or "") or "."
-        if path and not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder}: no such folder (for {flag} {path})")
-        problem = path and output_problem(path)
-        if problem:
-            raise ValueError(f"{flag} {path}: {problem}")
+    check_outputs({"--out": out, "--gallery": args.gallery}, checkpoint_path)
     if args.gallery and not os.path.isdir(args.coco_dir):  # a gallery without pictures still shows the captions
         print(f"caption_eval.py: {args.coco_dir}: no such folder (--coco-dir); the gallery will name its images "
               f"without showing them", file=sys.stderr)

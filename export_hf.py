@@ -29,9 +29,10 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from checkpoint import load_model
+from checkpoint import load_model, why_write_failed
 from model import CONV1D_WEIGHTS, EOT_TOKEN, GPT2_VOCAB_SIZE, is_cross_attn_param
 
 # -----------------------------------------------------------------------------
@@ -189,10 +190,10 @@ def export_folder(out_dir):
             os.rename(out_dir, old)  # two renames within one folder: a kill between them leaves both, named
         os.rename(folder, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # a full disk, mostly: the export is gone, the previous one untouched
+    except (OSError, SafetensorError) as e:  # a full disk, mostly (safetensors reports it as a SafetensorError)
         shutil.rmtree(folder, ignore_errors=True)
-        raise ValueError(f"{out_dir}: export not written ({e.strerror or e}); the previous one, if any, is as it "
-                         f"was") from None
+        raise ValueError(f"{out_dir}: export not written ({why_write_failed(e, parent)}); the previous one, if any, "
+                         f"is as it was") from None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

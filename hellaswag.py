@@ -40,15 +40,15 @@ import socket
 import sys
 import urllib.request
 
-import tiktoken
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
 import checkpoint
+from generate import gpt2_encoding
 from model import GPT
-from training import autocast, default_device, default_dtype, positive_int, use_device
+from training import autocast, default_device, default_dtype, existing_device, positive_int, use_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = os.environ.get("HELLASWAG_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -65,6 +65,7 @@ def download(url, path):
     and each must write a file of its own (the last complete one to be renamed wins; they are the same)."""
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # in here: a folder that cannot be made is one line
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(path)) as bar:
@@ -88,7 +89,6 @@ def download_if_missing(local_master=True):
     path = os.path.join(DATA_DIR, "hellaswag_val.jsonl")
     try:
         if local_master and not os.path.exists(path):
-            os.makedirs(DATA_DIR, exist_ok=True)
             download(VAL_URL, path)
     finally:
         # reached even when the download failed: the other processes then find no file and stop with an
@@ -217,7 +217,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
     three counts are then all-reduced, so every rank returns the totals. autocast_dtype: None or 'float32' for
     full precision, 'bfloat16' or 'float16' for autocast, as in training. batch_size examples (4 rows each) go
     through the model together: 4 rows of a hundred-odd tokens are too little work to keep a GPU busy."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     device_type = torch.device(device).type
     was_training = model.training
     model.eval()  # no dropout while scoring
@@ -259,7 +259,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: downloaded once into {DATA_DIR})")
     p.add_argument("--limit", type=positive_int, help="score only the first N examples")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward pass (4 rows each)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    p.add_argument("--device", default="auto", type=existing_device,
+                   help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on a GPU that has it, float16 on older GPUs, float32 elsewhere")
     return p.parse_args(argv)

@@ -16,6 +16,7 @@ Needs matplotlib (pip install matplotlib), which training itself does not.
 import argparse
 import os
 import sys
+import tempfile
 
 # OpenAI GPT-2 124M, as build-nanogpt's play.ipynb draws it: val loss on the FineWeb-Edu val shard, and
 # HellaSwag val acc_norm (0.294463; its hellaswag.py printed 0.2955 for the same model: see hellaswag.py)
@@ -32,18 +33,24 @@ PANELS = {
 
 
 def read_log(path):
-    """-> {'train': ([steps], [values]), 'val': ..., 'hella': ...}; unknown kinds are kept too."""
+    """-> {'train': ([steps], [values]), 'val': ..., 'hella': ...}; unknown kinds are kept too. A line that is not
+    '<step> <kind> <value>' is a ValueError naming the file and the line."""
     series = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{number}: expected '<step> <kind> <value>', got {line.strip()!r}")
-            steps, values = series.setdefault(parts[1], ([], []))
-            steps.append(int(parts[0]))
-            values.append(float(parts[2]))
+    with open(path, errors="replace") as f:  # bytes that are not text become a bad line, named like any other
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            step, kind, value = line.split()
+            step, value = int(step), float(value)
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                continue  # the run is writing this line as we read it: the next plot will have it
+            raise ValueError(f"{path}:{number}: expected '<step> <kind> <value>', got {line.strip()!r}") from None
+        steps, values = series.setdefault(kind, ([], []))
+        steps.append(step)
+        values.append(value)
     return series
 
 
@@ -70,6 +77,36 @@ def build_figure(runs, reference=None):
     return fig
 
 
+def output_problem(out, logs):
+    """Why the picture cannot be written to `out`, or None: asked before the logs are read. (training.py has
+    the same check, but importing it would make plotting need torch.)"""
+    if os.path.isdir(out):
+        return "is a folder, not a file"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        return "no such folder"
+    if any(os.path.realpath(out) == os.path.realpath(log) for log in logs):
+        return "is one of the logs, which it would overwrite"
+    try:  # a real write: os.access says yes to root on a read-only mount
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write in {folder} ({e.strerror})"
+    return None
+
+
+def save(figure, out):
+    """Into out.tmp, then renamed over out: a full disk or a kill mid-write leaves the previous picture whole."""
+    tmp = out + ".tmp"
+    try:
+        figure.savefig(tmp, format=os.path.splitext(out)[1][1:].lower(), dpi=100)
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f"plot_log.py: {out}: not written ({e.strerror or e})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", metavar="log", help="log.txt files written by the training scripts")
@@ -85,14 +122,18 @@ def main():
         parser.error("several logs need --out PNG")
     if args.out is not None and os.path.splitext(args.out)[1].lower() not in (".png", ".pdf", ".svg", ".jpg"):
         parser.error(f"--out {args.out}: name the file with the picture's type (.png, .pdf, .svg or .jpg)")
-    if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: no such folder")
+    out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
+    problem = output_problem(out, args.logs)
+    if problem:
+        parser.error(f"--out {out}: {problem}")
     runs = []
     for label, log in zip(labels, args.logs):
         if not os.path.isfile(log):
             sys.exit(f"plot_log.py: {log}: no such file")
         try:
             runs.append((label, read_log(log)))
+        except OSError as e:
+            sys.exit(f"plot_log.py: {log}: cannot read it ({e.strerror})")
         except ValueError as e:
             sys.exit(f"plot_log.py: {e}")
     if not any(kind in series for _, series in runs for kind in PANELS):
@@ -101,8 +142,7 @@ def main():
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("plot_log.py: needs matplotlib: pip install matplotlib")
-    out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
-    build_figure(runs, args.reference).savefig(out, dpi=100)
+    save(build_figure(runs, args.reference), out)
     print(f"wrote {out}")
 
 

@@ -46,7 +46,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import tiktoken
 import torch
 from PIL import Image
 from torch.nn import functional as F
@@ -54,10 +53,10 @@ from torch.nn import functional as F
 import coco
 from caption_eval import choose_checkpoint
 from checkpoint import latest_checkpoint, load_model
-from generate import beam_search, check_sampling, compile_decode_step, generate, until_end_of_text
+from generate import beam_search, check_sampling, compile_decode_step, generate, gpt2_encoding, until_end_of_text
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE
-from training import (autocast, default_device, default_dtype, non_negative_int, output_problem, positive_int,
-                      use_device)
+from training import (autocast, default_device, default_dtype, existing_device, non_negative_int, output_problem,
+                      positive_int, use_device)
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
 TEXT_TOP_K = 50
@@ -76,7 +75,7 @@ class Captioner:
         # scale and its CLIP input move by 0.02-0.08 on average (normalised pixel units; measured on two photos).
         self.image_size, self.prefix_tokens = encoder.record["image_size"], encoder.record["prefix_tokens"]
         self.decode_size = 2 * self.image_size if self.image_size else None
-        self.enc = tiktoken.get_encoding("gpt2")
+        self.enc = gpt2_encoding()
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", dtype=None):
@@ -97,7 +96,7 @@ class Captioner:
         size (see open_image), so a big photo never sits in memory at full size."""
         if isinstance(image, (str, os.PathLike)):
             image = open_image(image, self.decode_size)
-        return self.encoder.preprocess(image.convert("RGB"))
+        return self.encoder.preprocess(coco.rgb_image(image))  # a 16-bit or float one scaled, not clipped
 
     def encode(self, pixels):
         """(B, 3, H, W) -> (B, N_img, width): the encoder's image tokens, what the decoder cross-attends to."""
@@ -221,7 +220,7 @@ def open_image(path, size=None):
         with Image.open(path) as image:
             if size is not None:
                 image.draft("RGB", (size, size))  # a no-op for formats other than JPEG
-            return image.convert("RGB")
+            return coco.rgb_image(image)  # decodes it (16-bit and float pixels scaled to 8 bits, not clipped)
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
@@ -275,7 +274,7 @@ def encoder_view(image, size):
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return image.convert("RGB").crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    return coco.rgb_image(image).crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
 
 
 def upsample(grid, size):
@@ -329,8 +328,14 @@ def attention_map_paths(path, images):
 
 
 def save_attention_map(captioner, file, caption, attention, path):
-    image = open_image(file, captioner.decode_size)
-    attention_figure(image, caption, attention, captioner.image_size).savefig(path, dpi=100)
+    figure = attention_figure(open_image(file, captioner.decode_size), caption, attention, captioner.image_size)
+    try:  # into path.tmp, then renamed: a full disk or a kill never leaves half a picture over the last one
+        figure.savefig(path + ".tmp", format=os.path.splitext(path)[1][1:].lower(), dpi=100)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise ValueError(f"--attention-map {path}: not written ({e.strerror or e})") from None
     print(f"sample.py: {file}: attention map in {path}", file=sys.stderr)
 
 
@@ -394,7 +399,7 @@ def generate_text(args):
     model.to(device).eval()
     if args.compile:
         compile_decode_step(model)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     # "<|endoftext|>" in the prompt is the token that starts a document; an empty prompt is just that token
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     max_new_tokens = new_tokens_that_fit(len(prompt), args.max_new_tokens, model.config.block_size)
@@ -486,19 +491,6 @@ def probability(text):
     return value
 
 
-def check_device(p, device):
-    """A misspelt device, or a GPU this machine does not have, would otherwise fail deep inside torch."""
-    if device == "auto":
-        return
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        p.error(f"--device {device}: not a device (auto, cpu, cuda, cuda:1, mps)")
-    gpus = torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= gpus:
-        p.error(f"--device {device}: this machine has {gpus} CUDA GPU{'s' if gpus != 1 else ''}")
-
-
 def check_attention_map(p, args):
     """--attention-map needs an image, one caption per image and matplotlib: refused now, not after decoding."""
     if args.attention_map is None:
@@ -546,7 +538,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples per image or prompt")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30 for captions, 200 for text")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="auto", type=existing_device, help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=non_negative_int, default=42)
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (tens of seconds per batch size and length; pays for "
@@ -555,7 +547,6 @@ def parse_args(argv=None):
                    help="with --image: draw where each word of the caption looked, into PATH (.png, .pdf, .svg); "
                         "several images: PATH_<image name>.png each. Needs matplotlib")
     args = p.parse_args(argv)
-    check_device(p, args.device)
     check_attention_map(p, args)
     if args.checkpoint_dir is None:
         args.checkpoint_dir = "log_caption" if args.image else "log"

@@ -5,6 +5,8 @@ import argparse
 import re
 
 import pytest
+import requests
+import tiktoken
 import torch
 
 import bench
@@ -64,6 +66,7 @@ def fake_gpus(monkeypatch):
     the returned list instead of reaching a GPU. The float32 matmul precision is left as it is, for the
     tests that run after this one in the same process."""
     calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # --device cuda:N is checked against it
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
@@ -168,8 +171,42 @@ def test_generate_refuses_more_tokens_than_the_model_has_positions():
         bench.main(["generate", "--model", "tiny", "--new-tokens", "300", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("flag", ["--iters", "--batch-size"])
-def test_a_count_of_zero_is_refused_in_one_line(flag, capsys):
+@pytest.mark.parametrize("flag, value", [
+    ("--iters", "0"), ("--batch-size", "0"), ("--seq-len", "0"), ("--warmup", "-1"), ("--new-tokens", "0"),
+    ("--batch-sizes", "0"), ("--examples", "0"), ("--documents", "0"), ("--repeats", "0"), ("--shards", "0"),
+    ("--shard-tokens", "0"), ("--steps", "0"), ("--total-batch-size", "0"), ("--n-layer", "0"), ("--n-head", "0"),
+    ("--n-embd", "0"), ("--warmup-steps", "-1"), ("--eval-every", "0"), ("--val-tokens", "0"), ("--adamw-lrs", "0"),
+    ("--muon-lrs", "-0.001")])
+def test_a_count_or_rate_out_of_range_is_refused_in_one_line(flag, value, capsys):
+    # --repeats 0 was a median of nothing, --warmup -1 no warm-up, --steps 0 a reference run that timed nothing
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["train", flag, "0", "--device", "cpu"])
-    assert exit_info.value.code == 2 and f"argument {flag}: must be a whole number > 0" in capsys.readouterr().err
+        bench.main(["train", flag, value, "--device", "cpu"])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be a " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "a_folder"], "--out a_folder: is a folder, not a file"),
+    (["--out", "no/such/curves.json"], "--out no/such/curves.json: no such folder"),
+    (["--out", "curves.png"], "--out curves.png: is where the curves' figure goes"),
+    (["--adamw-lrs", "1e-3"], "the reference arm \\(adamw, 6e-4, floor 0.1\\) must be among the arms")])
+def test_recipe_refuses_what_would_stop_it_at_the_end_before_training(argv, message, tmp_path, monkeypatch):
+    """Each came after every arm had trained (hours): a traceback writing --out, or the missing reference."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "a_folder").mkdir()
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # left as it is for others
+    monkeypatch.setattr(bench, "run_script", lambda *args: pytest.fail("trained before the check"))
+    with pytest.raises(ValueError, match=message):
+        bench.main(["recipe", "--data-dir", "data", "--device", "cpu", *argv])
+
+
+@pytest.mark.parametrize("what", ["hellaswag", "tokenize", "gpu"])
+def test_offline_without_gpt2s_bpe_files_the_benchmarks_that_tokenize_stop_at_once(what, monkeypatch):
+    def offline(name):  # what tiktoken raises with no network and nothing in its cache: it was that traceback
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
+    monkeypatch.setattr(bench, "BENCHMARKS", {name: lambda args: pytest.fail("benchmarked before the check")
+                                              for name in bench.BENCHMARKS})
+    with pytest.raises(ValueError, match="cannot load GPT-2's BPE files .* set TIKTOKEN_CACHE_DIR"):
+        bench.main([what, "--device", "cpu"])

@@ -2,6 +2,7 @@
 is batched beam search / greedy decoding, on the GPU --device names; a missing Java stops everything before
 any captioning; --gallery writes a self-contained page of pictures, captions, references and per-image CIDEr-D."""
 import base64
+import errno
 import html
 import importlib.util
 import io
@@ -16,14 +17,20 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import requests
 import tiktoken
 import torch
 from PIL import Image
 
+import bench
 import caption_eval
 import coco
+import export_hf
+import hellaswag
+import sample
 from generate import beam_search, compile_decode_step, generate
 from model import EOT_TOKEN, GPT, GPTConfig
+from training import probe_write
 
 needs_metrics = pytest.mark.skipif(caption_eval.shutil.which("java") is None or
                                    importlib.util.find_spec("pycocoevalcap") is None,
@@ -323,17 +330,59 @@ def test_command_line_writes_metrics_settings_and_coco_results(monkeypatch, tmp_
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("flag", ["--out", "--gallery"])
-def test_an_output_that_cannot_be_written_is_refused_before_captioning(flag, monkeypatch, tmp_path):
-    """--out or --gallery naming a folder: the captions were computed, then a traceback lost them."""
+@pytest.mark.parametrize("outputs, message", [
+    (["--out", "a_folder"], "--out a_folder: is a folder, not a file"),
+    (["--out", "r.json", "--gallery", "a_folder"], "--gallery a_folder: is a folder, not a file"),
+    ([], "--out read_only/model_val_beam3.json: cannot write in .*read_only \\(Read-only file system\\)"),  # default
+    (["--out", "read_only/model.pt"], "--out read_only/model.pt: would overwrite the checkpoint"),
+    (["--out", "r.json", "--gallery", "r.json"], "--gallery r.json: would overwrite --out r.json"),
+], ids=["--out a folder", "--gallery a folder", "the default, on a read-only mount", "--out the checkpoint",
+        "--gallery the results"])
+def test_an_output_that_cannot_be_written_is_refused_before_captioning(outputs, message, monkeypatch, tmp_path):
+    """--out or --gallery naming a folder: the captions were computed, then a traceback lost them. The default results
+    path, beside a checkpoint on a read-only mount, is checked alike; and no output may replace the checkpoint, nor
+    the gallery the results."""
     monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
     monkeypatch.setattr(caption_eval, "caption_images", lambda *a, **k: pytest.fail("captioned before the check"))
     fake_features_dir(monkeypatch)
-    save_tiny_checkpoint(tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a_folder").mkdir()
-    with pytest.raises(ValueError, match=f"{flag} .*a_folder: is a folder, not a file"):
-        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), flag, str(tmp_path / "a_folder"),
+    (tmp_path / "read_only").mkdir()
+    save_tiny_checkpoint(tmp_path / "read_only" / "model.pt")
+
+    def read_only_mount(folder):  # root may write anywhere here: a read-only mount is faked
+        if os.path.basename(folder) == "read_only":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        probe_write(folder)
+    monkeypatch.setattr("training.probe_write", read_only_mount)
+    with pytest.raises(ValueError, match=message):
+        caption_eval.main(["--checkpoint", "read_only/model.pt", *outputs, "--device", "cpu"])
+
+
+def test_a_full_disk_at_the_end_is_one_line_and_leaves_no_tmp(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {"CIDEr": 0.5})
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+
+    def full_disk(source, destination):  # it was a traceback, and a .tmp beside the checkpoint
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(ValueError, match=r"model_val_beam1.json: not written \(No space left on device\)"):
+        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--beam", "1", "--max-new-tokens", "4",
                            "--device", "cpu"])
+    assert os.listdir(tmp_path) == ["model.pt"] and "CIDEr" in capsys.readouterr().out  # the scores were printed
+
+
+def test_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(monkeypatch, tmp_path):
+    def offline(name):  # what tiktoken raises with no network and nothing in its cache: it was that traceback
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="cannot load GPT-2's BPE files .* set TIKTOKEN_CACHE_DIR"):
+        caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--device", "cpu"])
 
 
 def test_command_line_refuses_features_of_another_clip(monkeypatch, tmp_path):
@@ -354,6 +403,7 @@ def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tm
     checkpoint = torch.load(tmp_path / "model.pt", weights_only=True)
     monkeypatch.setattr(caption_eval, "load_model", lambda path, kind: (model, checkpoint))
     monkeypatch.setattr(model, "to", lambda device: calls.append(("to", device)) or model)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # --device cuda:N is checked against it
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     # the dtype is asked of the GPU in use ("cuda:1"), not of "cuda", which is GPU 0
     monkeypatch.setattr(caption_eval, "default_dtype",
@@ -368,6 +418,40 @@ def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tm
     assert calls == [("set_device", "cuda:1"), ("default_dtype", "cuda:1"), ("to", "cuda:1"),
                      ("caption_images", "cuda:1", "bfloat16")]
     assert json.loads((tmp_path / "model_val_beam3.json").read_text())["metrics"] == {"CIDEr": 0.5}
+
+
+# --- what every script that reads checkpoints shares ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("parse_args", [caption_eval.parse_args,
+                                        lambda argv: hellaswag.parse_args(["--pretrained", "gpt2", *argv]),
+                                        lambda argv: sample.parse_args(["--image", "a.jpg", *argv]),
+                                        lambda argv: bench.main(["train", *argv])],
+                         ids=["caption_eval", "hellaswag", "sample", "bench"])
+def test_device_cuda_without_a_gpu_is_a_usage_error(parse_args, monkeypatch, capsys):
+    """caption_eval, hellaswag and bench took it, then failed deep inside torch once the work had begun."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "argument --device: cuda: this machine has 0 CUDA GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["caption_eval", "sample", "hellaswag", "export_hf"])
+def test_a_checkpoint_stripped_to_its_weights_is_one_line_naming_the_file(script, monkeypatch, tmp_path):
+    """Someone saved only {"model": ...}. (A checkpoint without optimizer, step or args is read as usual: the
+    other tests' checkpoints have none of the first, and sample.py's and export_hf.py's no args.)"""
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    path = str(tmp_path / "model.pt")
+    torch.save({"model": tiny_captioner().state_dict()}, path)
+    (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')
+    run = {"caption_eval": lambda: caption_eval.main(["--checkpoint", path, "--device", "cpu"]),
+           "sample": lambda: sample.main(["--prompt", "Hi", "--checkpoint", path, "--device", "cpu"]),
+           "hellaswag": lambda: hellaswag.main(hellaswag.parse_args(
+               ["--checkpoint", path, "--data", str(tmp_path / "hellaswag.jsonl"), "--device", "cpu"])),
+           "export_hf": lambda: export_hf.main([path, str(tmp_path / "hf")])}
+    with pytest.raises(ValueError, match=re.escape(path) + r": not a checkpoint of this codebase \(.*kind.*config"):
+        run[script]()
 
 
 def test_checkpoint_by_default_is_best_pt_else_the_newest(tmp_path):

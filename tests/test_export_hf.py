@@ -1,6 +1,7 @@
 """export_hf.py and its save_pretrained: a checkpoint of ours, exported, is the same model in transformers (same
 logits, same greedy tokens) and comes back through GPT.from_pretrained with the same weights; a captioner
 exports its language model and says what it left out; GPT-2's tokenizer goes along when tiktoken has it."""
+import errno
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import tiktoken
 import torch
 import transformers  # test-only: the independent reader of the export
+from safetensors import SafetensorError
 
 import export_hf
 from export_hf import save_pretrained
@@ -148,19 +150,31 @@ def test_bad_paths_are_named(tmp_path, capsys):
     assert "taken: is a file, not a folder" in capsys.readouterr().err
 
 
-def test_a_failed_export_leaves_the_previous_one_whole(exported, tmp_path, monkeypatch):
+FULL_DISK = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing, error, message", [
+    ("json.dump", FULL_DISK, r"export not written \(No space left on device\); the previous one"),  # config.json
+    ("save_file", FULL_DISK, r"export not written \(No space left on device\); the previous one"),  # the weights
+    # what safetensors really raises on a full disk (measured on a 64 KB tmpfs): it was a traceback
+    ("save_file", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     r"export not written \(.*No space left on device.*\); the previous one"),
+    ("write_tokenizer", FULL_DISK, r"export not written \(No space left on device\); the previous one"),
+    ("tempfile.mkdtemp", OSError(errno.EROFS, os.strerror(errno.EROFS)), r"cannot write there \(Read-only file"),
+], ids=["config", "weights", "weights, as safetensors says it", "tokenizer", "read-only parent folder"])
+def test_a_failed_export_leaves_the_previous_one_whole(exported, tmp_path, monkeypatch, failing, error, message):
     """A full disk (or a kill) mid-export left a new config.json beside the old weights: loadable by nothing. The
-    export is written beside the folder and swapped in only when complete."""
+    export is written beside the folder and swapped in only when complete; a failure is one line."""
     ours, _ = exported
     checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
     out = tmp_path / "hf"
     assert export_hf.main([str(checkpoint), str(out)]) == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
 
-    def full_disk(folder, block_size):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(export_hf, "write_tokenizer", full_disk)
-    with pytest.raises(ValueError, match=r"hf: export not written \(No space left on device\); the previous one"):
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(f"export_hf.{failing}", fail)
+    with pytest.raises(ValueError, match=f"{out}: {message}"):
         export_hf.main([str(checkpoint), str(out)])
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["hf", "lm.pt"]  # no half-written folder left beside it

@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+import requests
 import tiktoken
 import torch
 import torch.nn as nn
@@ -364,11 +365,14 @@ def test_each_node_downloads_into_its_own_disk(rows_path, tmp_path, monkeypatch,
     assert not os.path.exists(hellaswag.download_if_missing(local_master=False))
 
 
-def test_a_failed_download_still_reaches_the_barrier(tmp_path, monkeypatch, barriers):
-    # otherwise the node's other processes would wait at the barrier for a process that has stopped
-    monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / "cache"))
+@pytest.mark.parametrize("data_dir", ["cache", "a_file/cache"])  # unreachable; a folder that cannot be made
+def test_a_failed_download_is_one_line_and_still_reaches_the_barrier(tmp_path, monkeypatch, barriers, data_dir):
+    # otherwise the node's other processes would wait at the barrier for a process that has stopped.
+    # $HELLASWAG_DIR below a file (or on a read-only mount) was a traceback from os.makedirs
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path / data_dir))
     monkeypatch.setattr(hellaswag, "VAL_URL", "file://" + str(tmp_path / "gone.jsonl"))
-    with pytest.raises(FileNotFoundError, match="hellaswag_val.jsonl: missing"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / data_dir}/hellaswag_val.jsonl: missing"):
         hellaswag.download_if_missing(local_master=True)
     assert barriers == ["barrier"]
 
@@ -465,6 +469,14 @@ def test_cli_bad_input_is_one_line_naming_the_file(checkpoint_path, rows_path, t
     assert len(lines) == 1 and lines[0].startswith("hellaswag.py: error:") and bad in lines[0], result.stderr
 
 
+def test_cli_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(checkpoint_path, rows_path, monkeypatch):
+    def offline(name):  # what tiktoken raises with no network and nothing in its cache
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ValueError, match="cannot load GPT-2's BPE files .* set TIKTOKEN_CACHE_DIR"):
+        hellaswag.main(hellaswag.parse_args(["--checkpoint", checkpoint_path, "--data", rows_path, "--device", "cpu"]))
+
+
 @pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-3"), ("--batch-size", "0"),
                                          ("--batch-size", "-1")])
 def test_cli_bad_flag_values_name_the_flag(capsys, flag, value):
@@ -480,6 +492,7 @@ def test_cli_on_a_numbered_gpu_uses_that_gpu_throughout(rows_path, monkeypatch):
     # on the CPU: torch.cuda.set_device, the model's .to and the scoring are replaced by recorders
     calls = []
     model = tiny_gpt()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # --device cuda:N is checked against it
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(hellaswag, "load_model", lambda args: (model, "tiny"))
     monkeypatch.setattr(model, "to", lambda device: calls.append(("to", device)) or model)

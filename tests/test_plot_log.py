@@ -1,8 +1,13 @@
-"""plot_log.py reads the training log format and writes a PNG; a malformed line or a missing log is named.
+"""plot_log.py reads the training log format and writes a PNG; a malformed line or a missing log is named, an
+output that cannot be written is refused before reading, and the picture is replaced whole or not at all.
 Several logs share one figure, one line per log in each panel, labelled by folder or --labels; GPT-2's numbers
 appear only with --reference gpt2; a panel appears only when some log has its lines."""
+import errno
+import os
 import sys
+import tempfile
 
+import matplotlib.figure
 import matplotlib.pyplot as plt
 import pytest
 
@@ -59,12 +64,22 @@ def test_reads_series_and_writes_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_malformed_line_is_named(tmp_path):
+@pytest.mark.parametrize("bad_line", [b"this is not a log line\n", b"1 train nine\n", b"one train 9.5\n",
+                                      b"1 train\n",  # cut short, yet ended: not a line still being written
+                                      b"1 train \xff\xfe\n"])  # not text: was a UnicodeDecodeError, no file named
+def test_a_malformed_line_is_one_line_naming_the_file_and_line(tmp_path, monkeypatch, bad_line):
+    """A value that is not a number was 'could not convert string to float', naming neither file nor line."""
     log = tmp_path / "log.txt"
-    log.write_text("0 train 10.9\nthis is not a log line\n")
-    result = run_script("plot_log.py", log, check=False)
-    assert result.returncode != 0
-    assert f"{log}:2:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    log.write_bytes(b"0 train 10.9\n" + bad_line + b"2 train 8.2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_in_process(monkeypatch, log)
+    assert exit_info.value.code.startswith(f"plot_log.py: {log}:2: expected '<step> <kind> <value>'")
+
+
+def test_the_last_line_of_a_log_still_being_written_is_left_out(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 10.9\n1 train 9.5\n2 tra")  # the run has not finished writing line 3
+    assert read_log(log) == {"train": ([0, 1], [10.9, 9.5])}
 
 
 def test_several_logs_share_one_figure_labelled_by_folder(tmp_path, monkeypatch):
@@ -119,11 +134,41 @@ def test_missing_log_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("out, message", [("compare", "name the file with the picture's type"),
-                                          ("no/such/folder/compare.png", "no such folder")])
-def test_an_out_that_matplotlib_cannot_write_is_one_line(tmp_path, monkeypatch, capsys, out, message):
-    """--out without an extension, or into a missing folder: matplotlib's traceback came after the reading."""
-    log, = write_logs(tmp_path, run=ADAMW)
+                                          ("no/such/folder/compare.png", "no such folder"),
+                                          ("a_folder.png", "is a folder, not a file"),
+                                          ("read_only/compare.png", "cannot write in"),
+                                          (None, "cannot write in")])  # the default: read_only/log.png
+def test_an_out_that_cannot_be_written_is_one_line_before_the_logs_are_read(tmp_path, monkeypatch, capsys, out,
+                                                                            message):
+    """Each was matplotlib's traceback, after the reading: no extension, a missing folder, a folder, a read-only
+    mount (for --out, or for the default beside the log)."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_folder.png").mkdir()
+    (tmp_path / "read_only").mkdir()
+    (tmp_path / "read_only" / "log.txt").write_text(ADAMW)
+    temporary_file = tempfile.TemporaryFile
+
+    def read_only_mount(*args, dir=None, **kwargs):  # root may write anywhere here: a read-only mount is faked
+        if os.path.basename(dir) == "read_only":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return temporary_file(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_mount)
+    monkeypatch.setattr(plot_log, "read_log", lambda path: pytest.fail("read the logs before checking --out"))
     with pytest.raises(SystemExit) as exit_info:
-        plot_in_process(monkeypatch, log, "--out", out)
-    assert exit_info.value.code == 2 and f"--out {out}: {message}" in capsys.readouterr().err
+        plot_in_process(monkeypatch, "read_only/log.txt", *(["--out", out] if out else []))
+    assert exit_info.value.code == 2 and f"--out {out or 'read_only/log.png'}: {message}" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_the_previous_picture_whole(tmp_path, monkeypatch):
+    log, = write_logs(tmp_path, run=ADAMW)
+    out = tmp_path / "run" / "log.png"
+    out.write_bytes(b"yesterday's picture")
+
+    def full_disk(figure, path, **kwargs):
+        open(path, "wb").write(b"half a pict")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_in_process(monkeypatch, log)
+    assert exit_info.value.code == f"plot_log.py: {out}: not written (No space left on device)"
+    assert out.read_bytes() == b"yesterday's picture" and sorted(os.listdir(out.parent)) == ["log.png", "log.txt"]

@@ -1,6 +1,8 @@
 """sample.py in-process: option checks (one-line errors, not tracebacks nor empty output), images decoded batch by
 batch and at reduced size, decompression bombs skipped by name, and the device named by --device used for
 everything. CLIP is a small stand-in here; the real one, trained end to end, is in test_caption.py."""
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +10,8 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import requests
+import tiktoken
 import torch
 import torchvision
 from PIL import Image
@@ -180,6 +184,19 @@ def test_captioner_decodes_each_way():
     assert len(captioner.caption([image, image], max_new_tokens=4)) == 2  # beam search
     assert len(captioner.caption([image], top_k=5, max_new_tokens=4, generator=torch.Generator().manual_seed(0))) == 1
     assert captioner.caption([]) == []
+
+
+@pytest.mark.parametrize("what", ["--prompt", "--image"])
+def test_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(what, checkpoints, clip, tmp_path,
+                                                                        monkeypatch):
+    def offline(name):  # what tiktoken raises with no network and nothing in its cache: it was that traceback
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    caption, lm = checkpoints
+    argv = {"--prompt": ["--prompt", "Hi", "--checkpoint", lm],
+            "--image": ["--image", write_image(tmp_path / "a.png", 64, 48), "--checkpoint", caption]}
+    with pytest.raises(ValueError, match="cannot load GPT-2's BPE files .* set TIKTOKEN_CACHE_DIR"):
+        run(*argv[what])
 
 
 def test_prompt_longer_than_the_block_is_refused(checkpoints):
@@ -389,6 +406,21 @@ def test_attention_maps_are_drawn_for_the_synthetic_captioning_set(checkpoints, 
         assert f"{image}: attention map in {figure}" in err
 
 
+def test_an_attention_map_that_cannot_be_written_leaves_the_last_one_whole(checkpoints, clip, tmp_path, monkeypatch):
+    import matplotlib.figure
+    caption, _ = checkpoints
+    image, out = write_image(tmp_path / "dog.png", 64, 48), tmp_path / "map.png"
+    out.write_bytes(b"yesterday's map")
+
+    def full_disk(figure, path, **kwargs):  # it was a traceback, and half a picture over yesterday's
+        open(path, "wb").write(b"half a m")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(ValueError, match=f"--attention-map {out}: not written \\(No space left on device\\)"):
+        run("--image", image, "--checkpoint", caption, "--attention-map", out)
+    assert out.read_bytes() == b"yesterday's map" and sorted(os.listdir(tmp_path)) == ["dog.png", "map.png"]
+
+
 def test_attention_map_files_are_named_after_the_images():
     assert sample.attention_map_paths("dog_attention.png", ["dog.jpg"]) == {"dog.jpg": "dog_attention.png"}
     assert sample.attention_map_paths("out/maps.png", ["a/dog.jpg", "cat.png"]) == {
@@ -434,7 +466,7 @@ def test_text_is_sampled_as_training_samples_are_and_help_says_so(checkpoints, m
     monkeypatch.setattr(train_gpt2, "generate", recorder)
     _, lm = checkpoints
     run("--prompt", "Hi", "--checkpoint", lm)
-    train_gpt2.print_samples(tiny_decoder(cross_attn_every=0), sample.tiktoken.get_encoding("gpt2"),
+    train_gpt2.print_samples(tiny_decoder(cross_attn_every=0), tiktoken.get_encoding("gpt2"),
                              argparse.Namespace(device="cpu"))
     ours, training = asked
     for option in ("temperature", "top_k", "top_p"):
@@ -496,3 +528,11 @@ def test_compile_gives_the_eager_text_and_says_what_it_compiled(checkpoints, cap
     assert "compile" not in eager.err
     lines = [line for line in compiled.err.splitlines() if "--compile" in line]
     assert len(lines) == 1 and "compiled the decoding step for a batch of 1 and 13 positions" in lines[0], compiled.err
+
+
+def test_a_16_bit_photo_is_captioned_as_it_looks_not_clipped_to_white(tmp_path):
+    """convert("RGB") clipped a 16-bit PNG's mid-grey (32,896) to white: the caption was of a white picture."""
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(path)  # saved as a 16-bit greyscale PNG
+    assert Image.open(path).mode.startswith("I")
+    assert sample.open_image(path).getpixel((4, 4)) == (128, 128, 128)
