@@ -383,7 +383,8 @@ def parse_args(argv=None):
                         "float32 elsewhere)")
     p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, mps or cpu")
     p.add_argument("--seed", type=non_negative_int, default=1337, help="the new layers' initialisation and the data order")
-    p.add_argument("--wandb-project", help="log to this Weights & Biases project (pip install wandb)")
+    p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT"),  # wandb's own convention
+                   help="log to this Weights & Biases project (pip install wandb); $WANDB_PROJECT if set")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")

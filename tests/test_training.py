@@ -366,3 +366,14 @@ def test_gpt2_s_tokenizer_offline_without_its_files_is_one_line(monkeypatch):
     with pytest.raises(ValueError, match="cannot load GPT-2's BPE files \\(ConnectionError\\); offline\\? .*"
                                          "TIKTOKEN_CACHE_DIR"):
         gpt2_encoding()
+
+
+@pytest.mark.parametrize("script", ["train_gpt2", "train_caption"])
+def test_wandb_project_in_the_environment_turns_wandb_on(script, monkeypatch):
+    import importlib
+    parse_args = importlib.import_module(script).parse_args
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert parse_args([]).wandb_project is None
+    monkeypatch.setenv("WANDB_PROJECT", "gpt2-runs")
+    assert parse_args([]).wandb_project == "gpt2-runs"
+    assert parse_args(["--wandb-project", "other"]).wandb_project == "other"
