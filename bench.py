@@ -47,8 +47,8 @@ import torch
 from export_hf import save_pretrained
 from generate import beam_search, compile_decode_step, generate, generate_tokens, gpt2_encoding
 from model import EOT_TOKEN, GPT, PRESETS, GPTConfig, is_cross_attn_param
-from training import (autocast, default_device, existing_device, non_negative_int, output_problem, peak_flops,
-                      positive_float, positive_int, use_device)
+from training import (HelpFormatter, autocast, default_device, existing_device, non_negative_int, output_problem,
+                      peak_flops, positive_float, positive_int, use_device)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # this repository: our train_gpt2.py, third_party/
 
@@ -799,31 +799,32 @@ def default_dtypes(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=[*BENCHMARKS, "gpu"])
-    p.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("what", choices=[*BENCHMARKS, "gpu"], help="the benchmark (see the top of this file)")
+    p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="model size preset")
     p.add_argument("--batch-size", type=positive_int, help=f"default per benchmark: {DEFAULT_BATCH_SIZE}")
-    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per row (T)")
     p.add_argument("--compile-modes", type=int, nargs="+", choices=[0, 1], default=None,
                    help="0 eager, 1 compile (default: both on CUDA; nanogpt compiles when 1 is among them)")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
                    help="float32 (TF32 matmuls on CUDA) and/or bfloat16 (default: both on CUDA, but bfloat16 "
                         "alone with --sdpa-backend flash or cudnn)")
     p.add_argument("--torch-compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode, where a benchmark compiles")
     p.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient", "math"],
                    help="train: force one attention kernel (auto: SDPA picks)")
     p.add_argument("--profile", action="store_true", help="train: also print the top operators/kernels of a step")
     p.add_argument("--warmup", type=non_negative_int, default=5,
                    help="untimed iterations (nanogpt: untimed first steps)")
-    p.add_argument("--iters", type=positive_int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10, help="timed iterations")
     p.add_argument("--new-tokens", type=positive_int, nargs="+", help="sample: default 64 256; generate: 128 900")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8], help="generate: rows decoded at once")
     p.add_argument("--examples", type=positive_int, default=256, help="hellaswag: examples to score")
-    p.add_argument("--documents", type=positive_int, default=20000)
-    p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--shards", type=positive_int, nargs="+", default=[2, 8])
-    p.add_argument("--shard-tokens", type=positive_int, default=20_000_000)
+    p.add_argument("--documents", type=positive_int, default=20000, help="tokenize: synthetic documents of ~4 KB")
+    p.add_argument("--repeats", type=positive_int, default=3, help="tokenize, generate: runs, the median reported")
+    p.add_argument("--shards", type=positive_int, nargs="+", default=[2, 8], help="loader: shard counts to try")
+    p.add_argument("--shard-tokens", type=positive_int, default=20_000_000, help="loader: tokens per shard")
     p.add_argument("--reference", default=os.path.join(ROOT, "third_party", "build-nanogpt"),
                    help="a clone of karpathy/build-nanogpt")
     p.add_argument("--steps", type=positive_int, default=20, help="nanogpt: optimizer steps each script runs")
@@ -832,15 +833,17 @@ def main(argv=None):
                    help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     recipe = p.add_argument_group("recipe", "the optimizer comparison (defaults: a size this 2-core CPU runs)")
     recipe.add_argument("--data-dir", default="data/shakespeare", help="tokenized real text (fineweb.py --local-files)")
-    recipe.add_argument("--n-layer", type=positive_int, default=4)
-    recipe.add_argument("--n-head", type=positive_int, default=4)
-    recipe.add_argument("--n-embd", type=positive_int, default=128)
-    recipe.add_argument("--adamw-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
-    recipe.add_argument("--muon-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3])
+    recipe.add_argument("--n-layer", type=positive_int, default=4, help="blocks")
+    recipe.add_argument("--n-head", type=positive_int, default=4, help="heads")
+    recipe.add_argument("--n-embd", type=positive_int, default=128, help="width")
+    recipe.add_argument("--adamw-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3],
+                        help="AdamW's peak rates, one arm each")
+    recipe.add_argument("--muon-lrs", type=positive_float, nargs="+", default=[6e-4, 1.8e-3, 3.6e-3],
+                        help="Muon's peak rates, one arm each")
     recipe.add_argument("--floors", type=float, nargs="+", default=[0.1, 0.0], help="--min-lr-ratio values")
-    recipe.add_argument("--warmup-steps", type=non_negative_int, default=30)
-    recipe.add_argument("--eval-every", type=positive_int, default=25)
-    recipe.add_argument("--val-tokens", type=positive_int, default=16384)
+    recipe.add_argument("--warmup-steps", type=non_negative_int, default=30, help="linear warmup steps")
+    recipe.add_argument("--eval-every", type=positive_int, default=25, help="val loss every N steps")
+    recipe.add_argument("--val-tokens", type=positive_int, default=16384, help="val loss over this many tokens")
     recipe.add_argument("--out", help="write every arm's val curve to this JSON file")
     args = p.parse_args(argv)
     args.device = default_device() if args.device == "auto" else args.device

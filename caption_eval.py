@@ -59,7 +59,8 @@ import coco
 from checkpoint import latest_checkpoint, load_model
 from generate import beam_search, compile_decode_step, generate, gpt2_encoding, until_end_of_text
 from model import EOT_TOKEN
-from training import autocast, default_device, default_dtype, existing_device, output_problem, use_device
+from training import (HelpFormatter, autocast, default_device, default_dtype, existing_device, output_problem,
+                      use_device)
 
 # the names COCOEvalCap prints, in its order, but for SPICE (its last): only with --spice (see the top of the file)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -386,7 +387,7 @@ def comma_list(convert):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", help=f"a caption checkpoint written by train_caption.py (default: "
                                         f"{BEST_CHECKPOINT} in --checkpoint-dir, else its newest model_*.pt)")
     p.add_argument("--checkpoint-dir", default="log_caption", help="where train_caption.py wrote its checkpoints")

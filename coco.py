@@ -95,7 +95,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from generate import gpt2_encoding
-from training import OutDirLock, existing_device, use_device
+from training import HelpFormatter, OutDirLock, existing_device, use_device
 
 
 # -----------------------------------------------------------------------------
@@ -975,7 +975,7 @@ def read_meta(features_dir):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--coco-dir", default="coco", help="holds annotations/, train2017/, val2017/")
     p.add_argument("--out-dir", default="coco_features", help="where the features go")
     p.add_argument("--download", action="store_true", help="first download and extract COCO 2017 into --coco-dir")

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import checkpoint
 from generate import gpt2_encoding
 from model import GPT
-from training import autocast, default_device, default_dtype, existing_device, positive_int, use_device
+from training import HelpFormatter, autocast, default_device, default_dtype, existing_device, positive_int, use_device
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = os.environ.get("HELLASWAG_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -252,7 +252,7 @@ def evaluate(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 checkpoint (validation set)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a .pt file from train_gpt2.py (or train_caption.py: see load_model)")
     source.add_argument("--pretrained", help="OpenAI weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder")

@@ -3,6 +3,8 @@ and no import cycle can creep in as features land."""
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lowest first: a module may import only modules of a lower layer
@@ -40,3 +42,48 @@ def test_every_module_imports_only_modules_below_it():
 
 def test_model_py_is_the_model_alone():
     assert our_imports("model") == set()
+
+
+SCRIPTS = ["train_gpt2", "train_caption", "fineweb", "hellaswag", "coco", "sample", "caption_eval", "export_hf",
+           "plot_log", "bench"]
+
+
+class Parsed(Exception):
+    """Raised in place of parse_args: carries the script's parser out, before it reads any flag."""
+
+
+def parser_of(script, monkeypatch):
+    import argparse
+    import importlib
+    def catch(parser, *args, **kwargs):
+        raise Parsed(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    module = importlib.import_module(script)
+    build = getattr(module, "parse_args", None) or module.main
+    try:
+        build([]) if build.__code__.co_argcount else build()
+    except Parsed as parsed:
+        return parsed.args[0]
+    raise AssertionError(f"{script} built no parser")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_option_s_help_shows_its_default(script, monkeypatch):
+    """`python X.py --help` is where a user looks for what a run does unless told otherwise: every option with a
+    default (other than on/off switches) says it there."""
+    import argparse
+    parser = parser_of(script, monkeypatch)
+    formatter = parser._get_formatter()
+    actions = [action for group in [parser] + [sub for action in parser._actions
+                                               if isinstance(action, argparse._SubParsersAction)
+                                               for sub in action.choices.values()] for action in group._actions]
+    hidden = []
+    for action in actions:
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or isinstance(action.default,
+                                                                                                    bool):
+            continue
+        text = formatter._expand_help(action) if action.help else ""
+        as_typed = " ".join(map(str, action.default)) if isinstance(action.default, list) else None
+        if str(action.default) not in text and (as_typed is None or as_typed not in text):
+            hidden.append(f"{action.option_strings[-1]} (default {action.default})")
+    assert hidden == []
