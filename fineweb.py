@@ -16,9 +16,8 @@ length, so the training loader can memory-map a shard and check what it got. The
 
     edu_fineweb10B/edufineweb_val_000000.npy, edufineweb_train_000001.npy, edufineweb_train_000002.npy, ...
 
-Shards of --local-files are named after the files instead (wiki_00.jsonl wiki_01.jsonl -> wiki_val_000000.npy,
-...), so a folder says which corpus it holds; --prefix chooses another name. train_gpt2.py reads any name: it
-looks for *_train_*.npy and *_val_*.npy.
+Shards of --local-files take the files' name instead (wiki_00.jsonl wiki_01.jsonl -> wiki_val_000000.npy, ...):
+a folder says which corpus it holds; --prefix chooses another. train_gpt2.py reads any (*_train_*.npy, *_val_*.npy).
 
 The hub dataset is *streamed*: documents are downloaded as they are tokenized, so shards appear within seconds and
 the only disk used is the shards' (~20 GB for 10B tokens). --download instead fetches all of sample-10BT first
@@ -28,13 +27,12 @@ and the only sane choice with --max-tokens, which would otherwise download 10B t
 
 Re-running is safe. A shard is written to a temporary name and renamed once complete, so a file under a final
 name is always whole. A <prefix>_meta.json records the settings and, at the end, the shards written: a re-run over
-a finished folder prints "already complete" and exits; one over a killed run tokenizes the (deterministic) stream
-again and writes only the missing shards.
+a finished folder prints "already complete" and exits; one over a run that stopped (^C, SIGTERM, a full disk, a
+killed worker: each said in one line) tokenizes the (deterministic) stream again and writes only the missing shards.
 
-Offline clusters: GPT-2's BPE files are fetched by tiktoken on first use; copy them to a folder and point
-TIKTOKEN_CACHE_DIR at it. For the documents, either use --local-files, or run `python fineweb.py --download` on a
-connected machine, copy its Hugging Face cache (~/.cache/huggingface) to the cluster and set HF_HUB_OFFLINE=1
-there: `datasets` then reads the cache without reaching for the network (streamed or not).
+Offline clusters: copy GPT-2's BPE files (tiktoken fetches them on first use) to a folder, set TIKTOKEN_CACHE_DIR
+to it. For the documents, use --local-files, or copy the Hugging Face cache (~/.cache/huggingface) of a --download
+run on a connected machine and set HF_HUB_OFFLINE=1: `datasets` reads it without the network (streamed or not).
 """
 
 import argparse
@@ -42,11 +40,13 @@ import glob
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import urllib.parse
 import urllib.request
-from multiprocessing import Pool
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from itertools import islice
 
 import numpy as np
 import tiktoken
@@ -57,22 +57,45 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # The core: documents -> tokens -> shards on disk
 
-# Loaded at import, not in main: the worker processes that tokenize import this module and need enc too. A
-# missing BPE file is then one line at start-up, from whichever process meets it first.
-try:
-    enc = tiktoken.get_encoding("gpt2")
-except Exception as e:  # no network and no cached BPE files: an error of the set-up, not a bug
-    sys.exit(f"fineweb.py: cannot load GPT-2's BPE files ({type(e).__name__}); offline? "
-             "copy them to a folder and set TIKTOKEN_CACHE_DIR to it")
-eot = enc.eot_token  # 50256, <|endoftext|>: the document separator
+
+class InputError(Exception):
+    """Something the user must fix (their data, the BPE files, a full disk), not a bug: one line, no traceback."""
 
 
-def tokenize(text):
-    """<|endoftext|> + the document's tokens, as uint16. encode_ordinary treats everything as plain text: a web
-    page that happens to contain the string "<|endoftext|>" must not be able to forge a document boundary."""
-    tokens = np.array([eot] + enc.encode_ordinary(text))
+def gpt2():
+    """GPT-2's BPE, which tiktoken loads once per process; not at import, so that --help needs no BPE files."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no network and no cached BPE files: an error of the set-up, not a bug
+        raise InputError(f"cannot load GPT-2's BPE files ({type(e).__name__}); offline? copy them to a folder and "
+                         "set TIKTOKEN_CACHE_DIR to it") from None
+
+
+def tokenize(texts):
+    """Each document's tokens after <|endoftext|> (50256), all in one uint16 array. encode_ordinary treats everything
+    as plain text: a web page that happens to contain the string "<|endoftext|>" must not forge a document boundary."""
+    enc = gpt2()
+    tokens = np.concatenate([[enc.eot_token] + enc.encode_ordinary(text) for text in texts])
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "token id too large for uint16"
     return tokens.astype(np.uint16)
+
+
+def tokenized_chunks(texts, pool, num_proc):
+    """Tokens of 64 documents (~250 KB of text) a task, in order; 4 tasks a process in flight keep them busy and memory
+    flat (Executor.map takes all the stream at once), and a killed worker breaks the pool (Pool.imap waited forever)."""
+    texts = iter(texts)
+    chunks = iter(lambda: list(islice(texts, 64)), [])
+    in_flight = [pool.submit(tokenize, chunk) for chunk in islice(chunks, 4 * (num_proc or os.cpu_count()))]
+    while in_flight:
+        in_flight += [pool.submit(tokenize, chunk) for chunk in islice(chunks, 1)]
+        yield in_flight.pop(0).result()
+
+
+def leave_signals_to_the_main_process():
+    """In each worker. ^C reaches every process of the command: the workers ignore it, the main process ends them and
+    says so in one line. SIGTERM kills, as the pool expects (fork copied the main process's handler: undone here)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def shard_path(out_dir, prefix, index):
@@ -82,41 +105,47 @@ def shard_path(out_dir, prefix, index):
     return os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.npy")
 
 
-def write_shard(path, tokens):
-    """Write to path.tmp, then rename. os.replace is atomic within a folder, so a reader (or a re-run) sees
-    either the complete shard or no file at all, never half of one. The .tmp name does not end in .npy, so
-    the training loader's *_train_*.npy never picks up a leftover from a killed run."""
+def write_atomically(path, write):
+    """write(file) to path.tmp, then rename. os.replace is atomic within a folder, so a reader (or a re-run) sees the
+    whole file or none, never half of one; a shard's .tmp does not end in .npy, so the training loader's
+    *_train_*.npy never picks it up. A write that fails (a full disk) or is interrupted (^C) leaves no .tmp."""
     tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        np.save(f, tokens)  # np.save with a file object, because given a name it would append ".npy"
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it official
-    os.replace(tmp_path, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it official
+        os.replace(tmp_path, path)
+    except OSError as e:  # no space left, a read-only folder: the user's to fix
+        raise InputError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
 
 
 def tokenize_to_shards(texts, out_dir, shard_size=10**8, max_tokens=None, prefix="edufineweb", num_proc=None):
     """Tokenize `texts` (any iterable of strings) on num_proc processes into shards of shard_size tokens, the last
     one shorter; stop after max_tokens if given (mid-document). A shard already under its final name is complete
     and is not written again. Returns [(shard file name, token count), ...]."""
-    os.makedirs(out_dir, exist_ok=True)
+    gpt2()  # loaded before the workers start, so that they inherit it instead of each reading the BPE files
     shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled, reused for every shard
-    filled = 0  # tokens in `shard` so far
-    total = 0  # tokens in all shards so far
+    filled, total = 0, 0  # tokens in `shard` so far, in all shards so far
     shards = []
 
     def finish_shard(tokens):
         path = shard_path(out_dir, prefix, len(shards))
-        if not os.path.exists(path):
-            write_shard(path, tokens)
+        if not os.path.exists(path):  # np.save given a file, because given a name it would append ".npy"
+            write_atomically(path, lambda f: np.save(f, tokens))
         shards.append((os.path.basename(path), len(tokens)))
 
-    # Processes, not threads: workers send back compact uint16 arrays, while tiktoken's own thread pool
-    # (encode_ordinary_batch) returns Python ints that one thread must turn into arrays under the GIL. Measured on
-    # 2 cores, 5,000 English-like documents of ~4 KB, median of 5: 4.5M tokens/s with this Pool, 3.2M with
-    # encode_ordinary_batch(num_threads=2), 2.7M in one process. chunksize=64 documents (~250 KB of text) per
-    # message keeps the inter-process overhead small: 16 gave 3.5M.
-    with Pool(num_proc) as pool, tqdm(total=max_tokens, unit="tokens", unit_scale=True, desc=prefix) as bar:
-        for tokens in pool.imap(tokenize, texts, chunksize=64):
+    # Processes, not threads: workers send back a uint16 array per task, while tiktoken's own thread pool
+    # (encode_ordinary_batch) returns Python ints that one thread must turn into arrays under the GIL. Measured on 2
+    # cores, 5,000 English-like documents of ~4 KB, median of 5: 4.5M tokens/s with this pool, 3.75M with Pool.imap (an
+    # array a document), 3.0M with encode_ordinary_batch(num_threads=2), 2.9M in one process; 16 documents a task: 4.3M.
+    with ProcessPoolExecutor(num_proc, initializer=leave_signals_to_the_main_process) as pool, \
+            tqdm(total=max_tokens, unit="tokens", unit_scale=True, desc=prefix) as bar:
+        for tokens in tokenized_chunks(texts, pool, num_proc):
             if max_tokens is not None:
                 tokens = tokens[:max_tokens - total]
             while len(tokens) > 0:  # a document may straddle a shard boundary, or several with tiny shards
@@ -139,10 +168,6 @@ def tokenize_to_shards(texts, out_dir, shard_size=10**8, max_tokens=None, prefix
 
 # -----------------------------------------------------------------------------
 # Where the documents come from: local files, or the Hugging Face hub (and its errors)
-
-
-class InputError(Exception):
-    """Something wrong with the user's data (not a bug): reported in one line, without a traceback."""
 
 
 # local files are read by datasets' own builders, picked by extension; a .txt file holds one document per line
@@ -212,10 +237,9 @@ def hub_texts(dataset, name, split, text_field, download, num_proc):
 
 
 def check_hub_reachable(dataset, name):
-    """Without a network, datasets retries for ~25 s, printing each of its 5 retries, before it gives up (measured
-    on a machine whose DNS cannot resolve huggingface.co); a failed name lookup says the same at once. A cache
-    copied here is read once HF_HUB_OFFLINE=1 is set, as the message says. Not checked offline (datasets reads its
-    cache, no network needed) or behind a proxy (the proxy looks names up itself)."""
+    """Without a network, datasets retries 5 times over ~25 s, printing each, before it gives up (measured where DNS
+    cannot resolve huggingface.co); a failed name lookup says the same at once. Not checked offline (HF_HUB_OFFLINE=1:
+    datasets reads its cache, a copied one too, as the message says) or behind a proxy (which looks names up itself)."""
     if hub_constants.HF_HUB_OFFLINE or {"https", "all"} & urllib.request.getproxies().keys():
         return
     host = urllib.parse.urlparse(hub_constants.ENDPOINT).hostname  # huggingface.co, or the HF_ENDPOINT mirror
@@ -252,7 +276,7 @@ def shard_name(args):
 
 def names_in(out_dir):
     """The names of the shards in out_dir (none if it does not exist)."""
-    shards = glob.glob(os.path.join(out_dir, "*_val_*.npy")) + glob.glob(os.path.join(out_dir, "*_train_*.npy"))
+    shards = [p for split in SPLIT_WORDS for p in glob.glob(os.path.join(glob.escape(out_dir), f"*_{split}_*.npy"))]
     return sorted({re.sub(r"_(val|train)_\d+\.npy$", "", os.path.basename(p)) for p in shards})
 
 
@@ -297,7 +321,7 @@ def read_meta(out_dir, prefix):
     or to lose, whatever a meta.json says: a run that stopped at a bad document before its first shard leaves
     one behind, and the corrected files must not be refused for having other settings."""
     path = meta_path(out_dir, prefix)
-    if not glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")):
+    if not glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}_*.npy")):
         return None
     if not os.path.exists(path):  # shards that are not ours to overwrite or to resume
         sys.exit(f"fineweb.py: {out_dir}: holds {prefix}_*.npy shards but no {os.path.basename(path)}; "
@@ -318,14 +342,7 @@ def write_meta(out_dir, prefix, settings, shards=None):
     if shards is not None:
         meta["total_tokens"] = sum(n for _, n in shards)
         meta["shards"] = [{"file": name, "tokens": n} for name, n in shards]
-    path = meta_path(out_dir, prefix)
-    with open(path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def is_complete(meta, out_dir):
-    return meta["complete"] and all(os.path.exists(os.path.join(out_dir, s["file"])) for s in meta["shards"])
+    write_atomically(meta_path(out_dir, prefix), lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -334,30 +351,22 @@ def is_complete(meta, out_dir):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local-files", nargs="+", metavar="PATH", default=[],
-                   help="tokenize these .jsonl/.json, .parquet or .txt (one document per line) files "
-                        "instead of the hub dataset")
-    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu",
-                   help="Hugging Face hub dataset (default: %(default)s)")
+    p.add_argument("--local-files", nargs="+", metavar="PATH", default=[], help="tokenize these .jsonl/.json, "
+                   ".parquet or .txt (one document per line) files instead of the hub dataset")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset (default: %(default)s)")
     p.add_argument("--name", default="sample-10BT", help="the dataset's config, or subset (default: %(default)s)")
     p.add_argument("--split", default="train", help="the dataset's split (default: %(default)s)")
-    p.add_argument("--text-field", default="text",
-                   help="the field of each row that holds the document (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="the rows' field holding the document (default: %(default)s)")
     p.add_argument("--out-dir", default="edu_fineweb10B", help="folder for the shards (default: %(default)s)")
-    p.add_argument("--prefix", default=None,
-                   help="shard file names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: the name of "
-                        "the shards already in --out-dir; else, for --local-files, the words the file names share "
-                        "(wiki_00.jsonl wiki_01.jsonl -> wiki) or their folder's name; else edufineweb)")
-    p.add_argument("--shard-size", type=int, default=10**8,
-                   help="tokens per shard, the last one may be shorter (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="stop after this many tokens in all (default: the whole dataset)")
-    p.add_argument("--download", action="store_true",
-                   help="download the whole hub dataset into the Hugging Face cache before tokenizing, instead of "
-                        "streaming it: parallel, and a re-run reads the cache, but the parquet files and their Arrow "
-                        "copy take tens of GB")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count(),
-                   help="tokenizer processes (default: all cores, %(default)s)")
+    p.add_argument("--prefix", help="shard file names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: "
+                   "the shards' name in --out-dir, else the words --local-files' names share or their folder's, else "
+                   "edufineweb)")
+    p.add_argument("--shard-size", type=int, default=10**8, help="tokens per shard, the last one shorter (default: "
+                   "%(default)s)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens in all (default: the whole dataset)")
+    p.add_argument("--download", action="store_true", help="fetch the whole dataset first, not streamed (see above)")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: %(default)s, "
+                   "all cores)")
     args = p.parse_args()
     for name in ("shard_size", "max_tokens", "num_proc"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -367,11 +376,26 @@ def parse_args():
     if args.prefix is not None and set(SPLIT_WORDS) & set(args.prefix.split("_")):
         p.error(f"--prefix {args.prefix}: the words 'train' and 'val' would mix up the splits, since train_gpt2.py "
                 "finds shards by *_train_*.npy and *_val_*.npy; choose another")
+    # a file name in --out-dir: not a path (a / writes elsewhere), nor a pattern (*?[), nor hidden (glob skips .x)
+    if args.prefix is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", args.prefix):
+        p.error(f"--prefix {args.prefix!r}: use 1 to 100 of A-Z a-z 0-9 _ . - (not . or - first), it names files")
+    if 2 * args.shard_size > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2:  # a shard, in memory
+        p.error(f"--shard-size {args.shard_size:,}: {2e-9 * args.shard_size:,.0f} GB, over half this machine's memory")
     return args
 
 
 def main():
-    args = parse_args()
+    try:
+        make_shards(parse_args())
+    except InputError as e:  # the documents, the BPE files or the disk: the user's to fix
+        sys.exit(f"fineweb.py: {e}")
+    except (KeyboardInterrupt, BrokenExecutor) as e:  # ^C or SIGTERM (below); a worker the OOM killer's SIGKILL ended
+        why = "stopped" if isinstance(e, KeyboardInterrupt) else "a tokenizer process died (out of memory?)"
+        sys.exit(f"fineweb.py: {why}; the shards written so far are kept, re-run the same command to resume")
+
+
+def make_shards(args):
+    gpt2()  # here, not at import: --help needs no BPE files
     check_local_files(args.local_files)
     args.prefix = shard_name(args)
 
@@ -383,23 +407,17 @@ def main():
             changed = ", ".join(k for k in settings if meta["settings"].get(k) != settings[k])
             sys.exit(f"fineweb.py: {meta_path(args.out_dir, args.prefix)}: the shards here were made with other "
                      f"settings ({changed}); delete them or choose another --out-dir")
-        if is_complete(meta, args.out_dir):
+        if meta["complete"] and all(os.path.exists(os.path.join(args.out_dir, s["file"])) for s in meta["shards"]):
             print(f"{args.out_dir}: already complete, {len(meta['shards'])} shards, "
                   f"{meta['total_tokens']:,} tokens; nothing to do")
             return
         print(f"{args.out_dir}: resuming; shards already written are re-tokenized but not rewritten")
 
     # documents -> tokens -> shards
-    if args.local_files:
-        texts = local_texts(args.local_files, args.text_field)
-    else:
-        texts = hub_texts(args.dataset, args.name, args.split, args.text_field, args.download, args.num_proc)
-    os.makedirs(args.out_dir, exist_ok=True)
+    texts = (local_texts(args.local_files, args.text_field) if args.local_files else
+             hub_texts(args.dataset, args.name, args.split, args.text_field, args.download, args.num_proc))
     write_meta(args.out_dir, args.prefix, settings)  # not complete yet: a killed run leaves this behind
-    try:
-        shards = tokenize_to_shards(texts, args.out_dir, args.shard_size, args.max_tokens, args.prefix, args.num_proc)
-    except InputError as e:  # raised while reading the documents: Pool.imap re-raises it here, in this process
-        sys.exit(f"fineweb.py: {e}")
+    shards = tokenize_to_shards(texts, args.out_dir, args.shard_size, args.max_tokens, args.prefix, args.num_proc)
     write_meta(args.out_dir, args.prefix, settings, shards)
 
     total = sum(n for _, n in shards)
@@ -409,4 +427,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM stops the run as ^C does
     main()

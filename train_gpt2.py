@@ -63,7 +63,7 @@ def find_shards(data_dir, split):
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir}: no such data folder (write shards with: python fineweb.py "
                                 f"--out-dir {data_dir})")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"*_{split}_*.npy")))  # a folder "data[1]" too
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no '{split}' shards (*_{split}_*.npy) in this folder")
     return paths

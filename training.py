@@ -650,8 +650,9 @@ class Tracker:
             self.run = wandb.init(project=project, name=run_name, config=config, id=run_id,
                                   resume="allow" if run_id else None)
         except Exception as e:  # not logged in, offline, ...: wandb's own errors, which its message explains
-            raise ValueError(f"--wandb-project {project}: wandb did not start ({str(e).partition(chr(10))[0] or type(e).__name__}); "
-                             "run `wandb login`, or set WANDB_MODE=offline") from None
+            why = str(e).partition("\n")[0] or type(e).__name__
+            raise ValueError(f"--wandb-project {project}: wandb did not start ({why}); run `wandb login`, or set "
+                             "WANDB_MODE=offline") from None
 
     @property
     def run_id(self):

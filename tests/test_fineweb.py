@@ -1,16 +1,23 @@
 """
 fineweb.py's promises: the shards decode back to <|endoftext|>doc1<|endoftext|>doc2..., every shard but the last
 holds exactly --shard-size tokens, --max-tokens is exact, a finished folder is a no-op to re-run, a killed run
-resumes without a half-written shard ever wearing a final name, and a user's mistake is one line on stderr.
+resumes without a half-written shard ever wearing a final name, and a user's mistake is one line on stderr; so is
+a stop (^C, SIGTERM, a killed worker, a full disk), which leaves no .tmp and never hangs.
 Shards of local files are named after them and train_gpt2.py finds them; a re-run keeps the name of the shards
 it continues. A hub dataset out of reach is one line saying what to do, at once.
 Local files only, and the hub tests never reach it: no network.
 """
+import contextlib
+import errno
 import glob
+import importlib
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -19,10 +26,11 @@ import pytest
 import tiktoken
 
 import fineweb
-from scripts import run_script
+from scripts import ROOT, run_script
 
 enc = tiktoken.get_encoding("gpt2")
 EOT = "<|endoftext|>"
+RESUME = "; the shards written so far are kept, re-run the same command to resume"
 
 # one line each (so they also make a .txt file), long and short, unicode, one longer than a 50-token shard
 DOCS = [
@@ -52,7 +60,7 @@ def write_jsonl(path, docs, field="text"):
 
 def read_shards(out_dir):
     """The shard paths in stream order (val first), and their tokens."""
-    paths = sorted(glob.glob(os.path.join(out_dir, "*.npy")), key=lambda p: p.rsplit("_", 1)[1])
+    paths = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*.npy")), key=lambda p: p.rsplit("_", 1)[1])
     arrays = [np.load(p) for p in paths]
     for a in arrays:
         assert a.dtype == np.uint16 and a.ndim == 1
@@ -73,7 +81,7 @@ def cli_run(tmp_path_factory):
     """One real command-line run over a .jsonl, with 50-token shards, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("cli")
     docs = DOCS + [DOC_WITH_SEPARATOR_TEXT]
-    out_dir = str(tmp / "shards")
+    out_dir = str(tmp / "shards[2024]")  # a name glob would read as a pattern: the re-run must still find them
     jsonl = write_jsonl(tmp / "docs.jsonl", docs)
     run_script("fineweb.py", "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", 50, "--num-proc", 2)
     return docs, jsonl, out_dir
@@ -219,18 +227,81 @@ def test_document_longer_than_several_shards(tmp_path):
 # Killed runs and resuming
 
 
-def test_interrupted_write_leaves_no_shard(tmp_path, monkeypatch):
-    path = str(tmp_path / "edufineweb_train_000001.npy")
+@pytest.mark.parametrize("error, message", [
+    (KeyboardInterrupt(), "fineweb.py: stopped" + RESUME),  # the user's ^C, mid-write
+    (OSError(errno.ENOSPC, "No space left on device"), "fineweb.py: {shard}: cannot write (No space left on device)"),
+], ids=["ctrl-c", "disk full"])
+def test_a_write_cut_short_leaves_no_shard_and_one_line(tmp_path, monkeypatch, error, message):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out_dir = tmp_path / "out"
 
     def dies_halfway(f, tokens):
         f.write(b"\x93NUMPY half a header")
-        raise KeyboardInterrupt  # the user's ^C, mid-write
+        raise error
 
     monkeypatch.setattr(np, "save", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        fineweb.write_shard(path, np.arange(10, dtype=np.uint16))
-    assert not os.path.exists(path)
-    assert glob.glob(str(tmp_path / "*_train_*.npy")) == []  # what the training loader looks for
+    with pytest.raises(BaseException) as stopped:  # not just SystemExit: a ^C let through would stop pytest itself
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(out_dir), "--num-proc", "1")
+    assert stopped.type is SystemExit and stopped.value.code == message.format(shard=out_dir / "docs_val_000000.npy")
+    assert os.listdir(out_dir) == ["docs_meta.json"]  # no shard, no .tmp; the meta says "not complete": resumable
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail rather than hang the suite: SIGALRM raises in the test after `seconds`."""
+    def times_up(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, times_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+TOKENIZE = fineweb.tokenize
+
+
+def tokenize_or_die(texts):
+    if "KILL THIS WORKER" in texts:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does: no exception, no message
+    return TOKENIZE(texts)
+
+
+def test_a_killed_tokenizer_process_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """multiprocessing.Pool.imap waited forever for the documents a killed worker had taken."""
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS * 40 + ["KILL THIS WORKER"])  # the other one lives on
+    monkeypatch.setattr(fineweb, "tokenize", tokenize_or_die)  # the workers are forked with it
+    with deadline(10), pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(tmp_path / "out"), "--num-proc", "2")
+    assert exit_info.value.code == "fineweb.py: a tokenizer process died (out of memory?)" + RESUME
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "SIGTERM"])
+def test_a_stopped_run_is_one_line_without_tracebacks(tmp_path, stop):
+    """^C reaches every process of the terminal's group, as a scheduler's SIGTERM often does: each worker printed a
+    traceback (or the run hung). Now one line, no .tmp left, and the meta says "not complete": a re-run resumes."""
+    text = tmp_path / "docs.txt"
+    text.write_text(((DOCS[-1] + " ") * 4 + "\n") * 50_000)  # 2.8M tokens: still running when stopped
+    out_dir = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "fineweb.py", "--local-files", text, "--out-dir", out_dir,
+                            "--shard-size", "10000", "--num-proc", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "USE_TORCH": "0"},  # datasets would import torch (2 s) for nothing
+                           start_new_session=True)  # a process group of its own, as a terminal gives it
+    while not glob.glob(str(out_dir / "*_val_*.npy")) and run.poll() is None:
+        time.sleep(0.02)
+    os.killpg(run.pid, stop)
+    try:
+        stderr = run.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:  # hung (the old Pool did, on ^C): end it and its workers, then fail
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode != 0 and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "fineweb.py: stopped" + RESUME
+    assert not glob.glob(str(out_dir / "*.tmp"))
+    with open(out_dir / "docs_meta.json") as f:
+        assert json.load(f)["complete"] is False
 
 
 def test_killed_run_resumes_and_rewrites_only_missing_shards(tmp_path, monkeypatch, capsys):
@@ -333,10 +404,21 @@ def test_a_folder_is_not_called_missing(tmp_path, monkeypatch):
     assert exit_info.value.code == f"fineweb.py: {folder}: is a folder, not a file (pass the files in it)"
 
 
-@pytest.mark.parametrize("flag, value, message", [("--shard-size", "0", "--shard-size must be at least 1, got 0"),
-                                                  ("--max-tokens", "-5", "--max-tokens must be at least 1, got -5"),
-                                                  ("--num-proc", "0", "--num-proc must be at least 1, got 0"),
-                                                  ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder")])
+NOT_A_PREFIX = ": use 1 to 100 of A-Z a-z 0-9 _ . - (not . or - first), it names files"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shard-size", "0", "--shard-size must be at least 1, got 0"),
+    ("--shard-size", str(10**15),  # numpy's MemoryError once, or the OOM killer as the shard filled
+     "--shard-size 1,000,000,000,000,000: 2,000,000 GB, over half this machine's memory"),
+    ("--max-tokens", "-5", "--max-tokens must be at least 1, got -5"),
+    ("--num-proc", "0", "--num-proc must be at least 1, got 0"),
+    ("--out-dir", "a_file", "--out-dir a_file: is a file, not a folder"),
+    ("--prefix", "../up", "--prefix '../up'" + NOT_A_PREFIX),  # shards written outside --out-dir
+    ("--prefix", "", "--prefix ''" + NOT_A_PREFIX),
+    ("--prefix", "web[1]", "--prefix 'web[1]'" + NOT_A_PREFIX),  # a glob pattern: a re-run would not find them
+    ("--prefix", ".hidden", "--prefix '.hidden'" + NOT_A_PREFIX),  # train_gpt2.py's glob skips hidden files
+])
 def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, value, message):
     jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     (tmp_path / "a_file").write_text("not a folder")
@@ -346,6 +428,23 @@ def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, valu
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"fineweb.py: error: {message}"
     assert sorted(os.listdir(tmp_path)) == ["a_file", "docs.jsonl"]  # nothing written
+
+
+def test_help_needs_no_bpe_files_and_a_run_without_them_is_one_line(tmp_path, monkeypatch, capsys):
+    def offline(name):
+        raise ConnectionError("no network, no cached BPE files")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    out_dir = str(tmp_path / "out")
+    importlib.reload(fineweb)  # the import `python fineweb.py --help` does: it once loaded the BPE files, and stopped
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--help")
+    assert exit_info.value.code == 0 and "--local-files" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", write_jsonl(tmp_path / "docs.jsonl", DOCS), "--out-dir", out_dir)
+    assert exit_info.value.code == ("fineweb.py: cannot load GPT-2's BPE files (ConnectionError); offline? copy them "
+                                    "to a folder and set TIKTOKEN_CACHE_DIR to it")
+    assert not os.path.exists(out_dir)
 
 
 def test_corrected_files_are_not_refused_after_a_run_that_wrote_no_shard(tmp_path, monkeypatch):
