@@ -55,8 +55,8 @@ from caption_eval import choose_checkpoint
 from checkpoint import latest_checkpoint, load_model
 from generate import beam_search, check_sampling, compile_decode_step, generate, gpt2_encoding, until_end_of_text
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE
-from training import (HelpFormatter, autocast, default_device, default_dtype, existing_device, non_negative_int,
-                      output_problem, positive_int, use_device)
+from training import (HelpFormatter, autocast, default_device, default_dtype, existing_device, output_problem,
+                      positive_int, random_seed, use_device)
 
 # --prompt samples as train_gpt2.py's samples during training do (print_samples): temperature 1, top-k 50
 TEXT_TOP_K = 50
@@ -539,7 +539,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 30 for captions, 200 for text")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     p.add_argument("--device", default="auto", type=existing_device, help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--seed", type=non_negative_int, default=42, help="for sampling (--temperature above 0)")
+    p.add_argument("--seed", type=random_seed, default=42, help="for sampling (--temperature above 0)")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (tens of seconds per batch size and length; pays for "
                         "long texts and many captions)")

@@ -58,8 +58,8 @@ from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
                       check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
                       existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_int, positive_float,
-                      positive_int, restore_training_state, resume_path, save_on_rank0, setup_distributed, start_log,
-                      take_out_dir, warn_if_bf16_is_emulated)
+                      positive_int, random_seed, restore_training_state, resume_path, save_on_rank0, setup_distributed,
+                      start_log, take_out_dir, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -382,7 +382,7 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
     p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=non_negative_int, default=1337, help="the new layers' initialisation and the data order")
+    p.add_argument("--seed", type=random_seed, default=1337, help="the new layers' initialisation and the data order")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT"),  # wandb's own convention
                    help="log to this Weights & Biases project (pip install wandb); $WANDB_PROJECT if set")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")

@@ -37,8 +37,8 @@ from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
                       check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
                       existing_device, fp16_note, grad_scaler, load_on_every_rank, muon_and_adamw, non_negative_int,
-                      peak_flops, positive_float, positive_int, restore_training_state, resume_path, save_on_rank0,
-                      setup_distributed, start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
+                      peak_flops, positive_float, positive_int, random_seed, restore_training_state, resume_path,
+                      save_on_rank0, setup_distributed, start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -322,7 +322,7 @@ def parse_args(argv=None):
                    help="autocast dtype (default on CUDA: bfloat16 where the GPU has it, else float16; "
                         "float32 elsewhere)")
     p.add_argument("--device", default="auto", type=existing_device, help="auto, cuda, mps or cpu")
-    p.add_argument("--seed", type=non_negative_int, default=1337, help="weights' initialisation and the data order")
+    p.add_argument("--seed", type=random_seed, default=1337, help="weights' initialisation and the data order")
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT"),  # wandb's own convention
                    help="log to this Weights & Biases project (pip install wandb); $WANDB_PROJECT if set")
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")

@@ -686,6 +686,14 @@ def non_negative_int(text):
     return value
 
 
+def random_seed(text):
+    """--seed: torch.manual_seed takes up to 2**64 - 1, and each rank may add its rank (set_rng_state)."""
+    value = non_negative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {text}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not value > 0 or not math.isfinite(value):

@@ -68,15 +68,17 @@ def parser_of(script, monkeypatch):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_option_s_help_shows_its_default(script, monkeypatch):
-    """`python X.py --help` is where a user looks for what a run does unless told otherwise: every option with a
-    default (other than on/off switches) says it there."""
+def test_every_option_s_help_says_what_it_does_and_its_default(script, monkeypatch):
+    """`python X.py --help` is where a user looks for what a run does unless told otherwise: every option says
+    what it is for, and every option with a default (other than on/off switches) says the default there."""
     import argparse
     parser = parser_of(script, monkeypatch)
     formatter = parser._get_formatter()
     actions = [action for group in [parser] + [sub for action in parser._actions
                                                if isinstance(action, argparse._SubParsersAction)
                                                for sub in action.choices.values()] for action in group._actions]
+    assert [action.dest for action in actions if not action.help] == []
+    assert "(default: None)" not in parser.format_help()  # an option without a default says what happens instead
     hidden = []
     for action in actions:
         if not action.option_strings or action.default in (None, argparse.SUPPRESS) or isinstance(action.default,

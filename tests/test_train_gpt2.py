@@ -345,6 +345,7 @@ def test_nodes_that_do_not_share_the_out_dir_stop_with_one_line(tmp_path):
     (["--max-lr", "-1"], "--max-lr: must be a number > 0, got -1"),
     (["--stop-at", "9"], "--stop-at 9 is after --max-steps 2"),
     (["--seed", "-1"], "--seed: must be a whole number >= 0, got -1"),  # numpy's generators refused it mid-run
+    (["--seed", str(2**64)], "--seed: must be below 2**63, got 18446744073709551616"),  # torch: "Overflow when ..."
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message):
     from train_gpt2 import parse_args

@@ -219,23 +219,6 @@ def test_a_resume_must_have_steps_left():
     training.check_resume_step(20, 100, 21, "model_000020.pt")
 
 
-@pytest.mark.parametrize("script", ["train_gpt2", "train_caption"])
-def test_every_option_explains_itself_and_shows_its_default(script, capsys):
-    import importlib
-    import re
-    with pytest.raises(SystemExit):
-        importlib.import_module(script).parse_args(["--help"])
-    text = capsys.readouterr().out
-    options = text[text.index("options:"):]
-    entries = [" ".join(entry.split()) for entry in re.split(r"\n  (?=-)", options)[1:]]  # flags, then help
-    assert len(entries) > 20
-    for entry in entries:
-        help_text = re.sub(r"^-\S+( [A-Z_]+)?(, -\S+( [A-Z_]+)?)*", "", entry).strip()
-        assert help_text, f"{script}: {entry} has no help text"
-    options = " ".join(options.split())
-    assert "(default: 1337)" in options and "(default: None)" not in options
-
-
 def test_keep_last_deletes_old_checkpoints_but_never_the_newest_or_a_named_one(tmp_path):
     for step in (1, 2, 3, 4, 5):
         (tmp_path / f"model_{step:06d}.pt").write_text("")
