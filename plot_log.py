@@ -5,9 +5,11 @@ Plot training logs: one panel per thing they logged (train loss, val loss, Hella
     python plot_log.py log/log.txt --reference gpt2                  # with OpenAI GPT-2 124M's numbers
     python plot_log.py log_adamw/log.txt log_muon/log.txt --out adamw_vs_muon.png
     python plot_log.py a/log.txt b/log.txt --labels "lr 6e-4,lr 1.8e-3" --out lr.png
+    python plot_log.py log/log.txt --panels lr,norm,tok_s,mfu --out log/speed.png   # the step line's other numbers
 
-log.txt lines are '{step} train|val|hella|cider {value}', as train_gpt2.py and train_caption.py write them.
-A panel is drawn only when some log has its lines. Each log is labelled by its folder's name unless --labels
+log.txt lines are '{step} {kind} {value}', as train_gpt2.py and train_caption.py write them: the results (train,
+val, hella, cider) and every step's lr, norm (the gradient's, before clipping), tok_s or img_s (all GPUs) and mfu
+(per GPU, %; on GPUs whose peak training.py knows). A panel is drawn only when some log has its lines. Each log is labelled by its folder's name unless --labels
 names them. GPT-2's numbers were measured on FineWeb-Edu and HellaSwag, so they are drawn only when asked for:
 on another corpus they mean nothing.
 Needs matplotlib (pip install matplotlib), which training itself does not.
@@ -29,7 +31,14 @@ PANELS = {
     "val": ("val loss", GPT2_124M_VAL_LOSS),
     "hella": ("HellaSwag acc_norm", GPT2_124M_HELLASWAG),
     "cider": ("val CIDEr-D", None),
+    "lr": ("learning rate", None),
+    "norm": ("gradient norm", None),
+    "tok_s": ("tokens/s, all GPUs", None),
+    "img_s": ("images/s, all GPUs", None),
+    "mfu": ("MFU per GPU, %", None),
 }
+RESULTS = ["train", "val", "hella", "cider"]  # the default panels
+EVALUATIONS = {"val", "hella", "cider"}  # sparse: each point marked
 
 
 def read_log(path):
@@ -54,20 +63,20 @@ def read_log(path):
     return series
 
 
-def build_figure(runs, reference=None):
-    """runs: [(label, series from read_log)] -> a matplotlib Figure, one panel per kind some run logged.
+def build_figure(runs, reference=None, panels=RESULTS):
+    """runs: [(label, series from read_log)] -> a matplotlib Figure, one panel per kind of `panels` some run logged.
     A run keeps its colour in every panel, so a run without HellaSwag lines does not shift the others' colours."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 
-    kinds = [kind for kind in PANELS if any(kind in series for _, series in runs)]
+    kinds = [kind for kind in panels if any(kind in series for _, series in runs)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         title, gpt2_value = PANELS[kind]
         for color, (label, series) in enumerate(runs):
-            if kind in series:  # train loss every step: a plain line; evaluations are sparse: mark each point
-                ax.plot(*series[kind], "-" if kind == "train" else ".-", color=f"C{color}", label=label)
+            if kind in series:  # a number of every step: a plain line; evaluations are sparse: mark each point
+                ax.plot(*series[kind], ".-" if kind in EVALUATIONS else "-", color=f"C{color}", label=label)
         if reference == "gpt2" and gpt2_value is not None:
             ax.axhline(gpt2_value, color="k", linestyle="--", label=f"OpenAI GPT-2 124M ({gpt2_value})")
         ax.set_xlabel("step")
@@ -107,12 +116,23 @@ def save(figure, out):
         sys.exit(f"plot_log.py: {out}: not written ({e.strerror or e})")
 
 
+def panel_list(text):
+    """--panels: 'lr,norm' -> ['lr', 'norm'], each a kind of PANELS."""
+    kinds = [kind.strip() for kind in text.split(",")]
+    unknown = [kind for kind in kinds if kind not in PANELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not one of {', '.join(PANELS)}")
+    return kinds
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", metavar="log", help="log.txt files written by the training scripts")
     parser.add_argument("--labels", help="comma-separated legend labels, one per log (default: each log's folder name)")
     parser.add_argument("--reference", choices=["gpt2"], help="also draw OpenAI GPT-2 124M's val loss and HellaSwag")
     parser.add_argument("--out", help="PNG to write (default for one log: its name with .png; needed for several)")
+    parser.add_argument("--panels", type=panel_list, default=",".join(RESULTS),
+                        help=f"comma-separated kinds to draw, of {','.join(PANELS)} (default: %(default)s)")
     args = parser.parse_args()
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.dirname(os.path.abspath(log)))
                                                          for log in args.logs]
@@ -136,13 +156,13 @@ def main():
             sys.exit(f"plot_log.py: {log}: cannot read it ({e.strerror})")
         except ValueError as e:
             sys.exit(f"plot_log.py: {e}")
-    if not any(kind in series for _, series in runs for kind in PANELS):
-        sys.exit(f"plot_log.py: no train, val, hella or cider lines in {', '.join(args.logs)}")
+    if not any(kind in series for _, series in runs for kind in args.panels):
+        sys.exit(f"plot_log.py: no {', '.join(args.panels)} lines in {', '.join(args.logs)}")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("plot_log.py: needs matplotlib: pip install matplotlib")
-    save(build_figure(runs, args.reference), out)
+    save(build_figure(runs, args.reference, args.panels), out)
     print(f"wrote {out}")
 
 

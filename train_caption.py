@@ -56,10 +56,10 @@ from checkpoint import load_model, save_checkpoint
 from generate import beam_search, gpt2_encoding
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
-                      check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
-                      existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_int, positive_float,
-                      positive_int, random_seed, restore_training_state, resume_path, save_on_rank0, setup_distributed,
-                      start_log, take_out_dir, warn_if_bf16_is_emulated)
+                      check_finite, check_resume_step, check_same_run, cleanup_distributed, config_defaults, cosine_lr,
+                      default_dtype, existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_int,
+                      positive_float, positive_int, random_seed, restore_training_state, resume_path, save_on_rank0,
+                      setup_distributed, start_log, take_out_dir, warn_if_bf16_is_emulated, write_run_record)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -308,7 +308,7 @@ def wrap_model(raw_model, use_compile, d):
 MAY_CHANGE_ON_RESUME = {"features_dir", "out_dir", "resume", "batch_size", "epochs", "max_steps", "stop_at",
                         "min_lr", "warmup_steps", "grad_clip", "eval_every", "val_images", "eval_cider_images",
                         "save_every", "keep_last", "compile", "dtype", "device", "wandb_project", "wandb_run",
-                        "dist_timeout"}
+                        "dist_timeout", "config"}
 
 
 def parse_args(argv=None):
@@ -388,6 +388,9 @@ def parse_args(argv=None):
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
+    p.add_argument("--config", help="start from the settings in a run.json (another run's record); flags given "
+                                    "here win")
+    config_defaults(p, argv)
     args = p.parse_args(argv)
     if args.stop_at is not None and args.max_steps is not None and args.stop_at > args.max_steps:
         p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
@@ -444,6 +447,7 @@ def main(args):
     max_steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.total_batch_size)
     val_data_batches = val_batches(val_data, B, args.val_images, args.max_caption_tokens)
     take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
+    write_run_record(args, d)  # run.json: every setting, the commit, torch, the GPUs
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, meta, train_data.width, d)
     raw_model.to(d.device)
@@ -529,7 +533,8 @@ def main(args):
                   f"dt {dt * 1000:.1f}ms | img/s {args.total_batch_size / dt:,.0f} | "
                   f"caption-epochs {caption_epochs:.3f} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
-            append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            append_log(args.out_dir, f"{step} train {loss_value:.6f}", lr=f"{lr:.4e}", norm=f"{norm_value:.4f}",
+                       img_s=f"{args.total_batch_size / dt:.0f}")
             tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         images_per_sec=args.total_batch_size / dt, caption_epochs=caption_epochs)
 

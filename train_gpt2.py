@@ -35,10 +35,11 @@ from checkpoint import load_model
 from generate import generate, gpt2_encoding
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
-                      check_finite, check_resume_step, check_same_run, cleanup_distributed, cosine_lr, default_dtype,
-                      existing_device, fp16_note, grad_scaler, load_on_every_rank, muon_and_adamw, non_negative_int,
-                      peak_flops, positive_float, positive_int, random_seed, restore_training_state, resume_path,
-                      save_on_rank0, setup_distributed, start_log, take_out_dir, warn, warn_if_bf16_is_emulated)
+                      check_finite, check_resume_step, check_same_run, cleanup_distributed, config_defaults, cosine_lr,
+                      default_dtype, existing_device, fp16_note, grad_scaler, load_on_every_rank, muon_and_adamw,
+                      non_negative_int, peak_flops, positive_float, positive_int, random_seed, restore_training_state,
+                      resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir, warn,
+                      warn_if_bf16_is_emulated, write_run_record)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -273,7 +274,7 @@ RECIPES = {
 MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "batch_size", "max_steps", "stop_at", "warmup_steps",
                         "min_lr_ratio", "grad_clip", "eval_every", "val_tokens", "hellaswag_every", "hellaswag_data",
                         "hellaswag_limit", "sample_every", "save_every", "keep_last", "compile", "dtype", "device",
-                        "wandb_project", "wandb_run", "dist_timeout"}
+                        "wandb_project", "wandb_run", "dist_timeout", "config"}
 
 
 def parse_args(argv=None):
@@ -328,6 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--wandb-run", help="the wandb run's name (default: wandb picks one)")
     p.add_argument("--dist-timeout", type=positive_float, default=10,
                    help="minutes a process waits for a missing peer before the run stops with an error")
+    p.add_argument("--config", help="start from the settings in a run.json (another run's record); flags given "
+                                    "here win")
+    config_defaults(p, argv)
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():  # what the command line did not set, the recipe does
         if getattr(args, name) is None:
@@ -417,6 +421,7 @@ def main(args):
         path = args.hellaswag_data or hellaswag.download_if_missing(local_master=d.local_rank == 0)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
     take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
+    write_run_record(args, d)  # run.json: every setting, the commit, torch, the GPUs
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, d)
     raw_model.to(d.device)
@@ -515,7 +520,8 @@ def main(args):
                   f"dt {dt * 1000:.1f}ms | tok/s {args.total_batch_size / dt:,.0f} (all GPUs) | "
                   f"MFU {f'{mfu:.1f}%' if mfu else 'n/a'} | "
                   f"eta {timer.eta(step, dt)}" + fp16_note(scaler, norm_value))
-            append_log(args.out_dir, f"{step} train {loss_value:.6f}")
+            append_log(args.out_dir, f"{step} train {loss_value:.6f}", lr=f"{lr:.4e}", norm=f"{norm_value:.4f}",
+                       tok_s=f"{args.total_batch_size / dt:.0f}", mfu=f"{mfu:.2f}" if mfu else None)
             tracker.log(step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         tokens_per_sec=args.total_batch_size / dt, mfu=mfu)
 

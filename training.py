@@ -10,11 +10,13 @@ log. Checkpoint files: checkpoint.py.
 
 import argparse
 import atexit
+import json
 import math
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -526,6 +528,52 @@ def take_out_dir(out_dir, d):
 
 
 # -----------------------------------------------------------------------------
+# The run's record: run.json, and --config to start another run from one
+
+
+def write_run_record(args, d):
+    """out_dir/run.json: every setting as resolved (a recipe's included), the command, the code (its git commit,
+    "+dirty" with uncommitted changes), torch, the GPUs: what it takes to compare two runs, or to start this one
+    again (--config). Rewritten at each start: a resumed run's shows the settings it goes on with."""
+    devices = gather_objects(torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type, d)
+    if d.master:
+        record = {"command": " ".join(sys.argv), "args": vars(args), "git": git_commit(), "torch": torch.__version__,
+                  "world_size": d.world_size, "devices": {name: devices.count(name) for name in sorted(set(devices))},
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        path = os.path.join(args.out_dir, "run.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def git_commit():
+    """This code's commit, "+dirty" if tracked files differ from it; None outside a git checkout."""
+    git = lambda *command: subprocess.run(["git", *command], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def config_defaults(parser, argv):
+    """--config FILE: the settings a run.json recorded become the parser's defaults, so flags given now win.
+    Not --resume: a run started from another's record starts afresh unless told to resume."""
+    path = parser.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            recorded = dict(json.load(f)["args"])
+        unknown = sorted(set(recorded) - set(vars(parser.parse_known_args(argv)[0])))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"--config {path}: not a run.json ({type(e).__name__}: {e})")
+    if unknown:
+        parser.error(f"--config {path}: written by another script? {', '.join(unknown)}: not settings of this one")
+    parser.set_defaults(**{name: value for name, value in recorded.items() if name not in ("config", "resume")})
+
+
+# -----------------------------------------------------------------------------
 # Stopping cleanly
 
 
@@ -735,8 +783,12 @@ def start_log(path, resume_step=None):
     os.replace(path + ".tmp", path)
 
 
-def append_log(out_dir, line):
-    """log.txt holds one machine-readable line per event, e.g. '120 train 4.123456' or '250 val 3.9876'."""
+def append_log(out_dir, line, **numbers):
+    """log.txt holds one machine-readable line per number, e.g. '120 train 4.123456' or '250 val 3.9876'; the
+    step's other numbers (already formatted; None: not known) follow the line, each on its own: '120 lr 6.0000e-04'.
+    So plot_log.py (and a grep) reads every number the step line printed."""
+    step = line.split()[0]
+    line = "\n".join([line] + [f"{step} {name} {value}" for name, value in numbers.items() if value is not None])
     path = os.path.join(out_dir, "log.txt")
     try:
         with open(path, "a") as f:

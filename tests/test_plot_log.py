@@ -172,3 +172,17 @@ def test_a_failed_write_leaves_the_previous_picture_whole(tmp_path, monkeypatch)
         plot_in_process(monkeypatch, log)
     assert exit_info.value.code == f"plot_log.py: {out}: not written (No space left on device)"
     assert out.read_bytes() == b"yesterday's picture" and sorted(os.listdir(out.parent)) == ["log.png", "log.txt"]
+
+
+def test_the_step_line_s_other_numbers_are_drawn_when_asked(tmp_path, monkeypatch, capsys):
+    """log.txt keeps each step's lr, gradient norm, tokens/s and MFU too: the results stay the default panels."""
+    log, = write_logs(tmp_path, run="0 train 10.9\n0 lr 6.0000e-05\n0 norm 1.2500\n0 tok_s 51234\n0 mfu 41.20\n"
+                                    "1 train 9.5\n1 lr 1.2000e-04\n1 norm 0.9000\n1 tok_s 52000\n1 mfu 41.80\n")
+    assert [ax.get_title() for ax in plot_in_process(monkeypatch, log).axes] == ["train loss"]
+    fig = plot_in_process(monkeypatch, log, "--panels", "lr,norm,tok_s,mfu")
+    assert [ax.get_title() for ax in fig.axes] == ["learning rate", "gradient norm", "tokens/s, all GPUs",
+                                                   "MFU per GPU, %"]
+    assert panels(fig)["MFU per GPU, %"] == [("run", ([0, 1], [41.2, 41.8]))]
+    with pytest.raises(SystemExit):
+        plot_in_process(monkeypatch, log, "--panels", "lr,speed")
+    assert "--panels: speed: not one of train, val" in capsys.readouterr().err

@@ -201,7 +201,9 @@ def test_resume_equals_an_uninterrupted_run_and_rewrites_the_log(tmp_path):
     shutil.copy(tmp_path / "straight" / "log.txt", killed)
     shutil.copy(tmp_path / "straight" / "model_000003.pt", killed)
     run(common + ["--out-dir", killed, "--resume", "auto"])
-    assert (killed / "log.txt").read_text() == (tmp_path / "straight" / "log.txt").read_text()
+    for kind in ("train", "val", "lr", "norm"):  # (tok_s and mfu: measured, so they differ from run to run)
+        assert read_log(killed, kind) == read_log(tmp_path / "straight", kind)
+    assert [line.split()[1] for line in open(killed / "log.txt")].count("train") == 6
 
 
 def test_refuses_to_overwrite_an_earlier_run(tmp_path):
@@ -595,3 +597,27 @@ def test_a_resume_refuses_flags_that_change_the_run_and_checkpoints_it_cannot_co
     torch.save({k: checkpoint[k] for k in ("kind", "model", "config", "step")}, out / "model_000001.pt")
     with pytest.raises(ValueError, match="cannot be resumed, it holds no optimizer, loader, rng, args"):
         train_gpt2.main(train_gpt2.parse_args(args + ["--resume", "auto"]))
+
+
+def test_a_run_records_its_settings_and_another_starts_from_them(tmp_path, monkeypatch, capsys):
+    """run.json holds every setting as resolved (the recipe's too), the commit, torch and the devices; --config
+    starts a new run from it, flags given then winning, and never resumes the old run by itself."""
+    import json
+    import train_gpt2
+    out = tmp_path / "out"
+    args = TINY + ["--data-dir", write_shards(tmp_path / "data"), "--max-steps", "2", "--eval-every", "0",
+                   "--out-dir", str(out), "--resume", "auto"]
+    train_gpt2.main(train_gpt2.parse_args(args + ["--recipe", "fast", "--stop-at", "1"]))
+    record = json.loads((out / "run.json").read_text())
+    assert record["args"]["optimizer"] == "muon" and record["args"]["min_lr_ratio"] == 0.1  # the recipe, resolved
+    assert record["args"]["n_layer"] == 2 and record["world_size"] == 1 and record["devices"] == {"cpu": 1}
+    assert record["torch"] == torch.__version__ and (record["git"] is None or len(record["git"].split("+")[0]) == 40)
+    again = train_gpt2.parse_args(["--config", str(out / "run.json"), "--max-lr", "2e-3"])
+    assert (again.optimizer, again.n_layer, again.stop_at, again.max_lr, again.resume) == ("muon", 2, 1, 2e-3, None)
+    (tmp_path / "other.json").write_text(json.dumps({"args": {"features_dir": "coco_features", "n_layer": 2}}))
+    (tmp_path / "broken.json").write_text("{")
+    for config, message in (("other.json", "written by another script? features_dir: not settings of this one"),
+                            ("broken.json", "not a run.json (JSONDecodeError")):
+        with pytest.raises(SystemExit):
+            train_gpt2.parse_args(["--config", str(tmp_path / config)])
+        assert message in capsys.readouterr().err

@@ -360,3 +360,10 @@ def test_wandb_project_in_the_environment_turns_wandb_on(script, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "gpt2-runs")
     assert parse_args([]).wandb_project == "gpt2-runs"
     assert parse_args(["--wandb-project", "other"]).wandb_project == "other"
+
+
+def test_the_log_keeps_every_number_of_the_step_line(tmp_path):
+    training.append_log(str(tmp_path), "5 train 4.500000", lr="6.0000e-04", norm="0.5000", tok_s="51234", mfu=None)
+    training.append_log(str(tmp_path), "5 val 4.4000")
+    assert (tmp_path / "log.txt").read_text() == ("5 train 4.500000\n5 lr 6.0000e-04\n5 norm 0.5000\n5 tok_s 51234\n"
+                                                  "5 val 4.4000\n")  # mfu unknown (CPU): no line
