@@ -89,3 +89,22 @@ def test_every_option_s_help_says_what_it_does_and_its_default(script, monkeypat
         if str(action.default) not in text and (as_typed is None or as_typed not in text):
             hidden.append(f"{action.option_strings[-1]} (default {action.default})")
     assert hidden == []
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_slurm_script_is_valid_bash_and_its_training_flags_parse(nodes, monkeypatch):
+    """scripts/slurm.sbatch cannot run here (no SLURM): what can be checked is. Its shell parses, its flags are
+    train_gpt2.py's, and its batch size makes the 524,288-token step on 8 x nodes GPUs."""
+    import re
+    import shlex
+    import subprocess
+    import train_gpt2
+    path = os.path.join(ROOT, "scripts", "slurm.sbatch")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    assert "#SBATCH --signal=TERM@" in text and "#SBATCH --requeue" in text and "--resume auto" in text
+    arithmetic = re.search(r"BATCH_SIZE=\$\(\((.*)\)\)", text).group(1)  # bash's $(( )): whole numbers
+    batch_size = eval(arithmetic.replace("SLURM_NNODES", str(nodes)).replace("/", "//"))
+    command = re.search(r"train_gpt2\.py (.*)\n", text).group(1).replace('"$BATCH_SIZE"', str(batch_size))
+    args = train_gpt2.parse_args(shlex.split(command))
+    assert args.total_batch_size % (args.batch_size * args.seq_len * 8 * nodes) == 0
