@@ -8,8 +8,8 @@ lm-evaluation-harness, the Hugging Face hub).
 The folder gets what save_pretrained (below) writes, config.json and model.safetensors (transformers' parameter
 names and layouts, written with safetensors: transformers is not needed here), and GPT-2's tokenizer:
 vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe, the very files tiktoken's "gpt2" encoding
-is built from, copied from tiktoken's cache. If the cache does not have them, the command says so and the
-folder has no tokenizer: the matching one is transformers' AutoTokenizer.from_pretrained("gpt2")
+is built from, read as tiktoken reads them (its cache, else a download). Offline with no cached copy, the command
+says so and the folder has no tokenizer: the matching one is transformers' AutoTokenizer.from_pretrained("gpt2")
 (for lm_eval: --model_args pretrained=out/gpt2-fineweb,tokenizer=gpt2).
 
 A caption checkpoint (train_caption.py) is exported as its language model: the cross-attention layers and
@@ -21,7 +21,6 @@ language model the captioner started from.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from contextlib import contextmanager
 
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from tiktoken.load import read_file_cached
 
 from checkpoint import load_model, why_write_failed
 from model import CONV1D_WEIGHTS, EOT_TOKEN, GPT2_VOCAB_SIZE, is_cross_attn_param
@@ -109,8 +109,8 @@ def hf_gpt2_config(config):
 # GPT-2's tokenizer files
 
 
-# Hugging Face's name for each of GPT-2's two BPE files -> (the URL tiktoken downloads it from, its SHA-256,
-# which tiktoken checks too). tiktoken caches a download under the SHA-1 of its URL.
+# Hugging Face's name for each of GPT-2's two BPE files -> (the URL tiktoken's "gpt2" encoding is built from, its
+# SHA-256, which tiktoken checks)
 GPT2_TOKENIZER_FILES = {
     "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
                    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
@@ -119,36 +119,22 @@ GPT2_TOKENIZER_FILES = {
 }
 
 
-def tiktoken_cache_dir():
-    """Where tiktoken keeps its downloads: the same three places, in the same order, tiktoken looks in."""
-    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
-        if variable in os.environ:
-            return os.environ[variable]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+def read_tokenizer_files():
+    """{Hugging Face name: contents} of GPT-2's BPE files, read with tiktoken's public read_file_cached: from its
+    cache ($TIKTOKEN_CACHE_DIR), else downloaded, checked against the SHA-256. Where and how tiktoken caches is
+    tiktoken's business. -> None if neither works: the model is still worth exporting."""
+    try:
+        return {name: read_file_cached(url, sha256) for name, (url, sha256) in GPT2_TOKENIZER_FILES.items()}
+    except Exception:  # offline with nothing cached (requests' ConnectionError), a damaged download (ValueError), ...
+        return None
 
 
-def cached_tokenizer_files():
-    """{Hugging Face name: path in tiktoken's cache} of GPT-2's BPE files, or None unless both are there, intact."""
-    found = {}
-    for name, (url, sha256) in GPT2_TOKENIZER_FILES.items():
-        path = os.path.join(tiktoken_cache_dir(), hashlib.sha1(url.encode()).hexdigest())
-        if not os.path.isfile(path):
-            return None
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != sha256:
-                return None  # a partial or damaged download: tiktoken itself would fetch it again
-        found[name] = path
-    return found
-
-
-def write_tokenizer(folder, block_size):
-    """Copy GPT-2's tokenizer files into folder, with the tokenizer_config.json that tells transformers how to
-    read them. -> False if tiktoken's cache does not have them."""
-    files = cached_tokenizer_files()
-    if files is None:
-        return False
-    for name, path in files.items():
-        shutil.copyfile(path, os.path.join(folder, name))
+def write_tokenizer(folder, files, block_size):
+    """Write GPT-2's tokenizer files into folder, with the tokenizer_config.json that tells transformers how to
+    read them."""
+    for name, contents in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(contents)
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": block_size,  # the longest sequence the model takes
@@ -160,7 +146,6 @@ def write_tokenizer(folder, block_size):
     }
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    return True
 
 
 EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
@@ -220,14 +205,17 @@ def main(argv=None):
               f"has no place for them", file=sys.stderr)
     with export_folder(args.out_dir) as folder:
         save_pretrained(model, folder, language_model_only=True)
-        has_tokenizer = write_tokenizer(folder, model.config.block_size)
+        tokenizer_files = read_tokenizer_files()
+        if tokenizer_files:
+            write_tokenizer(folder, tokenizer_files, model.config.block_size)
     print(f"{args.out_dir}: config.json, model.safetensors (transformers.GPT2LMHeadModel.from_pretrained reads them)")
-    if has_tokenizer:
-        print(f"{args.out_dir}: vocab.json, merges.txt, tokenizer_config.json (GPT-2's tokenizer, from tiktoken's cache)")
+    if tokenizer_files:
+        print(f"{args.out_dir}: vocab.json, merges.txt, tokenizer_config.json (GPT-2's tokenizer, as tiktoken has it)")
     else:
-        print(f"export_hf.py: note: GPT-2's tokenizer files are not in tiktoken's cache ({tiktoken_cache_dir()}), so "
-              f"{args.out_dir} has no tokenizer; the matching one is AutoTokenizer.from_pretrained(\"gpt2\") (lm_eval: "
-              f"--model_args pretrained={args.out_dir},tokenizer=gpt2)", file=sys.stderr)
+        print(f"export_hf.py: note: GPT-2's tokenizer files are neither in tiktoken's cache nor downloadable (offline? "
+              f"copy a tiktoken cache that has them and set TIKTOKEN_CACHE_DIR to it), so {args.out_dir} has no "
+              f"tokenizer; the matching one is AutoTokenizer.from_pretrained(\"gpt2\") (lm_eval: --model_args "
+              f"pretrained={args.out_dir},tokenizer=gpt2)", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,9 @@ import sys
 from dataclasses import asdict
 
 import pytest
+import requests
 import tiktoken
+import tiktoken.load
 import torch
 import transformers  # test-only: the independent reader of the export
 from safetensors import SafetensorError
@@ -97,13 +99,32 @@ def test_tokenizer_files_come_from_tiktoken_and_encode_alike(exported):
     assert tokenizer.eos_token_id == EOT_TOKEN and tokenizer.model_max_length == 64
 
 
-def test_without_tiktoken_files_the_export_names_the_matching_tokenizer(exported, tmp_path, monkeypatch, capsys):
+def offline(url):  # what tiktoken's fetch raises with no network
+    raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+
+@pytest.mark.parametrize("fetch", ["downloads", "offline", "damaged"])
+def test_tokenizer_files_come_as_tiktoken_gets_them_else_the_export_names_the_matching_one(
+        fetch, exported, tmp_path, monkeypatch, capsys):
+    """Through tiktoken's public read_file_cached, not a copy of its private cache layout: an empty cache downloads
+    (it was 'not in the cache', no tokenizer); offline or damaged, the model is still exported and a note says which
+    tokenizer matches."""
     ours, _ = exported
     checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    downloads = {url: tiktoken.load.read_file_cached(url, sha256)  # from the shared cache, before it is emptied
+                 for url, sha256 in export_hf.GPT2_TOKENIZER_FILES.values()}
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(tiktoken.load, "read_file", {"downloads": downloads.__getitem__, "offline": offline,
+                                                     "damaged": lambda url: downloads[url][:-100]}[fetch])
     assert export_hf.main([str(checkpoint), str(tmp_path / "hf")]) == 0
-    assert not (tmp_path / "hf" / "vocab.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
-    assert 'AutoTokenizer.from_pretrained("gpt2")' in capsys.readouterr().err
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    if fetch == "downloads":
+        vocab_url = export_hf.GPT2_TOKENIZER_FILES["vocab.json"][0]
+        assert (tmp_path / "hf" / "vocab.json").read_bytes() == downloads[vocab_url]
+        assert (tmp_path / "hf" / "tokenizer_config.json").exists()
+    else:
+        assert not (tmp_path / "hf" / "vocab.json").exists()
+        assert 'AutoTokenizer.from_pretrained("gpt2")' in capsys.readouterr().err
 
 
 def test_captioner_exports_its_language_model_and_says_so(tmp_path, capsys):
