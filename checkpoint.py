@@ -5,14 +5,21 @@ A checkpoint is one torch.save'd dict: {"kind": "lm" | "caption", "model": state
 fields, "step", and, for resuming, "optimizer", "loader", "scaler", "rng", "args"}. Files are named
 model_{step:06d}.pt, written atomically (a killed run never leaves half a file), never with NaN weights, and
 read back with errors that name the file.
+
+export_hf.py --captioner writes a caption checkpoint as a folder to share (or its copy on the Hugging Face hub):
+config.json is the checkpoint's dict without its tensors ({"kind", "config", "encoder", "step"}) and
+model.safetensors its "model", the same names, so load_export builds the model as load_model does.
 """
 
+import json
 import os
 import re
 import shutil
 import zipfile
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from model import GPT, GPTConfig, load_weights
 
@@ -133,10 +140,69 @@ def load_model(path, kind=None, **overrides):
     """A checkpoint written by train_gpt2.py ('lm') or train_caption.py ('caption') -> (model, checkpoint).
     Overrides (e.g. cross_attn_every=2 on an 'lm' checkpoint) add fresh layers as GPT.from_pretrained does."""
     checkpoint = load_checkpoint(path, kind)
+    return build_model(checkpoint, path, **overrides), checkpoint
+
+
+def build_model(checkpoint, source, **overrides):
+    """A checkpoint's dict (from a .pt file or an exported folder) -> the GPT its config and weights describe."""
     try:
         config = GPTConfig(**{**checkpoint["config"], **overrides})
     except TypeError as e:
-        raise ValueError(f"{path}: config does not fit this model.py ({e})") from None
+        raise ValueError(f"{source}: config does not fit this model.py ({e})") from None
     model = GPT(config)
-    load_weights(model, checkpoint["model"], path)
-    return model, checkpoint
+    load_weights(model, checkpoint["model"], source)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Reading an exported captioner: a folder, or its copy on the Hugging Face hub
+
+
+def is_hub_id(text):
+    """USER/NAME, the form of a Hugging Face hub repository's id."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text) is not None
+
+
+def load_export(folder_or_hub_id, kind=None):
+    """A folder export_hf.py --captioner wrote, or a hub repository it was pushed to (USER/NAME) -> (model,
+    checkpoint): config.json's dict with model.safetensors as its "model", read as load_model reads a .pt."""
+    folder = local_folder(folder_or_hub_id)
+    config_path, weights_path = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    try:
+        with open(config_path) as f:
+            checkpoint = json.load(f)
+    except FileNotFoundError:  # a training run's folder, say, given where its checkpoint was meant
+        raise FileNotFoundError(f"{folder}: no config.json here, so not a folder export_hf.py --captioner wrote "
+                                f"(a checkpoint is a .pt file)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path}: not readable ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(checkpoint, dict) or not {"kind", "config"} <= checkpoint.keys():
+        raise ValueError(f"{config_path}: not what export_hf.py --captioner writes (a GPT-2 export? "
+                         f"GPT.from_pretrained and sample.py --pretrained read those)")
+    if kind is not None and checkpoint["kind"] != kind:
+        raise ValueError(f"{config_path}: is a '{checkpoint['kind']}' export, expected '{kind}'")
+    try:
+        state_dict = load_file(weights_path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{weights_path}: not readable ({getattr(e, 'strerror', None) or e})") from None
+    if "transformer.wte.weight" in state_dict:
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]  # tied: written once, as wte
+    checkpoint["model"] = state_dict
+    return build_model(checkpoint, weights_path), checkpoint
+
+
+def local_folder(folder_or_hub_id):
+    """A folder here, else a hub id's files (config.json and model.safetensors), downloaded into the Hugging Face
+    cache (HF_HOME) or found there offline."""
+    folder_or_hub_id = str(folder_or_hub_id)
+    if os.path.isdir(folder_or_hub_id):
+        return folder_or_hub_id
+    if not is_hub_id(folder_or_hub_id):
+        raise FileNotFoundError(f"{folder_or_hub_id}: no such folder (nor a hub id, USER/NAME)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(folder_or_hub_id, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # offline, no such repository, a private one without a token, ...
+        raise ValueError(f"{folder_or_hub_id}: not a folder here, and not downloadable from the Hugging Face hub "
+                         f"({type(e).__name__}); offline, download it elsewhere (hf download {folder_or_hub_id} "
+                         f"--local-dir FOLDER) and pass the folder") from None

@@ -5,6 +5,7 @@ Captions for images, or text from a prompt.
     python sample.py --image dog.jpg --checkpoint log_caption/model_011558.pt --beam 5
     python sample.py --image dog.jpg --temperature 0.8 --top-p 0.9 --num-samples 3
     python sample.py --image dog.jpg --attention-map dog_attention.png   # where each word looked (matplotlib)
+    python sample.py --image dog.jpg --checkpoint USER/captioner        # export_hf.py --captioner's, from the hub
     python sample.py --prompt "Hello, I'm a language model,"     # the newest checkpoint in log/
     python sample.py --prompt "Hello, I'm a language model," --checkpoint log/model_019073.pt --compile
     python sample.py --prompt "Hello, I'm a language model," --pretrained gpt2 --num-samples 4
@@ -13,6 +14,7 @@ From Python:
 
     from sample import Captioner
     captioner = Captioner.from_checkpoint("log_caption/model_011558.pt")
+    captioner = Captioner.from_pretrained("out/captioner")  # or "USER/captioner": export_hf.py --captioner's
     captioner.caption(["dog.jpg", "cat.png"])        # -> ['a dog running on the grass', ...]
     captions, attention = captioner.caption(["dog.jpg"], return_attention=True)
     attention[0].words, attention[0].patches         # -> ['a', 'dog', ...], (n_words, 7, 7) arrays
@@ -52,7 +54,7 @@ from torch.nn import functional as F
 
 import coco
 from caption_eval import choose_checkpoint
-from checkpoint import latest_checkpoint, load_model
+from checkpoint import is_hub_id, latest_checkpoint, load_export, load_model
 from generate import beam_search, check_sampling, compile_decode_step, generate, gpt2_encoding, until_end_of_text
 from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE
 from training import (HelpFormatter, autocast, default_device, default_dtype, existing_device, output_problem,
@@ -81,8 +83,20 @@ class Captioner:
     def from_checkpoint(cls, path, device="auto", dtype=None):
         """device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'; the decoder and the image encoder both go there. dtype: the
         decoder's autocast dtype, by default the best the device has (bfloat16 on a recent GPU)."""
-        device = default_device() if device == "auto" else str(device)
         model, checkpoint = load_model(path, kind="caption")
+        return cls.with_its_encoder(model, checkpoint, path, device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder_or_hub_id, device="auto", dtype=None):
+        """A captioner export_hf.py --captioner wrote: its folder, or the hub repository it was pushed to
+        (USER/NAME). device and dtype: as for from_checkpoint."""
+        model, checkpoint = load_export(folder_or_hub_id, kind="caption")
+        return cls.with_its_encoder(model, checkpoint, folder_or_hub_id, device, dtype)
+
+    @classmethod
+    def with_its_encoder(cls, model, checkpoint, path, device, dtype):
+        """The decoder, with the image encoder its checkpoint (or export) records, built again."""
+        device = default_device() if device == "auto" else str(device)
         trained_on = coco.trained_encoder(checkpoint, path)
         encoder = coco.load_encoder(trained_on["name"], trained_on["weights"], device, trained_on["image_size"])
         if not coco.same_encoder(trained_on, encoder.record):  # a timm or open_clip that preprocesses otherwise
@@ -349,7 +363,10 @@ def caption_files(args):
     path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
     if not args.checkpoint:
         print(f"sample.py: using {path} ({why})", file=sys.stderr)
-    captioner = Captioner.from_checkpoint(path, args.device)
+    if is_export(path):
+        captioner = Captioner.from_pretrained(path, args.device)
+    else:
+        captioner = Captioner.from_checkpoint(path, args.device)
     if args.compile:
         compile_decode_step(captioner.model)
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)
@@ -394,8 +411,9 @@ def generate_text(args):
     device = default_device() if args.device == "auto" else args.device
     if args.pretrained:
         model = GPT.from_pretrained(args.pretrained)
-    else:
-        model, _ = load_model(text_checkpoint(args))  # an lm checkpoint, or a captioner without an image
+    else:  # an lm checkpoint, or a captioner (a .pt or an export) without an image
+        path = text_checkpoint(args)
+        model, _ = load_export(path) if is_export(path) else load_model(path)
     model.to(device).eval()
     if args.compile:
         compile_decode_step(model)
@@ -413,6 +431,13 @@ def generate_text(args):
         print("---")
     say_what_compiled(model)
     return 0
+
+
+def is_export(checkpoint):
+    """--checkpoint names a folder export_hf.py --captioner wrote, or a hub repository (USER/NAME, and no path
+    here), rather than a .pt file."""
+    return os.path.isdir(checkpoint) or (not os.path.exists(checkpoint) and not checkpoint.endswith(".pt")
+                                         and is_hub_id(checkpoint))
 
 
 def text_checkpoint(args):
@@ -521,8 +546,9 @@ def parse_args(argv=None):
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", nargs="+", help="image files to caption")
     what.add_argument("--prompt", help="text to continue ('' for text from nothing, as after <|endoftext|>)")
-    p.add_argument("--checkpoint", help="a .pt checkpoint (default: from --checkpoint-dir, with --image its best.pt "
-                                        "if there is one, else the newest)")
+    p.add_argument("--checkpoint", help="a .pt checkpoint, or a captioner export_hf.py --captioner wrote: its folder "
+                                        "or hub id, USER/NAME (default: from --checkpoint-dir, with --image its "
+                                        "best.pt if there is one, else the newest)")
     p.add_argument("--checkpoint-dir", help="where to look when --checkpoint is not given (default: log_caption for "
                                             "--image, log for --prompt)")
     p.add_argument("--pretrained", help="with --prompt: OpenAI weights (gpt2, gpt2-medium, ...) or a GPT-2 folder")

@@ -1,6 +1,8 @@
 """export_hf.py and its save_pretrained: a checkpoint of ours, exported, is the same model in transformers (same
 logits, same greedy tokens) and comes back through GPT.from_pretrained with the same weights; a captioner
-exports its language model and says what it left out; GPT-2's tokenizer goes along when tiktoken has it."""
+exports its language model and says what it left out (--captioner: all of it, in our own format; its round trip is
+in test_sample.py); GPT-2's tokenizer goes along when tiktoken has it; the model card says what the run recorded and
+no more; --push-to-hub is tested against a stand-in HfApi."""
 import errno
 import json
 import os
@@ -8,8 +10,10 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import huggingface_hub.errors
 import pytest
 import requests
+import safetensors.torch
 import tiktoken
 import tiktoken.load
 import torch
@@ -209,3 +213,140 @@ def test_an_export_never_replaces_a_folder_holding_other_files(exported, tmp_pat
     with pytest.raises(ValueError, match="notes: holds todo.txt, not part of an export"):
         export_hf.main([str(checkpoint), str(tmp_path / "notes")])
     assert os.listdir(tmp_path / "notes") == ["todo.txt"]
+
+
+# -----------------------------------------------------------------------------
+# The model card, --push-to-hub, --captioner
+
+
+def training_run(folder, model, recorded):
+    """A run's folder as train_gpt2.py leaves it: a checkpoint at step 300 and, if `recorded`, its args, run.json
+    and a log.txt with val and HellaSwag numbers before, at and after that step."""
+    folder.mkdir()
+    checkpoint = {"kind": "lm", "model": model.state_dict(), "config": asdict(model.config), "step": 300}
+    if recorded:
+        checkpoint["args"] = {"total_batch_size": 4096, "data_dir": "edu_fineweb10B"}
+        (folder / "run.json").write_text(json.dumps({"command": "train_gpt2.py --max-steps 500", "args": {}}))
+        (folder / "log.txt").write_text("100 val 4.5000\n100 hella 0.2600\n300 train 3.912345\n300 val 3.9000\n"
+                                        "500 val 3.1000\n500 hella 0.3100\n")  # step 500: other weights than these
+    torch.save(checkpoint, folder / "model_000300.pt")
+    return folder / "model_000300.pt"
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["the run's record", "a bare checkpoint"])
+def test_the_model_card_says_what_the_run_recorded_and_never_more(recorded, exported, tmp_path):
+    ours, _ = exported
+    checkpoint = training_run(tmp_path / "log", ours, recorded)
+    assert export_hf.main([str(checkpoint), str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\nlibrary_name: transformers\n")  # the hub's front matter
+    assert "| checkpoint | `model_000300.pt`, step 300 |" in card
+    assert f'GPT2LMHeadModel.from_pretrained("{tmp_path / "hf"}")' in card
+    if recorded:
+        assert "| tokens seen | 1,228,800 (300 steps x 4,096) |" in card
+        assert "| data | `--data-dir edu_fineweb10B` |" in card
+        assert "| val loss | 3.9000 (step 300, log.txt) |" in card  # not step 500's 3.1000
+        assert "| HellaSwag acc_norm | 0.2600 (step 100, log.txt) |" in card
+        assert "Trained with: `train_gpt2.py --max-steps 500`" in card
+    else:
+        assert "| tokens seen | not recorded |" in card and "| val loss | not logged |" in card
+        assert "| HellaSwag acc_norm | not logged |" in card and "Trained with: not recorded" in card
+
+
+class StandInHfApi:
+    """Records what export_hf.py asks of the hub, and what the folder it uploads holds at that moment."""
+    calls = []
+    fails = None  # (method, exception) to raise instead
+
+    def create_repo(self, repo_id, **options):
+        self.record("create_repo", repo_id, options)
+
+    def upload_folder(self, folder_path, repo_id, **options):
+        self.record("upload_folder", repo_id, sorted(os.listdir(folder_path)))
+
+    def record(self, method, *what):
+        if self.fails and self.fails[0] == method:
+            raise self.fails[1]
+        self.calls.append((method, *what))
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    monkeypatch.setattr(StandInHfApi, "calls", [])
+    monkeypatch.setattr(export_hf, "HfApi", StandInHfApi)
+    return StandInHfApi
+
+
+def test_push_to_hub_uploads_the_finished_export(exported, hub, tmp_path):
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    assert export_hf.main([str(checkpoint), str(tmp_path / "hf"), "--push-to-hub", "me/gpt2-tiny"]) == 0
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert "README.md" in files and "model.safetensors" in files
+    assert hub.calls == [("create_repo", "me/gpt2-tiny", {"exist_ok": True}), ("upload_folder", "me/gpt2-tiny", files)]
+    assert 'GPT2LMHeadModel.from_pretrained("me/gpt2-tiny")' in (tmp_path / "hf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method, error", [
+    ("create_repo", huggingface_hub.errors.LocalTokenNotFoundError("Token is required but no token found.")),
+    ("upload_folder", ConnectionError("Failed to resolve 'huggingface.co'")),
+], ids=["not logged in", "offline"])
+def test_a_failed_push_changes_nothing_and_says_how_to_log_in(method, error, exported, hub, tmp_path, monkeypatch):
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "lm.pt", "lm")
+    out = tmp_path / "hf"
+    assert export_hf.main([str(checkpoint), str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    monkeypatch.setattr(hub, "fails", (method, error))
+    with pytest.raises(ValueError, match=rf"^--push-to-hub me/x: not pushed \({type(error).__name__}: .*\), and "
+                                         rf"nothing written; be online and logged in \(hf auth login, or set "
+                                         rf"HF_TOKEN\)"):
+        export_hf.main([str(checkpoint), str(out), "--push-to-hub", "me/x"])
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "lm.pt"]
+
+
+@pytest.mark.parametrize("repo_id", ["gpt2-tiny", "me/gpt2/tiny", "me/", "/gpt2-tiny", "me/gpt2 tiny"])
+def test_push_to_hub_needs_user_slash_name_before_any_work(repo_id, capsys):
+    with pytest.raises(SystemExit):
+        export_hf.parse_args(["lm.pt", "hf", "--push-to-hub", repo_id])
+    assert f"--push-to-hub {repo_id}: not a hub repository id, USER/NAME" in capsys.readouterr().err
+
+
+def test_captioner_whole_keeps_our_names_and_records_its_encoder(tmp_path):
+    captioner = trained_looking(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, cross_attn_every=2,
+                                          n_embd_img=32))
+    encoder = {"name": "ViT-B-32-quickgelu", "weights": "openai", "image_size": 224, "prefix_tokens": 1,
+               "preprocess": None}
+    torch.save({"kind": "caption", "model": captioner.state_dict(), "config": asdict(captioner.config), "step": 5,
+                "encoder": encoder}, tmp_path / "caption.pt")
+    assert export_hf.main([str(tmp_path / "caption.pt"), str(tmp_path / "hf"), "--captioner"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config == {"kind": "caption", "config": asdict(captioner.config), "step": 5, "encoder": encoder}
+    weights = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    assert weights.keys() == captioner.state_dict().keys() - {"lm_head.weight"}  # tied to wte: written once
+    for name, tensor in weights.items():  # cross-attention and image projection included
+        assert torch.equal(tensor, captioner.state_dict()[name]), name
+    assert "Captioner.from_pretrained" in (tmp_path / "hf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("kind, message", [("lm", "a language model; --captioner is for train_caption.py's"),
+                                           ("caption", "records no image encoder")])
+def test_captioner_flag_needs_a_captioner_that_records_its_encoder(kind, message, exported, tmp_path):
+    ours, _ = exported
+    checkpoint = save_checkpoint(ours, tmp_path / "model.pt", kind)
+    with pytest.raises(ValueError, match=f"model.pt: {message}"):
+        export_hf.main([str(checkpoint), str(tmp_path / "hf"), "--captioner"])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_export_folder_is_readable_as_any_new_folder_is(tmp_path):
+    """tempfile.mkdtemp makes 0700 folders: the export, swapped in from one, was unreadable to colleagues."""
+    import export_hf
+    umask = os.umask(0o022)
+    try:
+        with export_hf.export_folder(str(tmp_path / "out")) as folder:
+            pass
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755

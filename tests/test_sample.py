@@ -536,3 +536,72 @@ def test_a_16_bit_photo_is_captioned_as_it_looks_not_clipped_to_white(tmp_path):
     Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(path)  # saved as a 16-bit greyscale PNG
     assert Image.open(path).mode.startswith("I")
     assert sample.open_image(path).getpixel((4, 4)) == (128, 128, 128)
+
+
+# -----------------------------------------------------------------------------
+# A captioner shared as export_hf.py --captioner writes it: a folder, or a hub repository
+
+
+@pytest.fixture
+def exported_captioner(tmp_path):
+    """A caption checkpoint whose image matters (opened_decoder), and its export_hf.py --captioner folder."""
+    import export_hf
+    model = opened_decoder()
+    torch.save({"kind": "caption", "model": model.state_dict(), "config": asdict(model.config), "step": 7,
+                "clip": {"model": "tiny", "pretrained": "none"}}, tmp_path / "caption.pt")  # the old record: kept
+    assert export_hf.main([str(tmp_path / "caption.pt"), str(tmp_path / "captioner"), "--captioner"]) == 0
+    return tmp_path / "caption.pt", tmp_path / "captioner"
+
+
+def test_an_exported_captioner_is_its_checkpoint(exported_captioner, clip):
+    path, folder = exported_captioner
+    original = sample.Captioner.from_checkpoint(path, device="cpu")
+    exported = sample.Captioner.from_pretrained(folder, device="cpu")
+    images = [noise_image(64, 48), noise_image(40, 40, seed=1)]
+    image_feats = original.encode(torch.stack([original.pixels(image) for image in images]))
+    idx = torch.randint(0, EOT_TOKEN, (2, 8))
+    with torch.no_grad():
+        logits, expected = (captioner.model(idx, image_feats=image_feats)[0] for captioner in (exported, original))
+    assert torch.equal(logits, expected)
+    assert exported.caption(images, max_new_tokens=6) == original.caption(images, max_new_tokens=6)
+    assert exported.encoder.record == original.encoder.record
+
+
+def test_checkpoint_may_be_an_export_folder_or_its_hub_id(exported_captioner, clip, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    path, folder = exported_captioner
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",  # the hub's copy: the same files
+                        lambda repo_id, **options: asked.append(repo_id) or str(folder))
+    image = write_image(tmp_path / "a.png", 64, 48)
+    outputs = []
+    for checkpoint in (path, folder, "me/captioner"):
+        for what in (["--image", image], ["--prompt", "Hi", "--temperature", "0"]):  # text: the decoder, no image
+            assert run(*what, "--checkpoint", checkpoint) == 0
+            outputs.append(capsys.readouterr().out)
+    assert outputs[0:2] == outputs[2:4] == outputs[4:6] and asked == ["me/captioner"] * 2
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ("gpt2", r"gpt2/config.json: not what export_hf.py --captioner writes \(a GPT-2 export\? .*--pretrained"),
+    ("empty", r"empty: no config.json here, so not a folder export_hf.py --captioner wrote"),
+    ("me/captioner", r"^me/captioner: not a folder here, and not downloadable from the Hugging Face hub "
+                     r"\(LocalEntryNotFoundError\); offline, download it elsewhere"),
+    ("no/such.pt", r"no/such.pt: no such checkpoint file"),  # a missing .pt file is not taken for a hub id
+], ids=["a GPT-2 export", "no config.json", "a hub id, offline", "a missing .pt"])
+def test_a_checkpoint_that_is_no_captioner_export_is_one_line(checkpoint, message, checkpoints, tmp_path,
+                                                             monkeypatch):
+    import export_hf
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    _, lm = checkpoints
+    monkeypatch.chdir(tmp_path)
+    export_hf.main([str(lm), "gpt2"])  # transformers' GPT-2 format: GPT.from_pretrained's, not a captioner
+    os.mkdir("empty")
+
+    def offline(repo_id, **options):  # what snapshot_download raises offline with nothing in the cache
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    for what in (["--image", "a.png"], ["--prompt", "Hi"]):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            run(*what, "--checkpoint", checkpoint)
