@@ -1077,3 +1077,5 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError, OSError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"coco.py: {e}")
+    except KeyboardInterrupt:  # the status file says which images are done: nothing half-written is kept
+        sys.exit("coco.py: stopped (Ctrl-C); the images encoded so far are kept, run it again to go on")

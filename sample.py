@@ -613,3 +613,5 @@ if __name__ == "__main__":
         sys.exit(main())
     except (FileNotFoundError, ValueError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"sample.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: stopped (Ctrl-C)")

@@ -57,9 +57,10 @@ from generate import beam_search, gpt2_encoding
 from model import EOT_TOKEN, GPT, is_cross_attn_param
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
                       check_finite, check_resume_step, check_same_run, cleanup_distributed, config_defaults, cosine_lr,
-                      default_dtype, existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_int,
-                      positive_float, positive_int, random_seed, restore_training_state, resume_path, save_on_rank0,
-                      setup_distributed, start_log, take_out_dir, warn_if_bf16_is_emulated, write_run_record)
+                      default_dtype, existing_device, fp16_note, grad_scaler, load_on_every_rank, non_negative_float,
+                      non_negative_int, positive_float, positive_int, random_seed, restore_training_state, resume_path,
+                      save_on_rank0, setup_distributed, start_log, take_out_dir, warn_if_bf16_is_emulated,
+                      write_run_record)
 
 # -----------------------------------------------------------------------------
 # Data: (image features, caption) batches
@@ -355,9 +356,9 @@ def parse_args(argv=None):
     p.add_argument("--lm-lr", type=positive_float, default=2e-5,
                    help="peak learning rate of GPT-2's own weights, when they train (--train cross+mlp or all, "
                         "--unfreeze-after)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--warmup-steps", type=non_negative_int, default=500, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the matrices")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay of the matrices")
     # 1.0: GPT-3's value (its appendix B), which train_gpt2.py pretrains with: one bad batch cannot throw the
     # weights, the freshly initialised layers above all, far
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
@@ -394,6 +395,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stop_at is not None and args.max_steps is not None and args.stop_at > args.max_steps:
         p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
+    if args.min_lr > args.lr:  # the rate would climb after warmup
+        p.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine would end above the peak")
     return args
 
 
@@ -447,7 +450,6 @@ def main(args):
     max_steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.total_batch_size)
     val_data_batches = val_batches(val_data, B, args.val_images, args.max_caption_tokens)
     take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
-    write_run_record(args, d)  # run.json: every setting, the commit, torch, the GPUs
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, meta, train_data.width, d)
     raw_model.to(d.device)
@@ -467,6 +469,7 @@ def main(args):
                                               unfreezes, lm_lr_scale, resume_from, args, d)
         del checkpoint
     model = wrap_model(raw_model, use_compile, d)  # after the resume: GPT-2's weights may train again by now
+    write_run_record(args, d)  # run.json (every setting, the commit, torch, the GPUs), once nothing can refuse
     if d.master:
         for name in ("log.txt", "samples.txt"):
             start_log(os.path.join(args.out_dir, name), start_step if resume_from else None)
@@ -549,3 +552,5 @@ if __name__ == "__main__":
         sys.exit(main(args))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"train_caption.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before StopSignal takes it, or a second one: at once, without a save
+        sys.exit("train_caption.py: stopped (Ctrl-C); --resume auto continues from the last checkpoint")

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -37,9 +38,9 @@ from model import EOT_TOKEN, GPT, GPT2_VOCAB_SIZE, PRESETS, GPTConfig
 from training import (HelpFormatter, StepTimer, StopSignal, Tracker, all_reduce_sum, append_log, autocast,
                       check_finite, check_resume_step, check_same_run, cleanup_distributed, config_defaults, cosine_lr,
                       default_dtype, existing_device, fp16_note, grad_scaler, load_on_every_rank, muon_and_adamw,
-                      non_negative_int, peak_flops, positive_float, positive_int, random_seed, restore_training_state,
-                      resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir, warn,
-                      warn_if_bf16_is_emulated, write_run_record)
+                      non_negative_float, non_negative_int, peak_flops, positive_float, positive_int, random_seed,
+                      restore_training_state, resume_path, save_on_rank0, setup_distributed, start_log, take_out_dir,
+                      warn, warn_if_bf16_is_emulated, write_run_record)
 
 # -----------------------------------------------------------------------------
 # Data: token shards, memory-mapped
@@ -67,6 +68,10 @@ def find_shards(data_dir, split):
     paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"*_{split}_*.npy")))  # a folder "data[1]" too
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no '{split}' shards (*_{split}_*.npy) in this folder")
+    corpora = sorted({os.path.basename(path).split(f"_{split}_")[0] for path in paths})  # fineweb.py's --prefix
+    if len(corpora) > 1:
+        raise ValueError(f"{data_dir}: holds the shards of {len(corpora)} corpora ({', '.join(corpora)}), which a "
+                         f"run would mix; give each its own folder")
     return paths
 
 
@@ -105,12 +110,15 @@ class ShardLoader:
         """What the order of windows depends on. A checkpoint records it, and resuming refuses a mismatch:
         with a shard added or another --seq-len, `pos` would silently point at other data."""
         return {"shards": [[os.path.basename(p), len(s)] for p, s in zip(self.paths, self.shards)],
-                "seq_len": self.T, "windows_per_step": self.windows_per_step, "seed": self.seed}
+                "seq_len": self.T, "windows_per_step": self.windows_per_step, "seed": self.seed,
+                # the first and last 1,024 tokens of each shard: another corpus under the same names and sizes
+                "samples": [zlib.crc32(s[:1024].tobytes() + s[-1024:].tobytes()) for s in self.shards]}
 
     def load_state_dict(self, state):
-        if "data_order" in state and state["data_order"] != self.data_order():
-            raise ValueError(f"the checkpoint's data order does not match this run: "
-                             f"{describe_change(state['data_order'], self.data_order())}")
+        if "data_order" in state:  # compared on what it records (checkpoints before "samples" have none)
+            saved, now = state["data_order"], self.data_order()
+            if any(saved[key] != now[key] for key in saved):
+                raise ValueError(f"the checkpoint's data order does not match this run: {describe_change(saved, now)}")
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.shard_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
         self.stream_ends = np.cumsum(self.n_windows[self.shard_order])  # where each shard's windows end
@@ -168,7 +176,10 @@ def describe_change(before, now):
             changes += [f"shard {name} new" for name in new.keys() - old.keys()]
             changes += [f"shard {name} had {old[name]:,} tokens, now {new[name]:,}"
                         for name in old.keys() & new.keys() if old[name] != new[name]]
-        elif key != "shards" and before[key] != now.get(key):
+        elif key == "samples" and before["shards"] == now["shards"]:
+            changes += [f"shard {name}'s tokens differ" for (name, _), old, new in zip(before["shards"], before[key],
+                                                                                       now[key]) if old != new]
+        elif key not in ("shards", "samples") and before[key] != now.get(key):
             changes.append(f"{key} was {before[key]}, now {now.get(key)}")
     return "; ".join(sorted(changes)[:5]) + (" (run with the checkpoint's data and settings, or start afresh)")
 
@@ -301,8 +312,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps")
     p.add_argument("--max-lr", type=positive_float, help="AdamW's peak learning rate, after warmup")
     p.add_argument("--muon-lr", type=positive_float, help="Muon's peak learning rate (--optimizer muon)")
-    p.add_argument("--min-lr-ratio", type=float, help="the cosine ends at this fraction of the peak rates (0: at zero)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    p.add_argument("--min-lr-ratio", type=non_negative_float,
+                   help="the cosine ends at this fraction of the peak rates, at most 1 (0: at zero)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay of the matrices")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--eval-every", type=non_negative_int, default=250,
                    help="val loss every N steps (0: only at the end)")
@@ -344,6 +356,8 @@ def parse_args(argv=None):
         p.error(f"--n-embd {n_embd} is not divisible by --n-head {n_head} (each head gets n_embd / n_head dimensions)")
     if args.stop_at is not None and args.stop_at > args.max_steps:
         p.error(f"--stop-at {args.stop_at} is after --max-steps {args.max_steps}")
+    if args.min_lr_ratio > 1:  # the rate would climb after warmup
+        p.error(f"--min-lr-ratio {args.min_lr_ratio} is above 1: the cosine would end above the peak")
     return args
 
 
@@ -421,7 +435,6 @@ def main(args):
         path = args.hellaswag_data or hellaswag.download_if_missing(local_master=d.local_rank == 0)
         hellaswag_examples = hellaswag.load_examples(path, limit=args.hellaswag_limit)
     take_out_dir(args.out_dir, d)  # one run per out-dir, and a writable one
-    write_run_record(args, d)  # run.json: every setting, the commit, torch, the GPUs
     resume_from = resume_path(args.out_dir, args.resume, d)
     raw_model, checkpoint = build_model(args, resume_from, d)
     raw_model.to(d.device)
@@ -446,6 +459,7 @@ def main(args):
     if checkpoint is not None:
         start_step = resume_state(checkpoint, optimizer, scaler, train_loader, resume_from, args, d)
         del checkpoint  # its tensors are copied into the model and optimizer
+    write_run_record(args, d)  # run.json (every setting, the commit, torch, the GPUs), once nothing can refuse
     if d.master:
         start_log(os.path.join(args.out_dir, "log.txt"), start_step if resume_from else None)
         print_plan(args, raw_model, train_loader, d, dtype, use_compile, grad_accum_steps, resume_from, start_step)
@@ -536,3 +550,5 @@ if __name__ == "__main__":
         sys.exit(main(args))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"train_gpt2.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before StopSignal takes it, or a second one: at once, without a save
+        sys.exit("train_gpt2.py: stopped (Ctrl-C); --resume auto continues from the last checkpoint")

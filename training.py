@@ -370,10 +370,16 @@ def check_same_run(checkpoint, args, path, may_change):
         raise ValueError(f"{path}: cannot be resumed, it holds no {', '.join(missing)} (weights only?)")
     saved = checkpoint["args"]
     changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in vars(args).items()
-               if k in saved and k not in may_change and saved[k] != v]
+               if k in saved and k not in may_change and not same_setting(saved[k], v)]
     if changed:
         raise ValueError(f"{path}: its run had {', '.join(changed)}; resume with the run's own settings, or "
                          f"start a new one in another --out-dir")
+
+
+def same_setting(before, now):
+    """Equal, or one file under two spellings (--init ./lm.pt, then /data/lm.pt)."""
+    paths = isinstance(before, str) and isinstance(now, str) and os.path.exists(before) and os.path.exists(now)
+    return before == now or (paths and os.path.samefile(before, now))
 
 
 def restore_training_state(checkpoint, optimizer, scaler, loader, d, seed):
@@ -739,6 +745,13 @@ def random_seed(text):
     value = non_negative_int(text)
     if value >= 2**63:
         raise argparse.ArgumentTypeError(f"must be below 2**63, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):  # nan fails every comparison: it would train at lr nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 

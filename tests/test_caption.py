@@ -210,6 +210,8 @@ def test_unfreeze_after_trains_the_language_model_from_that_step_and_resumes(dat
     (["--batch-size", "0"], "--batch-size: must be a whole number > 0, got 0"),
     (["--epochs", "-1"], "--epochs: must be a number > 0, got -1"),
     (["--max-steps", "4", "--stop-at", "5"], "--stop-at 5 is after --max-steps 4"),
+    (["--weight-decay", "nan"], "--weight-decay: must be a number >= 0, got nan"),  # "Try a lower learning rate"
+    (["--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),  # the rate climbed after warmup
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message, capsys):
     from train_caption import parse_args

@@ -129,9 +129,26 @@ def test_resuming_onto_other_data_or_settings_is_refused(tmp_path):
         ShardLoader(data, T=16, windows_per_step=4, seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="seq_len was 16, now 8"):
         ShardLoader(data, T=8, windows_per_step=16, seed=3).load_state_dict(state)
+    shard = os.path.join(data, "edufineweb_train_000001.npy")
+    np.save(shard, np.load(shard)[::-1].copy())  # another corpus: the same name, the same number of tokens
+    with pytest.raises(ValueError, match="shard edufineweb_train_000001.npy's tokens differ"):
+        ShardLoader(data, T=16, windows_per_step=8, seed=3).load_state_dict(state)
     os.remove(os.path.join(data, "edufineweb_train_000002.npy"))
     with pytest.raises(ValueError, match="shard edufineweb_train_000002.npy missing"):
         ShardLoader(data, T=16, windows_per_step=8, seed=3).load_state_dict(state)
+    current = ShardLoader(data, T=16, windows_per_step=8, seed=3)
+    older = current.state_dict()
+    del older["data_order"]["samples"]  # a checkpoint from before "samples": compared on what it records
+    current.load_state_dict(older)
+
+
+def test_a_data_folder_of_two_corpora_is_refused(tmp_path):
+    """fineweb.py --prefix other, into the folder of an earlier corpus: a run trained and validated on both."""
+    from train_gpt2 import find_shards
+    data = write_shards(tmp_path / "data")
+    shutil.copy(os.path.join(data, "edufineweb_train_000001.npy"), os.path.join(data, "wiki_train_000001.npy"))
+    with pytest.raises(ValueError, match="holds the shards of 2 corpora \\(edufineweb, wiki\\), which a run would mix"):
+        find_shards(data, "train")
 
 
 def test_lr_schedule():
@@ -348,6 +365,9 @@ def test_nodes_that_do_not_share_the_out_dir_stop_with_one_line(tmp_path):
     (["--stop-at", "9"], "--stop-at 9 is after --max-steps 2"),
     (["--seed", "-1"], "--seed: must be a whole number >= 0, got -1"),  # numpy's generators refused it mid-run
     (["--seed", str(2**64)], "--seed: must be below 2**63, got 18446744073709551616"),  # torch: "Overflow when ..."
+    (["--min-lr-ratio", "nan"], "--min-lr-ratio: must be a number >= 0, got nan"),  # trained at lr nan for hours
+    (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0 is above 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay: must be a number >= 0, got -0.1"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(flags, message):
     from train_gpt2 import parse_args
@@ -609,6 +629,9 @@ def test_a_run_records_its_settings_and_another_starts_from_them(tmp_path, monke
                    "--out-dir", str(out), "--resume", "auto"]
     train_gpt2.main(train_gpt2.parse_args(args + ["--recipe", "fast", "--stop-at", "1"]))
     record = json.loads((out / "run.json").read_text())
+    with pytest.raises(ValueError, match="--n-layer 2 \\(now 3\\)"):  # a refused start leaves the record alone
+        train_gpt2.main(train_gpt2.parse_args(args + ["--recipe", "fast", "--n-layer", "3"]))
+    assert json.loads((out / "run.json").read_text()) == record
     assert record["args"]["optimizer"] == "muon" and record["args"]["min_lr_ratio"] == 0.1  # the recipe, resolved
     assert record["args"]["n_layer"] == 2 and record["world_size"] == 1 and record["devices"] == {"cpu": 1}
     assert record["torch"] == torch.__version__ and (record["git"] is None or len(record["git"].split("+")[0]) == 40)
