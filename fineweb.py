@@ -36,6 +36,7 @@ run on a connected machine and set HF_HUB_OFFLINE=1: `datasets` reads it without
 """
 
 import argparse
+import fcntl
 import glob
 import json
 import os
@@ -345,6 +346,20 @@ def write_meta(out_dir, prefix, settings, shards=None):
     write_atomically(meta_path(out_dir, prefix), lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
 
+def lock_out_dir(out_dir):
+    """Held until this process ends: a second run would mix its shards into ours. lockf, not flock: fork's tokenizer
+    processes share a flock and outlive a SIGKILLed run; a lockf lock ends with this process (on NFS: the server's)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock_file = open(os.path.join(out_dir, "fineweb.lock"), "a")  # left behind, harmless: only a held lock counts
+        fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_file
+    except BlockingIOError:
+        raise InputError(f"{out_dir}: another fineweb.py is writing it; wait or choose another --out-dir") from None
+    except OSError as e:  # a read-only folder; NFS without its lock service
+        raise InputError(f"{out_dir}: cannot write or lock ({e.strerror or e})") from None
+
+
 # -----------------------------------------------------------------------------
 # The command line: flags checked at the edge, then main() as the recipe
 
@@ -394,9 +409,17 @@ def main():
         sys.exit(f"fineweb.py: {why}; the shards written so far are kept, re-run the same command to resume")
 
 
+def open_texts(args):
+    return (local_texts(args.local_files, args.text_field) if args.local_files else
+            hub_texts(args.dataset, args.name, args.split, args.text_field, args.download, args.num_proc))
+
+
 def make_shards(args):
     gpt2()  # here, not at import: --help needs no BPE files
     check_local_files(args.local_files)
+    # the hub first where there is no folder yet (making it takes the lock): its refusals then leave nothing behind
+    texts = None if os.path.isdir(args.out_dir) else open_texts(args)
+    lock = lock_out_dir(args.out_dir)  # held while this variable lives: the whole run
     args.prefix = shard_name(args)
 
     # a finished folder is a no-op; a folder made with other settings is not ours to mix into
@@ -414,8 +437,7 @@ def make_shards(args):
         print(f"{args.out_dir}: resuming; shards already written are re-tokenized but not rewritten")
 
     # documents -> tokens -> shards
-    texts = (local_texts(args.local_files, args.text_field) if args.local_files else
-             hub_texts(args.dataset, args.name, args.split, args.text_field, args.download, args.num_proc))
+    texts = texts or open_texts(args)
     write_meta(args.out_dir, args.prefix, settings)  # not complete yet: a killed run leaves this behind
     shards = tokenize_to_shards(texts, args.out_dir, args.shard_size, args.max_tokens, args.prefix, args.num_proc)
     write_meta(args.out_dir, args.prefix, settings, shards)

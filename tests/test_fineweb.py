@@ -243,7 +243,7 @@ def test_a_write_cut_short_leaves_no_shard_and_one_line(tmp_path, monkeypatch, e
     with pytest.raises(BaseException) as stopped:  # not just SystemExit: a ^C let through would stop pytest itself
         run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(out_dir), "--num-proc", "1")
     assert stopped.type is SystemExit and stopped.value.code == message.format(shard=out_dir / "docs_val_000000.npy")
-    assert os.listdir(out_dir) == ["docs_meta.json"]  # no shard, no .tmp; the meta says "not complete": resumable
+    assert sorted(os.listdir(out_dir)) == ["docs_meta.json", "fineweb.lock"]  # no shard, no .tmp; meta: not complete
 
 
 @contextlib.contextmanager
@@ -341,6 +341,44 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         run_main(monkeypatch, "--local-files", jsonl, "--out-dir", out_dir, "--shard-size", "60")
     assert "shard_size" in str(exit_info.value.code)
+
+
+# a run into the folder, as far as the lock goes: it holds fineweb.lock until told to end
+HOLDER = """import fcntl, os, sys
+lock_file = open(os.path.join(sys.argv[1], "fineweb.lock"), "a")
+fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.read()"""
+
+
+@pytest.mark.parametrize("settings", [["--shard-size", "60"], ["--shard-size", "50"]], ids=["other", "same"])
+def test_a_folder_another_run_is_writing_is_refused_until_it_ends(tmp_path, monkeypatch, settings):
+    """Two runs into one folder mixed their shards (two sizes, duplicated tokens) under a meta.json saying complete.
+    The other run is a process: a lockf lock does not exclude the process holding it, which is the point of it."""
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with subprocess.Popen([sys.executable, "-c", HOLDER, out_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as holder:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(out_dir), *settings, "--num-proc", "1")
+        assert exit_info.value.code == (f"fineweb.py: {out_dir}: another fineweb.py is writing it; wait or choose "
+                                        "another --out-dir")
+        assert os.listdir(out_dir) == ["fineweb.lock"]  # nothing written: no meta, no shard
+    run_main(monkeypatch, "--local-files", jsonl, "--out-dir", str(out_dir), *settings, "--num-proc", "1")
+    assert np.concatenate(read_shards(str(out_dir))[1]).tolist() == expected_tokens(DOCS)  # once it has ended
+
+
+def test_a_folder_that_cannot_be_locked_is_one_line(tmp_path, monkeypatch):
+    """NFS mounted without its lock service: lockf fails with ENOLCK."""
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fineweb.fcntl, "lockf", no_locks)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(monkeypatch, "--local-files", write_jsonl(tmp_path / "docs.jsonl", DOCS), "--out-dir", str(tmp_path))
+    assert exit_info.value.code == f"fineweb.py: {tmp_path}: cannot write or lock (No locks available)"
 
 
 # -----------------------------------------------------------------------------
