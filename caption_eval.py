@@ -277,6 +277,8 @@ def decodings(beam_sizes, length_penalties):
 
 # coco.py reads the pictures from these folders of its --coco-dir; Karpathy's splits take from both
 IMAGE_FOLDERS = ("train2017", "val2017")
+# marks a page as this command's gallery: a later --gallery may replace it, and no other file (check_outputs)
+GALLERY_MARK = "<!-- caption_eval.py gallery -->"
 GALLERY_STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; }
@@ -355,7 +357,7 @@ def gallery_page(split, row, cider_per_image, header, order, n_images, folders, 
         header = header + [f"the {len(shown)} images of {len(split)} with the lowest CIDEr-D, lowest first"]
     else:
         header = header + [f"the first {len(shown)} images of {len(split)}, in the split's order"]
-    lines = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+    lines = ["<!DOCTYPE html>", GALLERY_MARK, '<html><head><meta charset="utf-8">',
              f"<title>{html.escape(header[0])}</title><style>{GALLERY_STYLE}</style></head><body>",
              f"<h1>{html.escape(header[0])}</h1>"]
     lines += [f"<p>{html.escape(line)}</p>" for line in header[1:]]
@@ -457,9 +459,13 @@ def default_out(checkpoint_path, split, combinations):
     return os.path.splitext(checkpoint_path)[0] + f"_{split}_{decoding}.json"
 
 
-def check_outputs(outputs, checkpoint_path):
-    """{flag: path} of the files to write, each checked before the captioning hours: that it can be written, and
-    that it is not the checkpoint nor another output (a results JSON written over model.pt would lose the model)."""
+# the settings every results JSON of this command holds: a later --out may replace such a file, and no other
+RESULTS_KEYS = {"checkpoint", "features_dir", "split", "images", "max_new_tokens"}
+
+
+def check_outputs(outputs, checkpoint_path, input_folders):
+    """{flag: path} of the files to write, each checked before the captioning hours (why_refused says what for).
+    input_folders: {folder: what it is}, the folders this command reads."""
     taken = {os.path.realpath(checkpoint_path): "the checkpoint"}
     for flag, path in outputs.items():
         if not path:
@@ -467,11 +473,40 @@ def check_outputs(outputs, checkpoint_path):
         folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: no such folder (for {flag} {path})")
-        real = os.path.realpath(path)
-        problem = f"would overwrite {taken[real]}" if real in taken else output_problem(path)
+        problem = why_refused(flag, path, taken, input_folders)
         if problem:
             raise ValueError(f"{flag} {path}: {problem}")
-        taken[real] = f"{flag} {path}"
+        taken[os.path.realpath(path)] = f"{flag} {path}"
+
+
+def why_refused(flag, path, taken, input_folders):
+    """Why path may not be written, or None. An output replaces no input, and of existing files only an earlier
+    output of its own kind: a results JSON over model.pt, a gallery over log.txt, val_features.npy or a picture it
+    shows would lose them."""
+    real = os.path.realpath(path)
+    if real in taken:
+        return f"would overwrite {taken[real]}"
+    for folder, what in input_folders.items():
+        if os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder):
+            return f"inside {folder} ({what}), which this command reads"
+    problem = output_problem(path)
+    if not problem and os.path.exists(path) and not earlier_output(path, flag):
+        problem = f"exists and is not an earlier {flag} of caption_eval.py; remove it, or choose another name"
+    return problem
+
+
+def earlier_output(path, flag):
+    """Whether path is a file this command wrote, under flag: a gallery page, or a results JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if flag == "--gallery":
+                return GALLERY_MARK in f.read(1000)
+            if f.read(1) != "{":  # not a JSON object: not read on (a features file can be gigabytes)
+                return False
+            f.seek(0)
+            return RESULTS_KEYS <= json.load(f).keys()
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8 or JSON, a JSON list
+        return False
 
 
 def check_same_encoder(checkpoint, checkpoint_path, meta, features_dir):
@@ -603,7 +638,10 @@ def main(argv=None):
     checkpoint_path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
     combinations = decodings(args.beam_size, args.length_penalty)
     out = args.out or default_out(checkpoint_path, args.split, combinations)
-    check_outputs({"--out": out, "--gallery": args.gallery}, checkpoint_path)
+    meta = coco.read_meta(args.features_dir)
+    pictures = {folder: "the gallery's pictures" for folder in image_folders(args.coco_dir, meta)}
+    check_outputs({"--out": out, "--gallery": args.gallery}, checkpoint_path,
+                  {args.features_dir: "--features-dir", **pictures})
     if args.gallery and not os.path.isdir(args.coco_dir):  # a gallery without pictures still shows the captions
         print(f"caption_eval.py: {args.coco_dir}: no such folder (--coco-dir); the gallery will name its images "
               f"without showing them", file=sys.stderr)
@@ -611,7 +649,6 @@ def main(argv=None):
 
     model, checkpoint = load_model(checkpoint_path, kind="caption")
     print(f"checkpoint {checkpoint_path} (step {checkpoint.get('step', '?')}; {why})")
-    meta = coco.read_meta(args.features_dir)
     check_same_encoder(checkpoint, checkpoint_path, meta, args.features_dir)
     if args.split not in meta["splits"]:
         raise ValueError(f"{args.features_dir}: has the splits {', '.join(meta['splits'])}, not {args.split} "
@@ -648,3 +685,6 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError, ImportError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"caption_eval.py: {e}")
+    except KeyboardInterrupt:  # ^C: one line, not a traceback, and the status a shell gives it (128 + SIGINT)
+        print("caption_eval.py: stopped (Ctrl-C)", file=sys.stderr)  # each output is written whole or not at all
+        sys.exit(130)

@@ -296,12 +296,14 @@ def export_folder(out_dir):
     replaces out_dir only once everything is written. A full disk or a kill mid-write leaves the previous export
     whole (never a new config.json beside old weights) and no partial folder. An out_dir holding files that are
     not an export's is refused: replacing the folder would delete them."""
-    if os.path.isdir(out_dir):
-        others = sorted(set(os.listdir(out_dir)) - EXPORT_FILES)
+    # a symlink's target is what is replaced: renaming the link would leave the target's old export in place
+    target = os.path.realpath(out_dir)
+    if os.path.isdir(target):
+        others = sorted(set(os.listdir(target)) - EXPORT_FILES)
         if others:
             raise ValueError(f"{out_dir}: holds {others[0]}{' and more' if len(others) > 1 else ''}, not part of an "
                              f"export; choose an empty or new folder")
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
         folder = tempfile.mkdtemp(prefix=".export_hf.", dir=parent)
@@ -312,10 +314,12 @@ def export_folder(out_dir):
         raise ValueError(f"{out_dir}: cannot write there ({e.strerror})") from None
     try:
         yield folder
+        for name in os.listdir(folder):  # and safetensors writes its file 0600: each file as any new file is
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         old = folder + ".old"
-        if os.path.isdir(out_dir):
-            os.rename(out_dir, old)  # two renames within one folder: a kill between them leaves both, named
-        os.rename(folder, out_dir)
+        if os.path.isdir(target):
+            os.rename(target, old)  # two renames within one folder: a kill between them leaves both, named
+        os.rename(folder, target)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as e:  # a full disk, mostly (safetensors reports it as a SafetensorError)
         shutil.rmtree(folder, ignore_errors=True)
@@ -420,3 +424,6 @@ if __name__ == "__main__":
         sys.exit(main())
     except (FileNotFoundError, ValueError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"export_hf.py: {e}")
+    except KeyboardInterrupt:  # ^C: one line, not a traceback, and the status a shell gives it (128 + SIGINT)
+        print("export_hf.py: stopped (Ctrl-C)", file=sys.stderr)  # a previous export is as it was (export_folder)
+        sys.exit(130)

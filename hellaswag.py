@@ -36,6 +36,7 @@ train_gpt2.py imports download_if_missing, load_examples and evaluate from here.
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import urllib.request
@@ -64,6 +65,7 @@ def download(url, path):
     .tmp file is named after this machine and process: nodes that share a disk may download at the same time,
     and each must write a file of its own (the last complete one to be renamed wins; they are the same)."""
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    made_folder = not os.path.isdir(os.path.dirname(path))  # a failed download removes it: no empty hellaswag/
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)  # in here: a folder that cannot be made is one line
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
@@ -72,14 +74,16 @@ def download(url, path):
                 while chunk := response.read(1 << 16):
                     f.write(chunk)
                     bar.update(len(chunk))
+        os.replace(tmp, path)
     except OSError as e:  # urllib.error.URLError is an OSError too
-        if os.path.exists(tmp):
-            os.remove(tmp)
         # FileNotFoundError: to the user, the data file is missing; callers already report that in one line
-        reason = getattr(e, "reason", e)
-        raise FileNotFoundError(f"{path}: missing, and downloading {url} failed ({reason}); "
+        raise FileNotFoundError(f"{path}: missing, and downloading {url} failed ({getattr(e, 'reason', e)}); "
                                 f"pass --data with a local copy") from None
-    os.replace(tmp, path)
+    finally:  # failed or stopped by ^C: what it made is removed
+        if made_folder and not os.path.exists(path):
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def download_if_missing(local_master=True):
@@ -157,11 +161,8 @@ def render_example(example, enc):
         rows.append(ctx_tokens + ending_tokens)
         masks.append([0] * len(ctx_tokens) + [1] * len(ending_tokens))
     length = max(len(row) for row in rows)
-    tokens = torch.zeros((NUM_ENDINGS, length), dtype=torch.long)
-    mask = torch.zeros((NUM_ENDINGS, length), dtype=torch.long)
-    for i, (row, row_mask) in enumerate(zip(rows, masks)):
-        tokens[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row_mask)] = torch.tensor(row_mask)
+    tokens = torch.stack([F.pad(torch.tensor(row), (0, length - len(row))) for row in rows])  # (4, L)
+    mask = torch.stack([F.pad(torch.tensor(row_mask), (0, length - len(row_mask))) for row_mask in masks])  # (4, L)
     return tokens, mask, example["label"]
 
 
@@ -194,11 +195,9 @@ def pad_and_stack(rendered):
     longest. Padding on the right is harmless: causal attention never lets a real token see what follows it,
     and the mask leaves the padded positions out of the scores."""
     length = max(tokens.size(1) for tokens, _ in rendered)
-
-    def pad(t):
-        return F.pad(t, (0, length - t.size(1)))
-
-    return torch.cat([pad(tokens) for tokens, _ in rendered]), torch.cat([pad(mask) for _, mask in rendered])
+    tokens = torch.cat([F.pad(tokens, (0, length - tokens.size(1))) for tokens, _ in rendered])
+    mask = torch.cat([F.pad(mask, (0, length - mask.size(1))) for _, mask in rendered])
+    return tokens, mask
 
 
 def crop_to_block_size(tokens, mask, block_size):
@@ -280,8 +279,8 @@ def main(args):
     device = default_device() if args.device == "auto" else args.device
     use_device(device)
     dtype = args.dtype or default_dtype(device)
+    model, name = load_model(args)  # first: a wrong checkpoint is found before a download
     examples = load_examples(args.data or download_if_missing(), limit=args.limit)
-    model, name = load_model(args)
     model.to(device)
     print(f"{name} | {len(examples)} examples | {device}, {dtype}")
     correct, correct_norm, total = evaluate(model, examples, device, autocast_dtype=dtype, progress=True,
@@ -290,8 +289,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
     try:
-        main(args)
+        main(parse_args())
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"hellaswag.py: error: {e}")
+    except KeyboardInterrupt:  # ^C: one line, not a traceback, and the status a shell gives it (128 + SIGINT)
+        print("hellaswag.py: stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

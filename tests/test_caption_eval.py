@@ -1,6 +1,7 @@
 """caption_eval.py: the COCO metrics agree with values worked out by hand and by an independent BLEU; captioning
 is batched beam search / greedy decoding, on the GPU --device names; a missing Java stops everything before
 any captioning; --gallery writes a self-contained page of pictures, captions, references and per-image CIDEr-D."""
+import argparse
 import base64
 import errno
 import html
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import sys
 from collections import Counter
@@ -359,6 +361,55 @@ def test_an_output_that_cannot_be_written_is_refused_before_captioning(outputs, 
         caption_eval.main(["--checkpoint", "read_only/model.pt", *outputs, "--device", "cpu"])
 
 
+@pytest.mark.parametrize("outputs, message", [
+    (["--out", "feat/meta.json"], "--out feat/meta.json: inside feat \\(--features-dir\\)"),
+    (["--out", "feat/val_index.json"], "--out feat/val_index.json: inside feat \\(--features-dir\\)"),
+    (["--out", "feat/new.json"], "--out feat/new.json: inside feat \\(--features-dir\\)"),
+    (["--gallery", "feat/val_features.npy"], "--gallery feat/val_features.npy: inside feat"),
+    (["--gallery", "run/log.txt"], "--gallery run/log.txt: exists and is not an earlier --gallery of caption_eval"),
+    (["--gallery", "coco/val2017/000000000100.jpg"], "--gallery coco/val2017/000000000100.jpg: inside coco/val2017 "
+                                                      "\\(the gallery's pictures\\)"),
+    (["--out", "other.json"], "--out other.json: exists and is not an earlier --out of caption_eval.py"),
+    (["--out", "earlier_gallery.html"], "--out earlier_gallery.html: exists and is not an earlier --out"),
+    (["--gallery", "earlier_results.json"], "--gallery earlier_results.json: exists and is not an earlier --gallery"),
+], ids=["the features' meta.json", "their index", "a new file among them", "the features", "the run's log",
+        "a picture the gallery shows", "another JSON", "a gallery as --out", "results as --gallery"])
+def test_an_output_never_replaces_an_input_or_a_file_it_did_not_write(outputs, message, monkeypatch, tmp_path):
+    """Each of these was overwritten after the captioning: the features' record (every later run then failed), a
+    9 GB features file, the run's log, a picture of the data set. An output replaces only its own earlier self."""
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    fake_features_dir(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    files = {"feat/meta.json": "{}", "feat/val_index.json": "{}", "feat/val_features.npy": "\x93NUMPY",
+             "run/log.txt": "0 train 10.9", "coco/val2017/000000000100.jpg": "\xff\xd8", "other.json": '{"a": 1}',
+             "earlier_results.json": json.dumps(dict.fromkeys(caption_eval.RESULTS_KEYS)),
+             "earlier_gallery.html": f"<!DOCTYPE html>\n{caption_eval.GALLERY_MARK}\n"}
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        open(name, "w").write(text)
+    monkeypatch.setattr(caption_eval, "caption_images", lambda *a, **k: pytest.fail("captioned before the check"))
+    with pytest.raises(ValueError, match=message):
+        caption_eval.main(["--checkpoint", "model.pt", "--features-dir", "feat", "--coco-dir", "coco", *outputs,
+                           "--device", "cpu"])
+    assert {name: open(name).read() for name in files} == files
+
+
+def test_a_second_run_replaces_the_results_and_gallery_of_the_first(monkeypatch, tmp_path):
+    monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {"CIDEr": 0.5})
+    monkeypatch.setattr(caption_eval, "cider_d_per_image",
+                        lambda predictions, references: dict.fromkeys(references, 0.5))
+    fake_features_dir(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    for max_new_tokens in (1, 2):
+        caption_eval.main([str(a) for a in ["--checkpoint", tmp_path / "model.pt", "--out", tmp_path / "results.json",
+                                            "--gallery", tmp_path / "gallery.html", "--beam", 1,
+                                            "--max-new-tokens", max_new_tokens, "--device", "cpu"]])
+    assert json.loads((tmp_path / "results.json").read_text())["max_new_tokens"] == 2
+    assert caption_eval.GALLERY_MARK in (tmp_path / "gallery.html").read_text()
+
+
 def test_a_full_disk_at_the_end_is_one_line_and_leaves_no_tmp(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
     monkeypatch.setattr(caption_eval, "coco_metrics", lambda predictions, references, meteor, spice: {"CIDEr": 0.5})
@@ -372,6 +423,18 @@ def test_a_full_disk_at_the_end_is_one_line_and_leaves_no_tmp(monkeypatch, tmp_p
         caption_eval.main(["--checkpoint", str(tmp_path / "model.pt"), "--beam", "1", "--max-new-tokens", "4",
                            "--device", "cpu"])
     assert os.listdir(tmp_path) == ["model.pt"] and "CIDEr" in capsys.readouterr().out  # the scores were printed
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            runpy.run_path(caption_eval.__file__, run_name="__main__")
+        except KeyboardInterrupt:  # let through, it would stop pytest itself
+            pytest.fail("a KeyboardInterrupt traceback")
+    assert stopped.value.code == 130 and capsys.readouterr().err == "caption_eval.py: stopped (Ctrl-C)\n"
 
 
 def test_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(monkeypatch, tmp_path):
@@ -442,6 +505,7 @@ def test_a_checkpoint_stripped_to_its_weights_is_one_line_naming_the_file(script
     """Someone saved only {"model": ...}. (A checkpoint without optimizer, step or args is read as usual: the
     other tests' checkpoints have none of the first, and sample.py's and export_hf.py's no args.)"""
     monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
+    fake_features_dir(monkeypatch)  # read before the checkpoint: the cheap checks first
     path = str(tmp_path / "model.pt")
     torch.save({"model": tiny_captioner().state_dict()}, path)
     (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}\n')

@@ -3,9 +3,12 @@ logits, same greedy tokens) and comes back through GPT.from_pretrained with the 
 exports its language model and says what it left out (--captioner: all of it, in our own format; its round trip is
 in test_sample.py); GPT-2's tokenizer goes along when tiktoken has it; the model card says what the run recorded and
 no more; --push-to-hub is tested against a stand-in HfApi."""
+import argparse
 import errno
 import json
 import os
+import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -338,6 +341,44 @@ def test_captioner_flag_needs_a_captioner_that_records_its_encoder(kind, message
     with pytest.raises(ValueError, match=f"model.pt: {message}"):
         export_hf.main([str(checkpoint), str(tmp_path / "hf"), "--captioner"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_export_into_a_symlink_replaces_the_targets_export_and_keeps_the_link(exported, tmp_path):
+    """The link itself was renamed away and replaced by a folder: the target kept its old export, and a
+    .export_hf.*.old link was left beside it at each export."""
+    ours, earlier = exported
+    shutil.copytree(earlier, tmp_path / "real")
+    os.symlink("real", tmp_path / "link")
+    smaller = trained_looking(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=64))
+    checkpoint = save_checkpoint(smaller, tmp_path / "lm.pt", "lm")
+    assert export_hf.main([str(checkpoint), str(tmp_path / "link")]) == 0
+    assert os.readlink(tmp_path / "link") == "real" and sorted(os.listdir(tmp_path)) == ["link", "lm.pt", "real"]
+    assert json.loads((tmp_path / "real" / "config.json").read_text())["n_layer"] == 1
+
+
+def test_the_exported_files_are_readable_as_any_new_file_is(exported, tmp_path):
+    """safetensors writes model.safetensors 0600: colleagues and an lm-eval job under another account could not
+    read the weights."""
+    checkpoint = save_checkpoint(exported[0], tmp_path / "lm.pt", "lm")
+    umask = os.umask(0o022)
+    try:
+        export_hf.main([str(checkpoint), str(tmp_path / "out")])
+    finally:
+        os.umask(umask)
+    modes = {name: oct(os.stat(tmp_path / "out" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "out")}
+    assert "model.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            runpy.run_path(export_hf.__file__, run_name="__main__")
+        except KeyboardInterrupt:  # let through, it would stop pytest itself
+            pytest.fail("a KeyboardInterrupt traceback")
+    assert stopped.value.code == 130 and capsys.readouterr().err == "export_hf.py: stopped (Ctrl-C)\n"
 
 
 def test_the_export_folder_is_readable_as_any_new_folder_is(tmp_path):

@@ -2,12 +2,14 @@
 ranks split the examples without overlap, the download is atomic and made once per node, and the CLI
 reports bad input in one line and uses the GPU it is given.
 Handmade examples in the real schema, tiny models, the CPU, no network."""
+import argparse
 import dataclasses
 import io
 import json
 import math
 import os
 import re
+import runpy
 
 import pytest
 import requests
@@ -375,6 +377,26 @@ def test_a_failed_download_is_one_line_and_still_reaches_the_barrier(tmp_path, m
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / data_dir}/hellaswag_val.jsonl: missing"):
         hellaswag.download_if_missing(local_master=True)
     assert barriers == ["barrier"]
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # the folder it made is gone: it left an empty hellaswag/
+
+
+@pytest.mark.parametrize("stop, raised", [(ConnectionResetError("connection reset by peer"), FileNotFoundError),
+                                          (KeyboardInterrupt(), KeyboardInterrupt)], ids=["cut off", "Ctrl-C"])
+@pytest.mark.parametrize("folder_was_there", [False, True])
+def test_a_failed_download_removes_what_it_made_and_only_that(tmp_path, monkeypatch, stop, raised,
+                                                            folder_was_there):
+    class Stops(Response):
+        def read(self, size=-1):
+            if self.tell() > 0:
+                raise stop
+            return super().read(10)
+    if folder_was_there:  # a user's empty folder is theirs: it stays
+        (tmp_path / "cache").mkdir()
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout: Stops(b"x" * 100))
+    with pytest.raises(raised):
+        hellaswag.download("https://example.com/hellaswag_val.jsonl", str(tmp_path / "cache" / "hellaswag_val.jsonl"))
+    assert os.listdir(tmp_path) == (["cache"] if folder_was_there else [])
+    assert not folder_was_there or os.listdir(tmp_path / "cache") == []  # no .tmp either
 
 
 class Response(io.BytesIO):
@@ -446,6 +468,19 @@ def test_cli_prints_the_accuracies_of_a_checkpoint(checkpoint_path, rows_path):
     assert correct != correct_norm
     assert float(match.group(1)) == pytest.approx(correct / total, abs=1e-4)
     assert float(match.group(2)) == pytest.approx(correct_norm / total, abs=1e-4)
+
+
+def test_cli_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    """^C while the model loads or the examples are scored: one line, the shell's status for ^C, no traceback."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            runpy.run_path(hellaswag.__file__, run_name="__main__")
+        except KeyboardInterrupt:  # let through, it would stop pytest itself
+            pytest.fail("a KeyboardInterrupt traceback")
+    assert stopped.value.code == 130 and capsys.readouterr().err == "hellaswag.py: stopped (Ctrl-C)\n"
 
 
 def test_cli_limit(checkpoint_path, rows_path):
