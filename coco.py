@@ -855,7 +855,22 @@ def write_index(out_dir, split, images):
         "captions": [image.captions for image in images],
         # GPT-2 tokens of every caption, without <|endoftext|>: the training script adds those around them
         "tokens": [[enc.encode_ordinary(caption) for caption in image.captions] for image in images],
+        "fingerprints": fingerprints(images),
     })
+
+
+def fingerprints(images):
+    """Each image file's size and the CRC-32 of its first 4 KB (None: missing): an image edited or replaced in
+    place since it was encoded changes them, and open_split encodes it again. Not modification times: a copy of
+    the dataset (to a node's local disk, say) changes every one of those, and would re-encode all of it."""
+    prints = []
+    for image in images:
+        try:
+            with open(image.path, "rb") as f:
+                prints.append([os.fstat(f.fileno()).st_size, zlib.crc32(f.read(4096))])
+        except OSError:
+            prints.append(None)
+    return prints
 
 
 def create_split(split, images, out_dir, feature_shape):
@@ -907,10 +922,28 @@ def open_split(split, images, out_dir, feature_shape):
     features = read_features(features_path, split, mode="r+")
     status = read_status(split_file(out_dir, split, "status"), split)
     check_rows(features_path, split, features, status, len(images))
+    encode_changed_images_again(split, images, out_dir, status)
     if features.shape[1:] != tuple(feature_shape):
         raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this encoder gives "
                          f"{tuple(feature_shape)}; choose another --out-dir")
     return features, status
+
+
+def encode_changed_images_again(split, images, out_dir, status):
+    """Rows whose image file changed since the index was written (fingerprints) are to do again; an image gone
+    since is not: its features stay. Indexes written before fingerprints were recorded are taken as they are."""
+    recorded = read_index(split_file(out_dir, split, "index"), split).get("fingerprints")
+    if recorded is None:
+        return
+    now = fingerprints(images)
+    changed = [row for row, (was, is_now) in enumerate(zip(recorded, now)) if is_now not in (None, was)
+               and status[row] != TODO]
+    if changed:
+        print(f"{split}: {len(changed)} images changed on disk since they were encoded ({images[changed[0]].file}"
+              f"{', ...' if len(changed) > 1 else ''}): encoding them again")
+        status[changed] = TODO
+        write_status(split_file(out_dir, split, "status"), status)  # before the index forgets the old sizes
+        write_index(out_dir, split, images)
 
 
 def open_splits(splits, out_dir, feature_shape, meta):

@@ -1132,3 +1132,26 @@ def test_loading_an_encoder_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     coco.load_encoder("timm:vit_small_patch14_dinov2.lvd142m", "none", "cpu", image_size=56)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_image_changed_in_place_is_encoded_again_and_a_deleted_one_keeps_its_features(tmp_path, colour_clip,
+                                                                                          capsys):
+    """A rerun trusted the status file alone: a photo fixed or replaced since it was encoded kept its old
+    features, silently. Now a changed size sends it back to be encoded; a file deleted since (to save disk, say)
+    keeps the features it has."""
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red one"], "split": "train"},
+                        {"image": "b.png", "captions": ["a green one"], "split": "train"},
+                        {"image": "c.png", "captions": ["a blue one"], "split": "val"}])
+    draw(tmp_path / "a.png", (255, 0, 0))
+    draw(tmp_path / "b.png", (0, 255, 0))
+    draw(tmp_path / "c.png", (0, 0, 255))
+    coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
+    Image.new("RGB", (48, 32), (0, 0, 0)).save(tmp_path / "a.png")  # a.png replaced: another picture, another size
+    os.remove(tmp_path / "c.png")
+    capsys.readouterr()
+    coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
+    assert "train: 1 images changed on disk since they were encoded (a.png): encoding them again" in capsys.readouterr().out
+    train, val = coco.load_split(str(tmp_path / "out"), "train"), coco.load_split(str(tmp_path / "out"), "val")
+    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], [0, 255, 0]]  # a.png now black
+    assert val.image_feats(np.arange(1))[0, 0].tolist() == [0, 0, 255]  # c.png's features kept
