@@ -902,10 +902,12 @@ def grow_split(split, images, out_dir, n_old):
 def open_split(split, images, out_dir, feature_shape):
     """Start a split, or pick it up where an earlier run stopped. -> (features memmap, status array)."""
     index_path, features_path = split_file(out_dir, split, "index"), split_file(out_dir, split, "features")
+    recorded = None  # the image files' fingerprints when their rows were written: a new split has none to compare
     if not os.path.exists(index_path):
         create_split(split, images, out_dir, feature_shape)
     else:
         old = read_index(index_path, split)
+        recorded = old.get("fingerprints")  # read now: growing the split, or new captions, rewrite the index
         # the same ids and file names: ids alone would let a jsonl with other images on its lines pass
         old_images = list(zip(old["image_ids"], old["files"]))
         if [(image.image_id, image.file) for image in images[:len(old_images)]] != old_images:
@@ -922,17 +924,16 @@ def open_split(split, images, out_dir, feature_shape):
     features = read_features(features_path, split, mode="r+")
     status = read_status(split_file(out_dir, split, "status"), split)
     check_rows(features_path, split, features, status, len(images))
-    encode_changed_images_again(split, images, out_dir, status)
     if features.shape[1:] != tuple(feature_shape):
         raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this encoder gives "
                          f"{tuple(feature_shape)}; choose another --out-dir")
+    encode_changed_images_again(split, images, out_dir, status, recorded)
     return features, status
 
 
-def encode_changed_images_again(split, images, out_dir, status):
-    """Rows whose image file changed since the index was written (fingerprints) are to do again; an image gone
+def encode_changed_images_again(split, images, out_dir, status, recorded):
+    """Rows whose image file changed since `recorded` (the index's fingerprints) are to do again; an image gone
     since is not: its features stay. Indexes written before fingerprints were recorded are taken as they are."""
-    recorded = read_index(split_file(out_dir, split, "index"), split).get("fingerprints")
     if recorded is None:
         return
     now = fingerprints(images)
@@ -942,7 +943,7 @@ def encode_changed_images_again(split, images, out_dir, status):
         print(f"{split}: {len(changed)} images changed on disk since they were encoded ({images[changed[0]].file}"
               f"{', ...' if len(changed) > 1 else ''}): encoding them again")
         status[changed] = TODO
-        write_status(split_file(out_dir, split, "status"), status)  # before the index forgets the old sizes
+        write_status(split_file(out_dir, split, "status"), status)  # before the index forgets the old prints
         write_index(out_dir, split, images)
 
 
@@ -1111,4 +1112,5 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError, OSError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"coco.py: {e}")
     except KeyboardInterrupt:  # the status file says which images are done: nothing half-written is kept
-        sys.exit("coco.py: stopped (Ctrl-C); the images encoded so far are kept, run it again to go on")
+        print("coco.py: stopped (Ctrl-C); the images encoded so far are kept, run it again to go on", file=sys.stderr)
+        sys.exit(130)

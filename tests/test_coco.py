@@ -1155,3 +1155,20 @@ def test_an_image_changed_in_place_is_encoded_again_and_a_deleted_one_keeps_its_
     train, val = coco.load_split(str(tmp_path / "out"), "train"), coco.load_split(str(tmp_path / "out"), "val")
     assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], [0, 255, 0]]  # a.png now black
     assert val.image_feats(np.arange(1))[0, 0].tolist() == [0, 0, 255]  # c.png's features kept
+
+
+def test_an_image_changed_before_its_split_grows_is_encoded_again(tmp_path, colour_clip, capsys):
+    """Growing a split (a --limit run continued by a longer one) rewrites its index: the fingerprints compared
+    must be those recorded before, or an image changed in between keeps its old features."""
+    jsonl = tmp_path / "captions.jsonl"
+    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red one"], "split": "train"},
+                        {"image": "b.png", "captions": ["a green one"], "split": "train"},
+                        {"image": "c.png", "captions": ["a blue one"], "split": "val"}])
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255))):
+        draw(tmp_path / f"{name}.png", colour)
+    coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl, "--limit", 1))
+    Image.new("RGB", (48, 32), (0, 0, 0)).save(tmp_path / "a.png")
+    coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
+    assert "train: 1 images changed on disk since they were encoded (a.png)" in capsys.readouterr().out
+    train = coco.load_split(str(tmp_path / "out"), "train")
+    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], [0, 255, 0]]
