@@ -565,13 +565,14 @@ def git_commit():
 def config_defaults(parser, argv):
     """--config FILE: the settings a run.json recorded become the parser's defaults, so flags given now win.
     Not --resume: a run started from another's record starts afresh unless told to resume."""
-    path = parser.parse_known_args(argv)[0].config
+    known = vars(parser.parse_known_args(argv)[0])
+    path = known["config"]
     if path is None:
         return
     try:
         with open(path) as f:
             recorded = dict(json.load(f)["args"])
-        unknown = sorted(set(recorded) - set(vars(parser.parse_known_args(argv)[0])))
+        unknown = sorted(set(recorded) - set(known))
     except (OSError, ValueError, KeyError, TypeError) as e:
         parser.error(f"--config {path}: not a run.json ({type(e).__name__}: {e})")
     if unknown:
