@@ -614,4 +614,5 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:  # the user's to fix: one line, naming the file
         sys.exit(f"sample.py: {e}")
     except KeyboardInterrupt:
-        sys.exit("sample.py: stopped (Ctrl-C)")
+        print("sample.py: stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -545,10 +545,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = parse_args()
     try:
-        sys.exit(main(args))
+        sys.exit(main(parse_args()))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before StopSignal takes it, or a second one: at once, without a save
-        sys.exit("train_gpt2.py: stopped (Ctrl-C); --resume auto continues from the last checkpoint")
+        print("train_gpt2.py: stopped (Ctrl-C); --resume auto continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)  # the status a shell gives ^C (128 + SIGINT), as the other scripts

@@ -2,14 +2,12 @@
 ranks split the examples without overlap, the download is atomic and made once per node, and the CLI
 reports bad input in one line and uses the GPU it is given.
 Handmade examples in the real schema, tiny models, the CPU, no network."""
-import argparse
 import dataclasses
 import io
 import json
 import math
 import os
 import re
-import runpy
 
 import pytest
 import requests
@@ -468,19 +466,6 @@ def test_cli_prints_the_accuracies_of_a_checkpoint(checkpoint_path, rows_path):
     assert correct != correct_norm
     assert float(match.group(1)) == pytest.approx(correct / total, abs=1e-4)
     assert float(match.group(2)) == pytest.approx(correct_norm / total, abs=1e-4)
-
-
-def test_cli_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
-    """^C while the model loads or the examples are scored: one line, the shell's status for ^C, no traceback."""
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
-    with pytest.raises(SystemExit) as stopped:
-        try:
-            runpy.run_path(hellaswag.__file__, run_name="__main__")
-        except KeyboardInterrupt:  # let through, it would stop pytest itself
-            pytest.fail("a KeyboardInterrupt traceback")
-    assert stopped.value.code == 130 and capsys.readouterr().err == "hellaswag.py: stopped (Ctrl-C)\n"
 
 
 def test_cli_limit(checkpoint_path, rows_path):

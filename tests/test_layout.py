@@ -108,3 +108,29 @@ def test_the_slurm_script_is_valid_bash_and_its_training_flags_parse(nodes, monk
     command = re.search(r"train_gpt2\.py (.*)\n", text).group(1).replace('"$BATCH_SIZE"', str(batch_size))
     args = train_gpt2.parse_args(shlex.split(command))
     assert args.total_batch_size % (args.batch_size * args.seq_len * 8 * nodes) == 0
+
+
+@pytest.mark.parametrize("script, message", [
+    ("train_gpt2", "stopped (Ctrl-C); --resume auto continues from the last checkpoint"),
+    ("train_caption", "stopped (Ctrl-C); --resume auto continues from the last checkpoint"),
+    ("coco", "stopped (Ctrl-C); the images encoded so far are kept, run it again to go on"),
+    ("sample", "stopped (Ctrl-C)"),
+    ("caption_eval", "stopped (Ctrl-C)"),
+    ("hellaswag", "stopped (Ctrl-C)"),
+    ("export_hf", "stopped (Ctrl-C)"),
+])
+def test_ctrl_c_is_one_line_and_status_130(script, message, monkeypatch, capsys):
+    """^C before a run takes it itself (StopSignal), or a second one, printed KeyboardInterrupt's traceback.
+    Now one line and the status a shell gives ^C (128 + SIGINT). The script runs as a command would (as
+    __main__); ^C arrives while it reads its flags."""
+    import argparse
+    import runpy
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
+        except KeyboardInterrupt:  # (caught here: it would stop the whole test session)
+            pytest.fail("a KeyboardInterrupt traceback")
+    assert stopped.value.code == 130 and capsys.readouterr().err == f"{script}.py: {message}\n"

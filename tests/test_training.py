@@ -378,33 +378,3 @@ def test_a_resume_takes_one_file_under_two_spellings_as_the_same(tmp_path, monke
     training.check_same_run(checkpoint, argparse.Namespace(init=str(tmp_path / "lm.pt")), "x.pt", may_change=set())
     with pytest.raises(ValueError, match=r"x.pt: its run had --init ./lm.pt \(now other.pt\)"):
         training.check_same_run(checkpoint, argparse.Namespace(init="other.pt"), "x.pt", may_change=set())
-
-
-@pytest.mark.parametrize("script, where, argv", [
-    ("train_gpt2", "training.setup_distributed", []),
-    ("train_caption", "training.setup_distributed", []),
-    ("coco", "training.OutDirLock", ["--captions-jsonl", "captions.jsonl"]),
-    ("sample", "model.GPT.from_pretrained", ["--prompt", "Hi", "--pretrained", "gpt2"]),
-])
-def test_ctrl_c_is_one_line_not_a_traceback(script, where, argv, monkeypatch, tmp_path):
-    """Before a run takes Ctrl-C itself (StopSignal), and at a second one, KeyboardInterrupt's traceback was all
-    a user saw. The script runs as a command would (as __main__), Ctrl-C arriving inside its main."""
-    import json
-    import runpy
-    import sys
-    from conftest import ROOT
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(where, interrupted)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "captions": ["a"], "split": s})
-                                                     + "\n" for i, s in enumerate(["train", "val"])))
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
-    try:
-        runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
-    except KeyboardInterrupt:  # (caught here: it would stop the whole test session)
-        pytest.fail("KeyboardInterrupt came through: a traceback")
-    except SystemExit as stopped:
-        assert str(stopped.code).startswith(f"{script}.py: stopped (Ctrl-C)")
-    else:
-        pytest.fail("the script went on")
