@@ -11,6 +11,8 @@ come from COCO 2017, from one of Karpathy's split files (COCO, Flickr8k, Flickr3
     python coco.py --karpathy-json dataset_flickr8k.json --images-dir flickr8k/images --out-dir flickr8k_features
     python coco.py --captions-jsonl my_images/captions.jsonl --out-dir my_features   # your own images
     python coco.py --limit 500                # the first 500 images of each split (a later full run continues it)
+    python coco.py --download --karpathy-json data/dataset_coco.json --images-dir data/coco2014 --fetch-images \
+        --limit 3000 --out-dir coco_features_3k   # no 19 GB archive: his file, then each image from COCO's server
 
 Your own images: one JSON object per line, the image's path relative to the jsonl file and its captions,
 
@@ -85,6 +87,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -95,7 +98,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from generate import gpt2_encoding
-from training import HelpFormatter, OutDirLock, existing_device, use_device
+from training import HelpFormatter, OutDirLock, existing_device, probe_write, use_device
 
 
 # -----------------------------------------------------------------------------
@@ -334,9 +337,10 @@ COCO_URLS = {  # the official archives; each unpacks into the folder of its name
 }
 
 
-def download(url, path):
+def download(url, path, progress=True):
     """Resumable download: bytes go to path.part, and a rerun asks the server only for those it does not have yet
-    (an HTTP Range request). Only a file of the size the server announced is renamed to path."""
+    (an HTTP Range request). Only a file of the size the server announced is renamed to path. progress: a tqdm
+    bar of its bytes (not for the images of --fetch-images: they have one bar for them all)."""
     part = path + ".part"
     have = os.path.getsize(part) if os.path.exists(part) else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -348,15 +352,15 @@ def download(url, path):
             return
         raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise OSError(f"{url}: {e.reason} (offline? put the archive there by hand, or extract it into --coco-dir)") \
-            from None
+        raise OSError(f"{url}: {e.reason} (offline? or put the file at {path} by hand)") from None
     with response:
         if have and response.status != 206:  # the server ignored the range and sends everything: start again
             have = 0
         total = announced_size(response, have)
         try:
             with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                                desc=os.path.basename(path)) as bar:
+                                                                desc=os.path.basename(path),
+                                                                disable=not progress) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -378,22 +382,23 @@ def announced_size(response, have):
     return have + int(length) if length is not None else None
 
 
-def extract(archive, coco_dir):
-    """Unzip into a scratch folder, then move the finished folders into coco_dir: an interrupted extraction
-    leaves nothing that looks complete. zipfile checks every member's CRC-32 as it reads it, so extracting is
-    also the integrity check (what zipfile.testzip would do, without reading 18 GB twice)."""
+def extract(archive, folder, names=None):
+    """Unzip (only the members `names`, if given) into a scratch folder, then move what it made into folder: an
+    interrupted extraction leaves nothing that looks complete. zipfile checks every member's CRC-32 as it reads
+    it, so extracting is also the integrity check (what zipfile.testzip would do, without reading 18 GB twice)."""
     scratch = archive + ".extracting"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         with zipfile.ZipFile(archive) as z:
-            for member in tqdm(z.infolist(), desc=f"extracting {os.path.basename(archive)}", unit="file"):
+            members = [z.getinfo(name) for name in names] if names else z.infolist()  # KeyError: not in it
+            for member in tqdm(members, desc=f"extracting {os.path.basename(archive)}", unit="file"):
                 z.extract(member, scratch)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
         shutil.rmtree(scratch, ignore_errors=True)
         os.remove(archive)  # the size matched but the content is bad: only a fresh download can help
         raise OSError(f"{archive}: damaged archive ({e}); deleted it, run again to download it anew") from None
     for name in os.listdir(scratch):
-        os.replace(os.path.join(scratch, name), os.path.join(coco_dir, name))
+        os.replace(os.path.join(scratch, name), os.path.join(folder, name))
     os.rmdir(scratch)
 
 
@@ -409,6 +414,59 @@ def download_coco(coco_dir):
             download(url, archive)
         extract(archive, coco_dir)
         os.remove(archive)
+
+
+KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"  # from his page, 37 MB
+KARPATHY_FILES = ("dataset_coco.json", "dataset_flickr8k.json", "dataset_flickr30k.json")  # what that zip holds
+
+
+def download_karpathy_json(path):
+    """His caption_datasets.zip, downloaded beside path; of his three files only the one named like path is
+    extracted, to path, and the archive is deleted."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    archive = os.path.join(folder, os.path.basename(KARPATHY_URL))
+    if not os.path.exists(archive):
+        download(KARPATHY_URL, archive)
+    extract(archive, folder, [os.path.basename(path)])
+    os.remove(archive)
+
+
+# COCO's image server, where COCO_URLS's archives are: every image of COCO 2014 is also there on its own, at
+# train2014/ or val2014/ + its file name, the filepath and filename of Karpathy's dataset_coco.json
+COCO_IMAGES = "http://images.cocodataset.org"
+# an image is ~155 KB (COCO 2014's archives: ~19 GB for 123,287 images), so a request is mostly waiting for the
+# server's answer, not transferring (a guess, not measured): 8 at once hide that wait, and ask a public server
+# for little more than a browser does (6 connections to one site)
+FETCH_THREADS = 8
+
+
+def fetch_images(splits, images_dir):
+    """--fetch-images: the images of these splits that are not in images_dir yet, each from COCO's image server
+    (download: through a .part, so a file there is whole). One that fails is named and left out, as a missing
+    image is, and tried again by the next run. When 3 fail in a row (the network is down, from the start or
+    since), or more than a tenth of those tried and at least 3, it stops; the images fetched so far are kept."""
+    missing = [image for images in splits.values() for image in images if not os.path.exists(image.path)]
+    pool, failed, in_a_row = ThreadPoolExecutor(FETCH_THREADS), 0, 0
+    try:
+        tries = [pool.submit(fetch_image, image) for image in missing]
+        for tried, done in enumerate(tqdm(as_completed(tries), total=len(tries), desc=f"images into {images_dir}",
+                                          unit="image"), start=1):
+            try:
+                done.result()
+                in_a_row = 0
+            except OSError as e:
+                failed, in_a_row = failed + 1, in_a_row + 1
+                if in_a_row == 3 or failed >= 3 and failed > tried / 10:
+                    raise OSError(f"{e}; {failed} of {tried} images failed, stopped") from None
+                tqdm.write(f"coco.py: {e}; left out", file=sys.stderr)
+    finally:
+        pool.shutdown(cancel_futures=True)  # stopped: those not started yet are not
+
+
+def fetch_image(image):
+    os.makedirs(os.path.dirname(image.path), exist_ok=True)
+    download(f"{COCO_IMAGES}/{image.file}", image.path, progress=False)  # image.file: train2014/COCO_train2014_...
 
 
 # -----------------------------------------------------------------------------
@@ -487,7 +545,8 @@ def not_karpathy(karpathy_json, error):
 
 def read_karpathy_json(karpathy_json):
     """-> the file's list of images (dicts), unchecked: the readers below name what is missing."""
-    require(karpathy_json, "file")
+    require(karpathy_json, "file", " (--download fetches it)" if os.path.basename(karpathy_json) in KARPATHY_FILES
+            else "")
     try:
         with open(karpathy_json, "rb") as f:
             images = json.load(f)["images"]
@@ -524,7 +583,6 @@ def karpathy_splits(karpathy_json, images_dir):
     'raw' sentences. An image is images_dir/filepath/filename, and Flickr's have no filepath: a Flickr folder
     holds all its images, a COCO 2014 one holds train2014/ and val2014/. Ids: COCO's cocoid where the file has
     one (the ids of COCO's own annotations), else his imgid (0, 1, ... in the file's order)."""
-    require(images_dir, "folder")
     splits, first = {"train": [], "val": [], "test": []}, {}
     for image in read_karpathy_json(karpathy_json):
         try:
@@ -632,9 +690,13 @@ def coco_splits(coco_dir, karpathy_json=None):
 def read_splits(args):
     """The images and captions of each split, from the source the flags name. train_caption.py reads train and
     val: both must have images; a test split only if it has some (caption_eval.py would score an empty one)."""
+    if args.download and args.karpathy_json and not os.path.exists(args.karpathy_json):
+        download_karpathy_json(args.karpathy_json)
     if args.captions_jsonl:
         splits = jsonl_splits(args.captions_jsonl, args.val_fraction)
     elif args.images_dir:
+        if not args.fetch_images:  # else it is made as the images arrive
+            require(args.images_dir, "folder")
         splits = karpathy_splits(args.karpathy_json, args.images_dir)
     else:
         if args.download:
@@ -1012,7 +1074,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--coco-dir", default="coco", help="holds annotations/, train2017/, val2017/")
     p.add_argument("--out-dir", default="coco_features", help="where the features go")
-    p.add_argument("--download", action="store_true", help="first download and extract COCO 2017 into --coco-dir")
+    p.add_argument("--download", action="store_true", help="first download and extract COCO 2017 into --coco-dir "
+                   "(not with --images-dir), and Karpathy's --karpathy-json if it is not there yet")
     # OpenAI's weights need the -quickgelu architecture (see load_clip). --clip-model/--clip-pretrained: the
     # names these two had when CLIP was the only encoder
     p.add_argument("--encoder", "--clip-model", default="ViT-B-32-quickgelu",
@@ -1027,6 +1090,8 @@ def parse_args(argv=None):
                    "or any of his dataset_{coco,flickr8k,flickr30k}.json with --images-dir")
     p.add_argument("--images-dir", help="with --karpathy-json: the folder of its images (Flickr's, or COCO 2014's "
                    "train2014/ and val2014/); captions and splits then all come from his file, not --coco-dir")
+    p.add_argument("--fetch-images", action="store_true", help="with Karpathy's dataset_coco.json and --images-dir: "
+                   "first download the images (after --limit) not in --images-dir yet, one by one from COCO's server")
     p.add_argument("--captions-jsonl", help='your own images: one {"image": path relative to this file, "captions": '
                    '[...], "split": "train" | "val" | "test" (optional)} per line')
     p.add_argument("--val-fraction", type=float, help="with --captions-jsonl: the share of lines without a split that "
@@ -1047,8 +1112,16 @@ def parse_args(argv=None):
         p.error("--images-dir needs --karpathy-json: the captions and splits of its images")
     if args.captions_jsonl and args.karpathy_json:
         p.error("--captions-jsonl and --karpathy-json are two sources of captions: give one")
-    if args.download and (args.captions_jsonl or args.images_dir):
-        p.error("--download fetches COCO 2017 into --coco-dir: not with --captions-jsonl or --images-dir")
+    if args.download and args.captions_jsonl:
+        p.error("--download fetches COCO 2017 and Karpathy's files: not with --captions-jsonl")
+    if args.download and args.karpathy_json and not os.path.exists(args.karpathy_json) \
+            and os.path.basename(args.karpathy_json) not in KARPATHY_FILES:
+        p.error(f"--karpathy-json {args.karpathy_json}: no such file, and --download fetches only "
+                f"{', '.join(KARPATHY_FILES)}")
+    if args.fetch_images and not args.images_dir:
+        p.error("--fetch-images needs --karpathy-json dataset_coco.json and --images-dir, the folder its images go in")
+    if args.fetch_images and os.path.basename(args.karpathy_json) in KARPATHY_FILES[1:]:  # the two Flickr files
+        p.error(f"--fetch-images fetches COCO's images, not Flickr's (--karpathy-json {args.karpathy_json})")
     if args.val_fraction is not None and not args.captions_jsonl:
         p.error("--val-fraction splits a --captions-jsonl: not used without one")
     if args.val_fraction is None:
@@ -1076,9 +1149,37 @@ def check_same_encoder(old_meta, record, meta_path):
                          f"{describe_encoder(record)}; choose another --out-dir")
 
 
+def output_folders(args):
+    """{flag: the folder it makes this run write in}"""
+    folders = {"--out-dir": args.out_dir}
+    if args.download and args.karpathy_json and not os.path.exists(args.karpathy_json):
+        folders["--karpathy-json"] = os.path.dirname(args.karpathy_json) or "."
+    if args.download and not args.images_dir:
+        folders["--coco-dir"] = args.coco_dir
+    if args.fetch_images:
+        folders["--images-dir"] = args.images_dir
+    return folders
+
+
+def require_writable(flag, folder):
+    """ValueError naming flag unless files can be written in folder: asked before the downloads and the encoding,
+    not after them. A folder not made yet is asked of the nearest one above it (where it will be made)."""
+    above = os.path.abspath(folder)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    try:
+        probe_write(above)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in {above} ({e.strerror})") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
+    for flag, folder in output_folders(args).items():
+        require_writable(flag, folder)
     splits = {split: images[:args.limit] for split, images in read_splits(args).items()}
+    if args.fetch_images:
+        fetch_images(splits, args.images_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     # one coco.py run per out-dir (run.lock, as training takes): two at once, with two encoders, wrote rows of
     # both into one features file under one meta.json. Held until this process exits

@@ -9,15 +9,20 @@ is loaded. A full disk, a killed decoding worker, a split with no readable image
 start leaves the folder as it was; 16-bit and float images are scaled to 8 bits, not clipped. Karpathy's
 Flickr8k/30k files (with --images-dir) and your own jsonl give features of the same form, split as their file
 says (or by --val-fraction, the same way every run), which train_caption.py trains on; a bad jsonl line, or a bad
-image in Karpathy's file, is one line naming the file and the line or image."""
+image in Karpathy's file, is one line naming the file and the line or image. Karpathy's file and a subset of COCO
+2014 are fetched file by file (--fetch-images), each image once; one that fails is named and left out, and when
+most fail nothing is written."""
 import errno
 import http.server
+import io
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -709,7 +714,13 @@ def test_deep_images_are_scaled_to_8_bits_not_clipped_to_white_or_black(tmp_path
     (["--images-dir", "."], "--images-dir needs --karpathy-json"),
     (["--captions-jsonl", "a.jsonl", "--karpathy-json", "k.json"], "--captions-jsonl and --karpathy-json are two "
                                                                    "sources of captions: give one"),
-    (["--captions-jsonl", "a.jsonl", "--download"], "--download fetches COCO 2017 into --coco-dir: not with"),
+    (["--captions-jsonl", "a.jsonl", "--download"], "--download fetches COCO 2017 and Karpathy's files: not with "
+                                                    "--captions-jsonl"),
+    (["--download", "--karpathy-json", "my_split.json"], "--karpathy-json my_split.json: no such file, and --download "
+                                                         "fetches only dataset_coco.json, dataset_flickr8k.json"),
+    (["--fetch-images"], "--fetch-images needs --karpathy-json dataset_coco.json and --images-dir"),
+    (["--karpathy-json", "dataset_flickr8k.json", "--images-dir", ".", "--fetch-images"],
+     "--fetch-images fetches COCO's images, not Flickr's (--karpathy-json dataset_flickr8k.json)"),
     (["--val-fraction", "0.1"], "--val-fraction splits a --captions-jsonl: not used without one"),
     (["--captions-jsonl", "a.jsonl", "--val-fraction", "1"], "--val-fraction must be at least 0 and below 1, got 1.0"),
     (["--captions-jsonl", "a.jsonl", "--val-fraction", "-0.1"], "--val-fraction must be at least 0 and below 1"),
@@ -1012,9 +1023,12 @@ class ArchiveServer(http.server.BaseHTTPRequestHandler):
     cut_after = {}  # url path -> send only this many bytes, then hang up (a dropped connection)
 
     def do_GET(self):
-        data = self.archives[self.path]
+        data = self.archives.get(self.path)
         start = int(re.fullmatch(r"bytes=(\d+)-", self.headers["Range"]).group(1)) if self.headers["Range"] else 0
         self.requests.append((self.path, start))
+        if data is None:
+            self.send_error(404)  # "HTTP 404 Not Found", as images.cocodataset.org answers for a name it lacks
+            return
         if start >= len(data):
             self.send_response(416)
             self.end_headers()
@@ -1033,7 +1047,7 @@ class ArchiveServer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ArchiveServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()  # polls: shutdown waits one
     monkeypatch.setattr(ArchiveServer, "archives", {})
     monkeypatch.setattr(ArchiveServer, "requests", [])
     yield httpd
@@ -1093,6 +1107,146 @@ def test_damaged_archive_is_reported_deleted_and_not_extracted(dataset, tmp_path
     with pytest.raises(OSError, match=re.escape(f"{target / 'val2017.zip'}: damaged archive")):
         coco.download_coco(str(target))
     assert sorted(os.listdir(target)) == ["annotations", "train2017"]  # no half-extracted val2017/, no archive
+
+
+# A subset of COCO 2014 (--fetch-images), fetched image by image, and Karpathy's file from his caption_datasets.zip
+
+KARPATHY_COCO = [  # (filepath, cocoid, split, colour), out of id order as in his file: 3 images of each split
+    ("val2014", 42, "restval", GREEN), ("train2014", 9, "train", RED), ("train2014", 77, "train", GREY),
+    ("val2014", 31, "val", BLUE), ("val2014", 30, "val", YELLOW), ("val2014", 39, "val", RED),
+    ("val2014", 8, "test", GREEN), ("val2014", 5, "test", YELLOW), ("val2014", 7, "test", BLUE)]
+FIRST_TWO = {"train": [9, 42], "val": [30, 31], "test": [5, 7]}  # --limit 2: the first two ids of each split
+
+
+def coco_2014_file(folder, cocoid):
+    return f"{folder}/COCO_{folder}_{cocoid:012d}.jpg"
+
+
+def karpathy_coco_json():
+    return json.dumps({"dataset": "coco", "images": [
+        {"filepath": folder, "filename": os.path.basename(coco_2014_file(folder, cocoid)), "imgid": imgid,
+         "cocoid": cocoid, "split": split, "sentences": [{"raw": f"picture {cocoid}", "tokens": ["picture"]}]}
+        for imgid, (folder, cocoid, split, _) in enumerate(KARPATHY_COCO)]}).encode()
+
+
+def serve_coco_2014(server, monkeypatch, unserved=()):
+    """Karpathy's zip and every image of KARPATHY_COCO but those of the ids `unserved`, on the local server."""
+    port = server.server_address[1]
+    for folder, cocoid, _, colour in KARPATHY_COCO:
+        if cocoid not in unserved:
+            jpeg = io.BytesIO()
+            Image.new("RGB", (24, 16), colour).save(jpeg, "JPEG", quality=95)
+            ArchiveServer.archives[f"/{coco_2014_file(folder, cocoid)}"] = jpeg.getvalue()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("dataset_coco.json", karpathy_coco_json())
+        z.writestr("dataset_flickr8k.json", '{"images": []}')
+        z.writestr("dataset_flickr30k.json", '{"images": []}')
+    ArchiveServer.archives["/caption_datasets.zip"] = archive.getvalue()
+    monkeypatch.setattr(coco, "KARPATHY_URL", f"http://127.0.0.1:{port}/caption_datasets.zip")
+    monkeypatch.setattr(coco, "COCO_IMAGES", f"http://127.0.0.1:{port}")
+
+
+def fetch_args(data, *extra):
+    return ["--karpathy-json", data / "dataset_coco.json", "--images-dir", data / "coco2014", "--fetch-images",
+            "--limit", 2, *extra]
+
+
+def files_under(folder):
+    return sorted(os.path.relpath(os.path.join(top, name), folder) for top, _, names in os.walk(folder)
+                  for name in names)
+
+
+def test_a_coco_subset_is_fetched_image_by_image_the_first_n_of_each_split_once(tmp_path, colour_clip, server,
+                                                                                 monkeypatch):
+    serve_coco_2014(server, monkeypatch)
+    data, out = tmp_path / "data", tmp_path / "features"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{data / 'dataset_coco.json'}: no such file "
+                                                          f"(--download fetches it)")):
+        coco.main(stub_args(out, *fetch_args(data)))
+    assert not os.path.exists(data) and not os.path.exists(out)
+
+    coco.main(stub_args(out, "--download", *fetch_args(data)))
+    # of his zip only dataset_coco.json is kept; of the images only the first two of each split were asked for
+    assert (data / "dataset_coco.json").read_bytes() == karpathy_coco_json()
+    assert sorted(os.listdir(data)) == ["coco2014", "dataset_coco.json"]
+    wanted = sorted(coco_2014_file(folder, cocoid) for folder, cocoid, split, _ in KARPATHY_COCO
+                    if cocoid in FIRST_TWO[coco.KARPATHY_SPLITS[split]])
+    assert sorted(path[1:] for path, _ in ArchiveServer.requests if path.endswith(".jpg")) == wanted
+    assert files_under(data / "coco2014") == wanted
+    colour = {cocoid: colour for _, cocoid, _, colour in KARPATHY_COCO}
+    for split, ids in FIRST_TWO.items():
+        features = coco.load_split(out, split)
+        assert features.image_ids.tolist() == ids
+        assert_colours(features, [colour[cocoid] for cocoid in ids])
+
+    asked = len(ArchiveServer.requests)
+    coco.main(stub_args(out, "--download", *fetch_args(data)))  # all there: nothing is fetched again
+    assert len(ArchiveServer.requests) == asked
+
+
+def test_an_image_that_cannot_be_fetched_is_named_and_left_out_until_a_rerun_gets_it(tmp_path, colour_clip,
+                                                                                     server, monkeypatch, capsys):
+    serve_coco_2014(server, monkeypatch, unserved=[42])
+    data, out = tmp_path / "data", tmp_path / "features"
+    coco.main(stub_args(out, "--download", *fetch_args(data)))
+    url = f"{coco.COCO_IMAGES}/{coco_2014_file('val2014', 42)}"
+    assert f"coco.py: {url}: HTTP 404 Not Found; left out\n" in capsys.readouterr().err
+    assert coco.load_split(out, "train").image_ids.tolist() == [9]
+    assert coco.read_meta(out)["skipped"]["train"] == [coco_2014_file("val2014", 42)]
+
+    serve_coco_2014(server, monkeypatch)  # back on the server: the next run fetches and encodes it
+    coco.main(stub_args(out, *fetch_args(data)))
+    assert coco.load_split(out, "train").image_ids.tolist() == [9, 42]
+
+
+@pytest.mark.parametrize("failure", ["HTTP 404 Not Found", "Connection refused"])
+def test_when_most_images_cannot_be_fetched_it_stops_in_one_line_writing_nothing(tmp_path, colour_clip, server,
+                                                                                 monkeypatch, failure):
+    serve_coco_2014(server, monkeypatch, unserved=[cocoid for _, cocoid, _, _ in KARPATHY_COCO])
+    if failure == "Connection refused":  # offline: a port nothing listens on
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            monkeypatch.setattr(coco, "COCO_IMAGES", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    data, out = tmp_path / "data", tmp_path / "features"
+    data.mkdir()
+    (data / "dataset_coco.json").write_bytes(karpathy_coco_json())
+    with pytest.raises(OSError) as error:
+        coco.main(stub_args(out, *fetch_args(data)))
+    assert re.fullmatch(rf"{re.escape(coco.COCO_IMAGES)}/\w+/COCO_\w+\.jpg: .*{failure}.*; 3 of 3 images failed, "
+                        rf"stopped", str(error.value))
+    assert files_under(data) == ["dataset_coco.json"] and not os.path.exists(out)
+
+
+def test_a_network_lost_midway_stops_the_fetching_within_a_few_images(monkeypatch):
+    """Stopping only past 10% failed would try ~110 more images after 1,000 fetched, each waiting for its timeout."""
+    images = [coco.Record(i, f"/nowhere/{i}.jpg", f"train2014/{i}.jpg", ["x"]) for i in range(2000)]
+    tried = []
+
+    def fetch_image(image):
+        tried.append(image.image_id)
+        if image.image_id >= 1000:  # the network is gone: each waits for its timeout (here 50 ms), then fails
+            time.sleep(0.05)
+            raise OSError(f"{image.file}: timed out")
+    monkeypatch.setattr(coco, "fetch_image", fetch_image)
+    with pytest.raises(OSError, match=r"timed out; \d+ of \d+ images failed, stopped$"):
+        coco.fetch_images({"train": images}, "images")
+    assert len(tried) < 1060  # 3 in a row, and those already started; not the 112 failures that make 10%
+
+
+@pytest.mark.parametrize("flag, argv", [
+    ("--out-dir", ["--download", "--out-dir", "a_file/features"]),  # was asked only after the 19 GB of COCO 2017
+    ("--coco-dir", ["--download", "--coco-dir", "a_file/coco"]),
+    ("--karpathy-json", ["--download", "--karpathy-json", "a_file/dataset_coco.json", "--images-dir", "coco2014"]),
+    ("--images-dir", ["--karpathy-json", "dataset_coco.json", "--images-dir", "a_file/coco2014", "--fetch-images"]),
+])
+def test_the_folders_written_in_are_checked_before_anything_is_downloaded(tmp_path, monkeypatch, flag, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")  # a file where a folder should be: unwritable even for root
+    monkeypatch.setattr(coco, "download", lambda url, path, progress=True: pytest.fail(f"downloaded {url}"))
+    with pytest.raises(ValueError, match=re.escape(f"{flag}: cannot write in {tmp_path / 'a_file'} (Not a directory)")):
+        coco.main(argv)
+    assert os.listdir(tmp_path) == ["a_file"]
 
 
 # -----------------------------------------------------------------------------
