@@ -15,7 +15,7 @@ LAYERS = [
     {"coco", "hellaswag"},  # data and benchmark, each with its own command line
     {"caption_eval", "train_gpt2"},
     {"sample", "train_caption"},
-    {"bench", "report"},  # report: a run's report card
+    {"bench", "demo", "report"},  # demo: a web page over sample.py's Captioner; report: a run's report card
 ]
 
 
@@ -45,7 +45,7 @@ def test_model_py_is_the_model_alone():
 
 
 SCRIPTS = ["train_gpt2", "train_caption", "fineweb", "hellaswag", "coco", "sample", "caption_eval", "export_hf",
-           "plot_log", "bench", "report"]
+           "plot_log", "bench", "demo", "report"]
 
 
 class Parsed(Exception):
@@ -118,6 +118,7 @@ def test_the_slurm_script_is_valid_bash_and_its_training_flags_parse(nodes, monk
     ("caption_eval", "stopped (Ctrl-C)"),
     ("hellaswag", "stopped (Ctrl-C)"),
     ("export_hf", "stopped (Ctrl-C)"),
+    ("demo", "stopped (Ctrl-C)"),
     ("report", "stopped (Ctrl-C)"),
 ])
 def test_ctrl_c_is_one_line_and_status_130(script, message, monkeypatch, capsys):
