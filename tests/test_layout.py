@@ -16,6 +16,7 @@ LAYERS = [
     {"caption_eval", "train_gpt2"},
     {"sample", "train_caption"},
     {"bench", "demo", "report"},  # demo: a web page over sample.py's Captioner; report: a run's report card
+    {"pipeline"},  # the chain: runs every script in turn
 ]
 
 
@@ -45,7 +46,7 @@ def test_model_py_is_the_model_alone():
 
 
 SCRIPTS = ["train_gpt2", "train_caption", "fineweb", "hellaswag", "coco", "sample", "caption_eval", "export_hf",
-           "plot_log", "bench", "demo", "report"]
+           "plot_log", "bench", "demo", "report", "pipeline"]
 
 
 class Parsed(Exception):
@@ -120,6 +121,7 @@ def test_the_slurm_script_is_valid_bash_and_its_training_flags_parse(nodes, monk
     ("export_hf", "stopped (Ctrl-C)"),
     ("demo", "stopped (Ctrl-C)"),
     ("report", "stopped (Ctrl-C)"),
+    ("pipeline", "stopped (Ctrl-C); run the same command to continue"),
 ])
 def test_ctrl_c_is_one_line_and_status_130(script, message, monkeypatch, capsys):
     """^C before a run takes it itself (StopSignal), or a second one, printed KeyboardInterrupt's traceback.
