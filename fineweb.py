@@ -364,7 +364,7 @@ def lock_out_dir(out_dir):
 # The command line: flags checked at the edge, then main() as the recipe
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local-files", nargs="+", metavar="PATH", default=[], help="tokenize these .jsonl/.json, "
                    ".parquet or .txt (one document per line) files instead of the hub dataset")
@@ -382,7 +382,7 @@ def parse_args():
     p.add_argument("--download", action="store_true", help="fetch the whole dataset first, not streamed (see above)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizer processes (default: %(default)s, "
                    "all cores)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for name in ("shard_size", "max_tokens", "num_proc"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

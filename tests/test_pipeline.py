@@ -206,3 +206,22 @@ def test_the_tiny_pictures_are_captioned_by_what_they_show(tmp_path):
         colour = line["captions"][0].split()[1]
         with Image.open(tmp_path / "images" / line["image"]) as image:  # the shape's colour is in the middle
             assert image.getpixel((64, 64)) == pipeline.COLOURS[colour], line
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_the_gpu_modes_commands_are_what_each_script_accepts(mode, tmp_path):
+    """--quick and the full chain cannot run here (no GPU, no network): their commands are at least what each
+    script's own parser takes, so a wrong flag fails here, not hours into a run."""
+    import importlib
+    settings = pipeline.Settings(mode=mode, run_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), gpus=8)
+    os.makedirs(tmp_path / "run" / "eval")
+    (tmp_path / "run" / "eval" / "val_sweep.json").write_text(json.dumps({"best": {"beam": 5, "length_penalty": 0.5}}))
+    checked = []
+    for stage in pipeline.stages_of(settings):
+        if stage.name in ("attention", "report"):  # reads coco.py's index; takes only RUN_DIR
+            continue
+        script, *args = [str(a) for a in stage.command()]
+        importlib.import_module(script[:-3]).parse_args(args)  # a refused flag: SystemExit, the test fails
+        checked.append(stage.name)
+    assert checked == (["fineweb", "pretrain", "export"] if mode == "full" else []) + ["features", "caption", "val",
+                                                                                     "test"]
