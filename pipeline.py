@@ -224,8 +224,9 @@ def tiny_sentence(rng):
 
 
 def draw_shape(path, colour, shape, rng, size=128):
-    """One shape of one colour, large and near the middle of a grey picture: with random weights, the image
-    encoder's features tell shapes apart by where their pixels fall, so each picture moves it a little only."""
+    """One shape of one colour, large, near the middle of a grey picture, moved and sized a little at random:
+    the random-weight encoder's features tell shapes apart by where their pixels fall, so the pictures of one
+    shape keep theirs in much the same patches."""
     image = Image.new("RGB", (size, size), (int(rng.integers(170, 220)),) * 3)
     side = int(rng.integers(84, 97))
     x, y = (int(v) for v in (size - side) // 2 + rng.integers(-4, 5, 2))
@@ -233,7 +234,8 @@ def draw_shape(path, colour, shape, rng, size=128):
     draw = ImageDraw.Draw(image)
     if shape == "square":
         draw.rectangle(box, fill=fill)
-    elif shape == "bar":  # a band across the middle: a circle, say, differed from the square too little
+    elif shape == "bar":  # a band across the middle: a circle differed from the square too little (tried: the
+        # tiny captioner mixed the two up on 3 of 12 test pictures)
         draw.rectangle((x, y + side // 3, x + side, y + 2 * side // 3), fill=fill)
     else:
         draw.polygon([(x, y + side), (x + side, y + side), (x + side // 2, y)], fill=fill)
@@ -242,8 +244,9 @@ def draw_shape(path, colour, shape, rng, size=128):
 
 def write_tiny_data(folder, seed=0):
     """--tiny's data, all of it made here: 3,000 documents of a few sentences (the text fineweb.py tokenizes),
-    40 HellaSwag-format rows (a sentence's start; its true end and three jumbled ones), and 4 colours x 3 shapes
-    pictures: 4 of each to train on, 1 to validate and 1 to test, each captioned "a red circle" and the like.
+    40 HellaSwag-format rows (a sentence's start; its true end and three of the world's words in a jumble), and
+    4 colours x 3 shapes pictures: 4 of each to train on, 1 to validate and 1 to test, each captioned "a red bar"
+    and "a red bar on grey", and the like.
     The captions file is written last: it is the stage's output."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
