@@ -28,6 +28,7 @@ RUN_DIR/pipeline.json; a later run with other settings is refused (another --run
 import argparse
 import fcntl
 import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -425,6 +426,16 @@ def same_settings(s):
     return None
 
 
+def require_tools():
+    """What the later stages need, asked now: a missing Java found by the val stage would come after the
+    training, hours in. caption_eval.py's metrics run Java; sample.py draws the attention maps with matplotlib."""
+    from caption_eval import require_metric_tools
+    require_metric_tools()
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("matplotlib: not installed; the attention stage draws its maps with it: "
+                          "pip install matplotlib")
+
+
 def lock_run_dir(run_dir):
     """One chain per run folder: a second would run the same stages into the same files. lockf's lock goes
     with the process, so a killed chain leaves nothing to clean up."""
@@ -467,6 +478,7 @@ def main(argv=None):
     problem = same_settings(s)
     if problem:
         sys.exit(f"pipeline.py: {problem}")
+    require_tools()
     os.makedirs(s.run_dir, exist_ok=True)
     lock = lock_run_dir(s.run_dir)
     stages = stages_of(s)
@@ -483,7 +495,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:
         sys.exit(f"pipeline.py: {e}")
     except KeyboardInterrupt:  # before the chain listens for it (while the plan is made)
         print("pipeline.py: stopped (Ctrl-C); run the same command to continue", file=sys.stderr)

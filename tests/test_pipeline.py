@@ -225,3 +225,19 @@ def test_the_gpu_modes_commands_are_what_each_script_accepts(mode, tmp_path):
         checked.append(stage.name)
     assert checked == (["fineweb", "pretrain", "export"] if mode == "full" else []) + ["features", "caption", "val",
                                                                                      "test"]
+
+
+def test_a_missing_java_or_matplotlib_is_said_before_the_first_stage(tmp_path, monkeypatch):
+    """The val stage's metrics need Java, the attention maps matplotlib: asked before hours of training."""
+    import importlib.util
+    import shutil
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="^java: not found; the COCO caption metrics run Java"):
+        pipeline.main(["--tiny", "--run-dir", str(run_dir)])
+    monkeypatch.undo()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+    with pytest.raises(ImportError, match="^matplotlib: not installed; the attention stage draws its maps with it"):
+        pipeline.main(["--tiny", "--run-dir", str(run_dir)])
+    assert not run_dir.exists()  # nothing written
