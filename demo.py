@@ -30,9 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from PIL import Image
 
-import coco
 from caption_eval import choose_checkpoint
-from sample import Captioner, encoder_view, is_export, upsample
+from sample import Captioner, decode_image, encoder_view, is_export, upsample
 from training import HelpFormatter, existing_device, positive_int, use_device
 
 MAX_BEAM = 10  # one request at a time holds the model: a huge beam would keep everyone else waiting
@@ -67,8 +66,8 @@ def read_controls(query):
 
 
 def decode_upload(body, size=None):
-    """Image bytes -> a decoded RGB PIL image, as sample.open_image decodes a file (a JPEG at reduced size, all
-    of it now: PIL is lazy, and a truncated file fails only when its pixels are read)."""
+    """Image bytes -> a decoded RGB PIL image, as sample.open_image decodes a file (sample.decode_image: a JPEG
+    at reduced size, all of it now: PIL is lazy, and a truncated file fails only when its pixels are read)."""
     if not body:
         raise Refused("empty upload: no image came with the request")
     try:
@@ -76,10 +75,7 @@ def decode_upload(body, size=None):
         # send a picture to refuses from the warning on (a 179M-pixel PNG would take ~540 MB to decode)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as image:
-                if size is not None:
-                    image.draft("RGB", (size, size))  # a no-op for formats other than JPEG
-                return coco.rgb_image(image)
+            return decode_image(io.BytesIO(body), size)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Refused(f"too large to decode safely ({e})") from None
     except Image.UnidentifiedImageError:  # its message names a BytesIO object, no help to the user

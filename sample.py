@@ -231,14 +231,20 @@ def open_image(path, size=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with Image.open(path) as image:
-            if size is not None:
-                image.draft("RGB", (size, size))  # a no-op for formats other than JPEG
-            return coco.rgb_image(image)  # decodes it (16-bit and float pixels scaled to 8 bits, not clipped)
+        return decode_image(path, size)
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path}: too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def decode_image(file, size=None):
+    """A path or a file object -> the decoded RGB image, a JPEG at reduced size (open_image): demo.py's uploads
+    are decoded as files are."""
+    with Image.open(file) as image:
+        if size is not None:
+            image.draft("RGB", (size, size))  # a no-op for formats other than JPEG
+        return coco.rgb_image(image)  # decodes it (16-bit and float pixels scaled to 8 bits, not clipped)
 
 
 # -----------------------------------------------------------------------------
