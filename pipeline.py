@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from coco import write_atomically
 from training import HelpFormatter, positive_int
 
 
@@ -281,10 +282,9 @@ def write_tiny_data(folder, seed=0):
 
 
 def write_text(path, text):
+    """Into a folder made if need be, atomically (coco.write_atomically: a full disk names the file, in one line)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: f.write(text), mode="w")
 
 
 class Chain:
@@ -495,7 +495,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ImportError, ValueError) as e:
+    except (OSError, ImportError, ValueError) as e:  # OSError: a full disk, named by write_atomically
         sys.exit(f"pipeline.py: {e}")
     except KeyboardInterrupt:  # before the chain listens for it (while the plan is made)
         print("pipeline.py: stopped (Ctrl-C); run the same command to continue", file=sys.stderr)

@@ -241,3 +241,15 @@ def test_a_missing_java_or_matplotlib_is_said_before_the_first_stage(tmp_path, m
     with pytest.raises(ImportError, match="^matplotlib: not installed; the attention stage draws its maps with it"):
         pipeline.main(["--tiny", "--run-dir", str(run_dir)])
     assert not run_dir.exists()  # nothing written
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import runpy
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)  # the rename that would make pipeline.json official
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--tiny", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(os.path.join(ROOT, "pipeline.py"), run_name="__main__")
+    assert stopped.value.code == f"pipeline.py: {tmp_path}/pipeline.json: cannot write it (No space left on device)"
+    assert not (tmp_path / "pipeline.json.tmp").exists()
