@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tiktoken.load import read_file_cached
 
+import coco
 from checkpoint import is_hub_id, load_model, why_write_failed
 from model import CONV1D_WEIGHTS, EOT_TOKEN, GPT2_VOCAB_SIZE, is_cross_attn_param
 
@@ -140,14 +141,6 @@ def save_captioner(model, checkpoint, folder):
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
-def image_encoder(checkpoint):
-    """A caption checkpoint's image encoder -> (name, weights), in whichever form it records it; None if none."""
-    record = checkpoint.get("encoder") or checkpoint.get("clip") or \
-        {"model": checkpoint.get("clip_model"), "pretrained": checkpoint.get("clip_pretrained")}
-    name, weights = record.get("name") or record.get("model"), record.get("weights") or record.get("pretrained")
-    return (name, weights) if name else None
-
-
 # -----------------------------------------------------------------------------
 # GPT-2's tokenizer files
 
@@ -198,7 +191,7 @@ def write_tokenizer(folder, files, block_size):
 def model_card(model, checkpoint, checkpoint_path, encoder, load_from, tokenizer_from):
     """README.md: what the export is, how far it trained, its last val numbers and the command that trained it,
     as the run recorded them beside the checkpoint (log.txt, run.json), and how to load it. encoder: the image
-    encoder's (name, weights) for a whole captioner, else None. The YAML at the top is what the hub reads."""
+    encoder's record (coco.encoder_record) for a whole captioner, else None. The YAML at the top is what the hub reads."""
     run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     run = read_json(os.path.join(run_dir, "run.json"))  # older runs have none
     args = checkpoint.get("args") or run.get("args") or {}  # best.pt keeps no args; run.json has them
@@ -217,7 +210,7 @@ def what_it_is(c, kind, encoder):
     shape = f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, {c.block_size:,} positions"
     if encoder:
         return (f"A GPT-2 image captioner ({shape}) that cross-attends to the tokens of a frozen image encoder, "
-                f"{encoder[0]} ({encoder[1]} weights); trained with this codebase's train_caption.py.")
+                f"{encoder['name']} ({encoder['weights']} weights); trained with this codebase's train_caption.py.")
     if kind == "caption":
         return (f"The language model of an image captioner trained with this codebase's train_caption.py: a "
                 f"text-only GPT-2 ({shape}), the captioner's cross-attention layers and image projection left out.")
@@ -363,7 +356,7 @@ def parse_args(argv=None):
 
 
 def whole_captioner(args, model, checkpoint):
-    """--captioner: the checkpoint's image encoder, (name, weights), which the export records. Otherwise None: the
+    """--captioner: the checkpoint's image encoder record (coco.trained_encoder), which the export keeps. Otherwise None: the
     language model alone is exported, and for a captioner a note says what is left out."""
     if not args.captioner:
         if model.config.cross_attn_every > 0:
@@ -374,11 +367,9 @@ def whole_captioner(args, model, checkpoint):
         return None
     if checkpoint["kind"] != "caption":
         raise ValueError(f"{args.checkpoint}: a language model; --captioner is for train_caption.py's checkpoints")
-    encoder = image_encoder(checkpoint)
-    if not encoder:
-        raise ValueError(f"{args.checkpoint}: records no image encoder (not written by train_caption.py?)")
-    if os.path.isabs(str(encoder[1])):  # coco.py records a weights file by its absolute path
-        print(f"export_hf.py: note: the image encoder's weights are a file on this machine, {encoder[1]}: the "
+    encoder = coco.trained_encoder(checkpoint, args.checkpoint)
+    if os.path.isabs(str(encoder["weights"])):  # coco.py records a weights file by its absolute path
+        print(f"export_hf.py: note: the image encoder's weights are a file on this machine, {encoder['weights']}: the "
               f"export loads elsewhere only with that file at that path", file=sys.stderr)
     return encoder
 

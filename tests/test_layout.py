@@ -11,9 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     {"model", "fineweb", "plot_log"},  # nothing of ours
     {"generate", "checkpoint"},  # functions over a model; checkpoint files
-    {"training", "export_hf"},  # what both training scripts share; a checkpoint -> a Hugging Face folder
+    {"training"},  # what both training scripts share
     {"coco", "hellaswag"},  # data and benchmark, each with its own command line
-    {"caption_eval", "train_gpt2"},
+    {"caption_eval", "train_gpt2", "export_hf"},  # export_hf: a checkpoint -> a Hugging Face folder
     {"sample", "train_caption"},
     {"bench", "demo", "report"},  # demo: a web page over sample.py's Captioner; report: a run's report card
     {"pipeline"},  # the chain: runs every script in turn
