@@ -15,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
 @pytest.fixture
+def tiktoken_offline(monkeypatch):
+    """tiktoken as it is with no network and nothing in its cache: get_encoding raises what requests raises."""
+    import requests
+    import tiktoken
+
+    def offline(name):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+
+
+@pytest.fixture
 def repo_root():
     return ROOT
 

@@ -5,8 +5,6 @@ import argparse
 import re
 
 import pytest
-import requests
-import tiktoken
 import torch
 
 import bench
@@ -201,10 +199,8 @@ def test_recipe_refuses_what_would_stop_it_at_the_end_before_training(argv, mess
 
 
 @pytest.mark.parametrize("what", ["hellaswag", "tokenize", "gpu"])
-def test_offline_without_gpt2s_bpe_files_the_benchmarks_that_tokenize_stop_at_once(what, monkeypatch):
-    def offline(name):  # what tiktoken raises with no network and nothing in its cache: it was that traceback
-        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+def test_offline_without_gpt2s_bpe_files_the_benchmarks_that_tokenize_stop_at_once(what, monkeypatch,
+                                                                                    tiktoken_offline):
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)
     monkeypatch.setattr(bench, "BENCHMARKS", {name: lambda args: pytest.fail("benchmarked before the check")
                                               for name in bench.BENCHMARKS})

@@ -17,7 +17,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-import requests
 import tiktoken
 import torch
 from PIL import Image
@@ -423,10 +422,7 @@ def test_a_full_disk_at_the_end_is_one_line_and_leaves_no_tmp(monkeypatch, tmp_p
     assert os.listdir(tmp_path) == ["model.pt"] and "CIDEr" in capsys.readouterr().out  # the scores were printed
 
 
-def test_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(monkeypatch, tmp_path):
-    def offline(name):  # what tiktoken raises with no network and nothing in its cache: it was that traceback
-        raise requests.exceptions.ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+def test_offline_without_gpt2s_bpe_files_is_one_line_saying_what_to_set(monkeypatch, tmp_path, tiktoken_offline):
     monkeypatch.setattr(caption_eval, "require_metric_tools", lambda spice: None)
     fake_features_dir(monkeypatch)
     save_tiny_checkpoint(tmp_path / "model.pt")

@@ -468,11 +468,7 @@ def test_bad_flag_values_name_the_flag(tmp_path, monkeypatch, capsys, flag, valu
     assert sorted(os.listdir(tmp_path)) == ["a_file", "docs.jsonl"]  # nothing written
 
 
-def test_help_needs_no_bpe_files_and_a_run_without_them_is_one_line(tmp_path, monkeypatch, capsys):
-    def offline(name):
-        raise ConnectionError("no network, no cached BPE files")
-
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+def test_help_needs_no_bpe_files_and_a_run_without_them_is_one_line(tmp_path, monkeypatch, capsys, tiktoken_offline):
     out_dir = str(tmp_path / "out")
     importlib.reload(fineweb)  # the import `python fineweb.py --help` does: it once loaded the BPE files, and stopped
     with pytest.raises(SystemExit) as exit_info:

@@ -340,12 +340,8 @@ def test_a_node_whose_hostname_is_loopback_is_told_to_set_gloo_socket_ifname(mon
         training.setup_distributed("cpu")
 
 
-def test_gpt2_s_tokenizer_offline_without_its_files_is_one_line(monkeypatch):
-    import tiktoken
+def test_gpt2_s_tokenizer_offline_without_its_files_is_one_line(tiktoken_offline):
     from generate import gpt2_encoding
-    def offline(name):
-        raise ConnectionError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(ValueError, match="cannot load GPT-2's BPE files \\(ConnectionError\\); offline\\? .*"
                                          "TIKTOKEN_CACHE_DIR"):
         gpt2_encoding()
