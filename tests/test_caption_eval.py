@@ -27,6 +27,8 @@ import coco
 import export_hf
 import hellaswag
 import sample
+import train_caption
+import train_gpt2
 from generate import beam_search, compile_decode_step, generate
 from model import EOT_TOKEN, GPT, GPTConfig
 from training import probe_write
@@ -471,10 +473,12 @@ def test_command_line_on_a_numbered_gpu_uses_that_gpu_throughout(monkeypatch, tm
 @pytest.mark.parametrize("parse_args", [caption_eval.parse_args,
                                         lambda argv: hellaswag.parse_args(["--pretrained", "gpt2", *argv]),
                                         lambda argv: sample.parse_args(["--image", "a.jpg", *argv]),
-                                        lambda argv: bench.main(["train", *argv])],
-                         ids=["caption_eval", "hellaswag", "sample", "bench"])
+                                        lambda argv: bench.main(["train", *argv]),
+                                        train_gpt2.parse_args, train_caption.parse_args],
+                         ids=["caption_eval", "hellaswag", "sample", "bench", "train_gpt2", "train_caption"])
 def test_device_cuda_without_a_gpu_is_a_usage_error(parse_args, monkeypatch, capsys):
-    """caption_eval, hellaswag and bench took it, then failed deep inside torch once the work had begun."""
+    """caption_eval, hellaswag and bench took it, then failed deep inside torch once the work had begun (the
+    training scripts with an error of their own, after the data was read)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--device", "cuda"])

@@ -401,13 +401,10 @@ def test_recipe_fast_is_muon_at_its_measured_rate_and_flags_override_it():
 
 
 def test_what_a_run_cannot_use_is_refused_with_one_line(tmp_path):
-    """A GPU that is not there, token ids that are not GPT-2's, a resume onto changed data: each a one-line
-    error naming the culprit, before any step is spent."""
+    """Token ids that are not GPT-2's, a resume onto changed data: each a one-line error naming the culprit,
+    before any step is spent. (A GPU that is not there: test_caption_eval's test of every script's --device.)"""
     data = write_shards(tmp_path / "data")
     args = TINY + ["--data-dir", data, "--max-steps", "2", "--eval-every", "0"]
-    no_gpu = run(args + ["--out-dir", tmp_path / "gpu", "--device", "cuda"], check=False)
-    assert no_gpu.returncode == 2 and "Traceback" not in no_gpu.stderr  # argparse's usage, then its error line
-    assert no_gpu.stderr.splitlines()[-1].endswith("argument --device: cuda: this machine has 0 CUDA GPUs")
 
     bad = write_shards(tmp_path / "bad", n_train=1)
     shard = os.path.join(bad, "edufineweb_train_000001.npy")
