@@ -36,10 +36,10 @@ train_gpt2.py imports download_if_missing, load_examples and evaluate from here.
 import argparse
 import json
 import os
-import shutil
 import socket
 import sys
 import urllib.request
+from contextlib import suppress
 
 import torch
 import torch.distributed as dist
@@ -79,11 +79,12 @@ def download(url, path):
         # FileNotFoundError: to the user, the data file is missing; callers already report that in one line
         raise FileNotFoundError(f"{path}: missing, and downloading {url} failed ({getattr(e, 'reason', e)}); "
                                 f"pass --data with a local copy") from None
-    finally:  # failed or stopped by ^C: what it made is removed
-        if made_folder and not os.path.exists(path):
-            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-        elif os.path.exists(tmp):
+    finally:  # failed or stopped by ^C: what it made is removed, its own .tmp and, if it made it, the folder
+        if os.path.exists(tmp):
             os.remove(tmp)
+        if made_folder and not os.path.exists(path):
+            with suppress(OSError):  # rmdir, not rmtree: another node's download into it goes on
+                os.rmdir(os.path.dirname(path))
 
 
 def download_if_missing(local_master=True):

@@ -524,3 +524,17 @@ def test_cli_on_a_numbered_gpu_uses_that_gpu_throughout(rows_path, monkeypatch):
     hellaswag.main(hellaswag.parse_args(["--pretrained", "gpt2", "--data", rows_path, "--device", "cuda:1"]))
     assert calls == [("set_device", "cuda:1"), ("default_dtype", "cuda:1"), ("to", "cuda:1"),
                      ("evaluate", "cuda:1", "bfloat16")]
+
+
+def test_a_failed_download_leaves_another_node_s_download_into_the_folder_it_made(tmp_path, monkeypatch):
+    """Two nodes on a shared disk: this one made the folder, another started its own .tmp there, then this
+    one's download fails. Its clean-up removes its own .tmp and not the other's (which rmtree would)."""
+    folder = tmp_path / "cache"
+    class OtherNodeStartsThenCut(Response):
+        def read(self, size=-1):
+            (folder / "hellaswag_val.jsonl.node-2.4242.tmp").write_bytes(b"half")
+            raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(hellaswag.urllib.request, "urlopen", lambda url, timeout: OtherNodeStartsThenCut(b""))
+    with pytest.raises(FileNotFoundError):
+        hellaswag.download("https://example.com/hellaswag_val.jsonl", str(folder / "hellaswag_val.jsonl"))
+    assert os.listdir(folder) == ["hellaswag_val.jsonl.node-2.4242.tmp"]
