@@ -909,7 +909,8 @@ def new_features_file(path, shape):
     raise OSError(f"{path}: needs {size:,} bytes of disk, {shutil.disk_usage(folder).free:,} are free")
 
 
-def write_index(out_dir, split, images):
+def write_index(out_dir, split, images, prints=None):
+    """The split's index; prints: the images' fingerprints if already taken (open_split), else taken here."""
     enc = gpt2_encoding()
     write_json(split_file(out_dir, split, "index"), {
         "image_ids": [image.image_id for image in images],
@@ -917,7 +918,7 @@ def write_index(out_dir, split, images):
         "captions": [image.captions for image in images],
         # GPT-2 tokens of every caption, without <|endoftext|>: the training script adds those around them
         "tokens": [[enc.encode_ordinary(caption) for caption in image.captions] for image in images],
-        "fingerprints": fingerprints(images),
+        "fingerprints": fingerprints(images) if prints is None else prints,
     })
 
 
@@ -942,7 +943,7 @@ def create_split(split, images, out_dir, feature_shape):
     write_index(out_dir, split, images)
 
 
-def grow_split(split, images, out_dir, n_old):
+def grow_split(split, images, out_dir, n_old, prints):
     """More images than last time (a --limit run continued by a longer one): the first n_old rows keep their
     features and status, the new ones are to do. Interrupted, it simply runs again: the index, rewritten last,
     names the old images until everything else is in place."""
@@ -958,18 +959,21 @@ def grow_split(split, images, out_dir, n_old):
     status = np.full(len(images), TODO, dtype=np.int8)
     status[:n_old] = read_status(status_path, split)[:n_old]
     write_status(status_path, status)
-    write_index(out_dir, split, images)
+    write_index(out_dir, split, images, prints)
 
 
 def open_split(split, images, out_dir, feature_shape):
     """Start a split, or pick it up where an earlier run stopped. -> (features memmap, status array)."""
     index_path, features_path = split_file(out_dir, split, "index"), split_file(out_dir, split, "features")
-    recorded = None  # the image files' fingerprints when their rows were written: a new split has none to compare
+    # the image files' fingerprints when their rows were written, and now, taken once (an open and a 4 KB read
+    # per image: 118K of them in train2017): a new split has none to compare
+    recorded = now = None
     if not os.path.exists(index_path):
         create_split(split, images, out_dir, feature_shape)
     else:
         old = read_index(index_path, split)
         recorded = old.get("fingerprints")  # read now: growing the split, or new captions, rewrite the index
+        now = fingerprints(images)
         # the same ids and file names: ids alone would let a jsonl with other images on its lines pass
         old_images = list(zip(old["image_ids"], old["files"]))
         if [(image.image_id, image.file) for image in images[:len(old_images)]] != old_images:
@@ -977,28 +981,27 @@ def open_split(split, images, out_dir, feature_shape):
                              f"--captions-jsonl, or a smaller --limit than before?); choose another --out-dir")
         if len(images) > len(old_images):
             print(f"{split}: {len(old_images)} images here already, growing to {len(images)}")
-            grow_split(split, images, out_dir, len(old_images))
+            grow_split(split, images, out_dir, len(old_images), now)
         elif [image.captions for image in images] != old["captions"]:
             # the same images with other captions (a jsonl edited since): the features still hold, the
             # captions and tokens are written anew
             print(f"{split}: captions changed since the last run, index rewritten")
-            write_index(out_dir, split, images)
+            write_index(out_dir, split, images, now)
     features = read_features(features_path, split, mode="r+")
     status = read_status(split_file(out_dir, split, "status"), split)
     check_rows(features_path, split, features, status, len(images))
     if features.shape[1:] != tuple(feature_shape):
         raise ValueError(f"{features_path}: holds {features.shape[1:]} features per image, this encoder gives "
                          f"{tuple(feature_shape)}; choose another --out-dir")
-    encode_changed_images_again(split, images, out_dir, status, recorded)
+    encode_changed_images_again(split, images, out_dir, status, recorded, now)
     return features, status
 
 
-def encode_changed_images_again(split, images, out_dir, status, recorded):
+def encode_changed_images_again(split, images, out_dir, status, recorded, now):
     """Rows whose image file changed since `recorded` (the index's fingerprints) are to do again; an image gone
     since is not: its features stay. Indexes written before fingerprints were recorded are taken as they are."""
     if recorded is None:
         return
-    now = fingerprints(images)
     changed = [row for row, (was, is_now) in enumerate(zip(recorded, now)) if is_now not in (None, was)
                and status[row] != TODO]
     if changed:
@@ -1006,7 +1009,7 @@ def encode_changed_images_again(split, images, out_dir, status, recorded):
               f"{', ...' if len(changed) > 1 else ''}): encoding them again")
         status[changed] = TODO
         write_status(split_file(out_dir, split, "status"), status)  # before the index forgets the old prints
-        write_index(out_dir, split, images)
+        write_index(out_dir, split, images, now)
 
 
 def open_splits(splits, out_dir, feature_shape, meta):
