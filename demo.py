@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from caption_eval import choose_checkpoint
-from sample import Captioner, decode_image, encoder_view, is_export, upsample
+from sample import Captioner, decode_image, encoder_view, upsample
 from training import HelpFormatter, existing_device, positive_int, use_device
 
 MAX_BEAM = 10  # one request at a time holds the model: a huge beam would keep everyone else waiting
@@ -243,7 +243,7 @@ def load_captioner(checkpoint, device):
     """A .pt checkpoint, or export_hf.py --captioner's folder or hub id, chosen as sample.py chooses."""
     path, why = choose_checkpoint(checkpoint, "log_caption")
     print(f"demo.py: loading {path} ({why})", file=sys.stderr)
-    return Captioner.from_pretrained(path, device) if is_export(path) else Captioner.from_checkpoint(path, device)
+    return Captioner.load(path, device)
 
 
 def port_number(text):

@@ -94,6 +94,12 @@ class Captioner:
         return cls.with_its_encoder(model, checkpoint, folder_or_hub_id, device, dtype)
 
     @classmethod
+    def load(cls, path, device="auto", dtype=None):
+        """Either of the above, by what path is: a .pt checkpoint, or an export's folder or hub id (is_export)."""
+        load = cls.from_pretrained if is_export(path) else cls.from_checkpoint
+        return load(path, device, dtype)
+
+    @classmethod
     def with_its_encoder(cls, model, checkpoint, path, device, dtype):
         """The decoder, with the image encoder its checkpoint (or export) records, built again."""
         device = default_device() if device == "auto" else str(device)
@@ -369,10 +375,7 @@ def caption_files(args):
     path, why = choose_checkpoint(args.checkpoint, args.checkpoint_dir)
     if not args.checkpoint:
         print(f"sample.py: using {path} ({why})", file=sys.stderr)
-    if is_export(path):
-        captioner = Captioner.from_pretrained(path, args.device)
-    else:
-        captioner = Captioner.from_checkpoint(path, args.device)
+    captioner = Captioner.load(path, args.device)
     if args.compile:
         compile_decode_step(captioner.model)
     generator = torch.Generator(device=captioner.device).manual_seed(args.seed)

@@ -286,7 +286,7 @@ def test_command_line_makes_the_named_gpu_current_before_loading(what, monkeypat
         raise Loaded
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
-    monkeypatch.setattr(sample.Captioner, "from_checkpoint", lambda path, device: load("captioner", device))
+    monkeypatch.setattr(sample.Captioner, "from_checkpoint", lambda path, device, dtype=None: load("captioner", device))
     monkeypatch.setattr(sample, "load_model", lambda path: load("lm", path))
     with pytest.raises(Loaded):
         sample.main(what + ["--device", "cuda:1"])
