@@ -1293,13 +1293,7 @@ def test_an_image_changed_in_place_is_encoded_again_and_a_deleted_one_keeps_its_
     """A rerun trusted the status file alone: a photo fixed or replaced since it was encoded kept its old
     features, silently. Now a changed size sends it back to be encoded; a file deleted since (to save disk, say)
     keeps the features it has."""
-    jsonl = tmp_path / "captions.jsonl"
-    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red one"], "split": "train"},
-                        {"image": "b.png", "captions": ["a green one"], "split": "train"},
-                        {"image": "c.png", "captions": ["a blue one"], "split": "val"}])
-    draw(tmp_path / "a.png", (255, 0, 0))
-    draw(tmp_path / "b.png", (0, 255, 0))
-    draw(tmp_path / "c.png", (0, 0, 255))
+    jsonl = small_jsonl(tmp_path)  # a.png red and b.png green for train, c.png blue for val
     coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
     Image.new("RGB", (48, 32), (0, 0, 0)).save(tmp_path / "a.png")  # a.png replaced: another picture, another size
     os.remove(tmp_path / "c.png")
@@ -1307,22 +1301,17 @@ def test_an_image_changed_in_place_is_encoded_again_and_a_deleted_one_keeps_its_
     coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
     assert "train: 1 images changed on disk since they were encoded (a.png): encoding them again" in capsys.readouterr().out
     train, val = coco.load_split(str(tmp_path / "out"), "train"), coco.load_split(str(tmp_path / "out"), "val")
-    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], [0, 255, 0]]  # a.png now black
-    assert val.image_feats(np.arange(1))[0, 0].tolist() == [0, 0, 255]  # c.png's features kept
+    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], list(GREEN)]  # a.png now black
+    assert val.image_feats(np.arange(1))[0, 0].tolist() == list(BLUE)  # c.png's features kept
 
 
 def test_an_image_changed_before_its_split_grows_is_encoded_again(tmp_path, colour_clip, capsys):
     """Growing a split (a --limit run continued by a longer one) rewrites its index: the fingerprints compared
     must be those recorded before, or an image changed in between keeps its old features."""
-    jsonl = tmp_path / "captions.jsonl"
-    write_jsonl(jsonl, [{"image": "a.png", "captions": ["a red one"], "split": "train"},
-                        {"image": "b.png", "captions": ["a green one"], "split": "train"},
-                        {"image": "c.png", "captions": ["a blue one"], "split": "val"}])
-    for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255))):
-        draw(tmp_path / f"{name}.png", colour)
+    jsonl = small_jsonl(tmp_path)  # a.png red and b.png green for train, c.png blue for val
     coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl, "--limit", 1))
     Image.new("RGB", (48, 32), (0, 0, 0)).save(tmp_path / "a.png")
     coco.main(stub_args(tmp_path / "out", "--captions-jsonl", jsonl))
     assert "train: 1 images changed on disk since they were encoded (a.png)" in capsys.readouterr().out
     train = coco.load_split(str(tmp_path / "out"), "train")
-    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], [0, 255, 0]]
+    assert train.image_feats(np.arange(2))[:, 0].tolist() == [[0, 0, 0], list(GREEN)]
