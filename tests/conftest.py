@@ -25,11 +25,6 @@ def tiktoken_offline(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
 
 
-@pytest.fixture
-def repo_root():
-    return ROOT
-
-
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A synthetic COCO with CLIP features (test_caption.build_dataset), built once for all the files that use it."""

@@ -6,12 +6,12 @@ import errno
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import pytest
 
 import report
+from scripts import run_script
 
 TRAIN_STEPS = range(10)
 TOK_S = [41000 + 977 * (step % 4) for step in TRAIN_STEPS]
@@ -242,8 +242,7 @@ def test_the_old_report_is_replaced_whole_or_not_at_all(full_disk_at, tmp_path, 
     assert sorted(os.listdir(tmp_path / "report")) == ["caption.png", "lm.png"]  # the old figures went with it
 
 
-def test_a_missing_run_folder_is_one_line_and_a_failure(tmp_path, repo_root):
-    result = subprocess.run([sys.executable, "report.py", str(tmp_path / "nowhere")], cwd=repo_root,
-                            capture_output=True, text=True)
+def test_a_missing_run_folder_is_one_line_and_a_failure(tmp_path):
+    result = run_script("report.py", tmp_path / "nowhere", check=False)
     assert result.returncode == 1 and result.stderr == f"report.py: {tmp_path / 'nowhere'}: no such folder\n"
     assert result.stdout == ""
